@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make demo` and `make test`. See README.md.
+SHELL := /bin/bash
+VENV ?= .venv
+MODERN_VENV ?= .venv-modern
+PYTEST_ARGS ?=
+# Tests that need no Detectron2; the modern environment runs exactly these.
+CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py)
+
+.PHONY: env env-modern demo test test-modern ci benchmark clean
+
+env:
+	@VENV=$(VENV) tools/setup_env.sh reference
+
+env-modern:
+	@MODERN_VENV=$(MODERN_VENV) tools/setup_env.sh modern
+
+demo: env
+	$(VENV)/bin/python tools/train_net.py --config-file configs/shapes.py
+
+test: env
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+
+test-modern: env-modern
+	$(MODERN_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
+
+ci: test test-modern
+
+benchmark: env
+	$(VENV)/bin/python tools/benchmark.py
+
+clean:
+	rm -rf build dinov2od/*.so *.egg-info
