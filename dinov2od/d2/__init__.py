@@ -1,0 +1,25 @@
+"""Detectron2 integration of dinov2od.
+
+Importing this package registers the ``DINOv2DETR`` meta-architecture in
+``META_ARCH_REGISTRY``, the ``build_dinov2_backbone`` builder in ``BACKBONE_REGISTRY``, and
+the built-in ``shapes_train`` / ``shapes_val`` datasets (generated on first use).
+"""
+from .config import add_dinov2od_config
+from .dataset_mapper import DetrDatasetMapper, build_detr_augmentation
+from .datasets import register_coco_dataset, register_shapes
+from .engine import DetrTrainerLoop, EMAHook, ModelEMA
+from .meta_arch import DINOv2DETR
+
+register_shapes()
+
+__all__ = [
+    "DINOv2DETR",
+    "DetrDatasetMapper",
+    "DetrTrainerLoop",
+    "EMAHook",
+    "ModelEMA",
+    "add_dinov2od_config",
+    "build_detr_augmentation",
+    "register_coco_dataset",
+    "register_shapes",
+]

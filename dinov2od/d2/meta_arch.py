@@ -1,0 +1,218 @@
+"""The Detectron2 meta-architecture: Detectron2 inputs/outputs around ``DINOv2ObjectDetector``.
+
+One class serves both config styles: ``@configurable`` + :meth:`DINOv2DETR.from_config`
+builds it from a yacs ``cfg`` (``DefaultPredictor``, ``DefaultTrainer``), and the keyword
+``__init__`` is what a lazy config's ``LazyCall(DINOv2DETR)(...)`` calls.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+
+from dinov2od.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+__all__ = ["DINOv2DETR", "padding_masks"]
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # 0-255 space
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+
+def padding_masks(image_sizes: Sequence[Sequence[int]], padded_hw: Sequence[int], device) -> Tensor:
+    """Padding masks of a batch padded at the bottom/right.
+
+    Args:
+        image_sizes: per image (h, w) before padding.
+        padded_hw: (H, W) of the padded batch.
+        device: device of the result.
+
+    Returns:
+        (B, H, W) bool, True at padded pixels.
+    """
+    masks = torch.ones(len(image_sizes), *padded_hw, dtype=torch.bool, device=device)
+    for i, (h, w) in enumerate(image_sizes):
+        masks[i, :h, :w] = False
+    return masks
+
+
+@META_ARCH_REGISTRY.register()
+class DINOv2DETR(nn.Module):
+    """DINOv2 + LoRA + deformable DETR as a Detectron2 meta-architecture.
+
+    Input: ``list[dict]`` from a Detectron2 data loader, each with ``image`` (3, H, W) in
+    ``input_format`` (0-255), optional ``height``/``width`` (output size) and, in training,
+    ``instances`` with ``gt_boxes`` (XYXY_ABS) and ``gt_classes``.
+
+    Output: in training, a dict of weighted losses; at inference, ``list[dict]`` with
+    ``instances``: ``Instances(pred_boxes, scores, pred_classes)`` in the output size.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        detector: nn.Module,
+        criterion: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN_RGB,
+        pixel_std: Sequence[float] = IMAGENET_STD_RGB,
+        input_format: str = "RGB",
+        size_divisibility: int = 14,
+        test_topk: int = 100,
+    ):
+        """
+        Args:
+            detector: ``DINOv2ObjectDetector``: ``(images (B,3,H,W), masks (B,H,W)) -> dict``.
+            criterion: ``SetCriterion`` returning unweighted losses, with ``weight_dict``.
+            num_classes: number of foreground classes (must match detector and dataset).
+            pixel_mean, pixel_std: per-channel normalization in 0-255 space, in
+                ``input_format`` order (Detectron2 convention).
+            input_format: "RGB" or "BGR"; the model always sees RGB.
+            size_divisibility: pad batches to a multiple of this (the ViT patch size).
+            test_topk: detections kept per image, top-k over queries x classes.
+        """
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}.")
+        for name, mod in (("detector", detector), ("criterion", criterion)):
+            n = getattr(mod, "num_classes", num_classes)
+            if n != num_classes:
+                raise ValueError(
+                    f"The {name} has num_classes={n} but the meta-architecture has "
+                    f"num_classes={num_classes}; set num_classes in one place in the config."
+                )
+        self.detector = detector
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.input_format = input_format
+        self.size_divisibility = size_divisibility
+        self.test_topk = test_topk
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        from .config import build_criterion_from_cfg, build_detector_from_cfg
+
+        return {
+            "detector": build_detector_from_cfg(cfg),
+            "criterion": build_criterion_from_cfg(cfg),
+            "num_classes": cfg.MODEL.DINOV2OD.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "size_divisibility": cfg.MODEL.DINOV2OD.SIZE_DIVISIBILITY,
+            "test_topk": cfg.MODEL.DINOV2OD.TEST_TOPK,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[dict]):
+        """Normalize, convert to RGB and pad a batch.
+
+        Returns:
+            images: ImageList of (B, 3, H, W) ImageNet-normalized RGB, zero-padded.
+            masks: (B, H, W) bool, True at padding.
+        """
+        images = []
+        for x in batched_inputs:
+            img = x["image"]
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(
+                    f"Expected an image tensor of shape (3, H, W) in {self.input_format}, got "
+                    f"{tuple(img.shape)} for {x.get('file_name', 'an input')}; convert grayscale/RGBA "
+                    "images to 3 channels (the dataset mapper does this)."
+                )
+            img = (img.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+            images.append(img.flip(0) if self.input_format == "BGR" else img)  # (3, h, w) RGB
+        images = ImageList.from_tensors(images, self.size_divisibility, pad_value=0.0)
+        masks = padding_masks(images.image_sizes, images.tensor.shape[-2:], self.device)
+        return images, masks
+
+    def prepare_targets(self, batched_inputs: List[dict], image_sizes) -> List[Dict[str, Tensor]]:
+        """Detectron2 instances -> criterion targets (labels, normalized cxcywh boxes)."""
+        targets = []
+        for x, (h, w) in zip(batched_inputs, image_sizes):
+            inst = x["instances"].to(self.device)
+            labels = inst.gt_classes.long()
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"{x.get('file_name', 'An image')} has class ids {labels.unique().tolist()} but "
+                    f"the model has num_classes={self.num_classes}; set num_classes to the "
+                    "dataset's number of categories."
+                )
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.float() / scale)  # (n, 4)
+            targets.append({"labels": labels, "boxes": boxes})
+        return targets
+
+    def weighted_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Multiply each loss by its weight (``loss_giou_3`` falls back to ``loss_giou``)."""
+        weights = self.criterion.weight_dict
+        out = {}
+        for k, v in losses.items():
+            if not k.startswith("loss"):
+                continue  # statistics such as class_error are not optimized
+            base = k
+            while base not in weights and "_" in base[len("loss_"):]:
+                base = base.rsplit("_", 1)[0]  # loss_bbox_0 -> loss_bbox, loss_giou_enc -> ...
+            w = weights.get(k, weights.get(base))
+            if w is None:
+                raise KeyError(f"No weight for loss {k!r} in criterion.weight_dict {sorted(weights)}.")
+            if w != 0:
+                out[k] = v * w
+        return out
+
+    def forward(self, batched_inputs: List[dict]):
+        """
+        Args:
+            batched_inputs: Detectron2 inputs (see the class docstring).
+
+        Returns:
+            training: dict of weighted scalar losses.
+            inference: list of ``{"instances": Instances}`` in the output size.
+        """
+        images, masks = self.preprocess_image(batched_inputs)
+        outputs = self.detector(images.tensor, masks)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            return self.weighted_losses(self.criterion(outputs, targets))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for res, x, (h, w) in zip(results, batched_inputs, images.image_sizes):
+            out_h, out_w = x.get("height", h), x.get("width", w)
+            processed.append({"instances": detector_postprocess(res, out_h, out_w)})
+        return processed
+
+    def inference(self, logits: Tensor, boxes: Tensor, image_sizes) -> List[Instances]:
+        """Top-k over queries x classes per image.
+
+        Args:
+            logits: (B, Q, C) sigmoid logits.
+            boxes: (B, Q, 4) normalized cxcywh relative to each unpadded image.
+            image_sizes: per image (h, w) after the mapper's resize.
+
+        Returns:
+            list of Instances in the (h, w) of each image.
+        """
+        b, q, c = logits.shape
+        k = min(self.test_topk, q * c)
+        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)  # (B, k)
+        query, labels = idx // c, idx % c
+        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())  # (B, Q, 4) in [0, 1]
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
+            inst = Instances((h, w))
+            inst.pred_boxes = Boxes(boxes_xyxy[i, query[i]] * scale)  # (k, 4) absolute
+            inst.scores = scores[i].float()
+            inst.pred_classes = labels[i]
+            results.append(inst)
+        return results
