@@ -1,0 +1,61 @@
+"""The detector in plain PyTorch + transformers + peft + scipy (no Detectron2 import).
+
+Pieces: :class:`DINOv2Backbone` (DINOv2 ViT with LoRA, taps from several blocks),
+:class:`SimpleFeaturePyramid` (neck), :class:`DeformableDecoder` (decoder + heads),
+:class:`HungarianMatcher`, :class:`SetCriterion`, and :class:`DINOv2ObjectDetector`
+composing them. Constructing never downloads; weights load only when asked for::
+
+    from dinov2od.modeling import DINOv2ObjectDetector, DINOv2Backbone
+    model = DINOv2ObjectDetector(num_classes=80)                 # ViT-S/14 arch, random init
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="dinov2_vitb14_pretrain.pth"))
+    out = model(images, masks)  # images (B,3,H,W) ImageNet-normalized RGB; masks (B,H,W) True=pad
+    out["pred_logits"]  # (B, Q, K) sigmoid logits
+    out["pred_boxes"]   # (B, Q, 4) cxcywh in [0, 1] of each unpadded image
+
+Architectures: ``arch="small"|"base"|"large"|"giant"`` (+ ``registers=True``) are the
+released DINOv2 ViTs; ``arch="tiny"`` (width 96, 4 blocks, 3 heads, MLP ratio 2) has no
+released weights and is for CPU tests and demos. Any field can be overridden with plain
+kwargs, e.g. a tiny random-init ViT trained end to end::
+
+    backbone = DINOv2Backbone(
+        arch="tiny",
+        arch_overrides=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=96),
+        num_taps=2, lora_rank=0, freeze=False)
+    model = DINOv2ObjectDetector(num_classes=3, backbone=backbone, hidden_dim=64,
+                                 scale_factors=(1.0, 0.5), num_queries=20, num_decoder_layers=2,
+                                 num_heads=4, dim_feedforward=128)
+
+Loss: ``criterion = SetCriterion(num_classes, HungarianMatcher(), num_aux_layers=model.num_aux_outputs,
+two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
+``sum(losses[k] * criterion.weight_dict[k] for k in losses)``.
+"""
+from .backbone import ARCHS, DINOv2Backbone, build_dinov2_config, pad_to_multiple, valid_sizes_from_mask
+from .criterion import SetCriterion
+from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
+from .detector import DINOv2ObjectDetector
+from .matcher import HungarianMatcher, focal_class_cost
+from .neck import LayerNorm2d, SimpleFeaturePyramid
+from .weights import HUB_IDS, PretrainedWeightsUnavailable, official_to_hf_state_dict
+
+__all__ = [
+    "ARCHS",
+    "HUB_IDS",
+    "DINOv2Backbone",
+    "DINOv2ObjectDetector",
+    "DecoderLayer",
+    "DeformableDecoder",
+    "EncoderLayer",
+    "HungarianMatcher",
+    "LayerNorm2d",
+    "PretrainedWeightsUnavailable",
+    "SetCriterion",
+    "SimpleFeaturePyramid",
+    "build_dinov2_config",
+    "focal_class_cost",
+    "inverse_sigmoid",
+    "official_to_hf_state_dict",
+    "pad_to_multiple",
+    "valid_sizes_from_mask",
+]

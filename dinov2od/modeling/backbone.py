@@ -1,0 +1,353 @@
+"""DINOv2 ViT backbone (Hugging Face ``transformers``) with LoRA adapters (``peft``).
+
+The ViT itself is ``transformers.Dinov2Model`` or ``Dinov2WithRegistersModel``; this
+module only runs its blocks in a loop of its own so that it can
+
+* pad any input to a multiple of the patch size and carry a padding mask,
+* interpolate the position embeddings to *each image's* valid patch grid,
+* mask padded patches as attention keys (so batched == one-by-one results),
+* tap the outputs of several blocks (``out_indices``) and stop after the last tap.
+
+It reads the module names of both ``transformers`` 4.x (``attention.attention.query``,
+``attention.output.dense``) and 5.x (``attention.q_proj``, ``attention.o_proj``).
+
+Architectures are known in code (:data:`ARCHS`), so constructing never downloads;
+weights load only when ``pretrained`` is given (see :mod:`.weights`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger("dinov2od")
+
+__all__ = ["ARCHS", "DINOv2Backbone", "pad_to_multiple", "build_dinov2_config"]
+
+PATCH_SIZE = 14
+
+# Architecture hyper-parameters of the released DINOv2 ViTs (and a "tiny" preset for CPU
+# tests/demos, which has no released weights).
+ARCHS: Dict[str, Dict] = {
+    "tiny": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=2,
+                 image_size=224),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4),
+    "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
+                  use_swiglu_ffn=True),
+}
+_COMMON = dict(patch_size=PATCH_SIZE, image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6,
+               hidden_act="gelu", qkv_bias=True)
+
+# User-facing LoRA target names -> module path inside a block, per transformers layout.
+_TARGETS_V4 = {"query": "attention.attention.query", "key": "attention.attention.key",
+               "value": "attention.attention.value", "output": "attention.output.dense",
+               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_TARGETS_V5 = {"query": "attention.q_proj", "key": "attention.k_proj",
+               "value": "attention.v_proj", "output": "attention.o_proj",
+               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_TARGET_ALIASES = {"q": "query", "q_proj": "query", "k": "key", "k_proj": "key", "v": "value",
+                   "v_proj": "value", "o_proj": "output", "dense": "output", "proj": "output"}
+
+
+def build_dinov2_config(arch: str = "small", registers: bool = False, **overrides):
+    """Build a ``Dinov2Config`` (or ``Dinov2WithRegistersConfig``) without any download.
+
+    Args:
+        arch: one of :data:`ARCHS` (``tiny``, ``small``, ``base``, ``large``, ``giant``).
+        registers: the "with registers" variant (4 register tokens).
+        **overrides: config fields to change, e.g. ``hidden_size``; ``intermediate_size`` is
+            accepted and turned into ``mlp_ratio``.
+    """
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown DINOv2 arch {arch!r}; choose one of {sorted(ARCHS)}")
+    fields = {**_COMMON, **ARCHS[arch], **overrides}
+    if "intermediate_size" in fields:
+        fields["mlp_ratio"] = fields.pop("intermediate_size") / fields["hidden_size"]
+    if float(fields["mlp_ratio"]).is_integer():  # transformers 5 validates mlp_ratio as int
+        fields["mlp_ratio"] = int(fields["mlp_ratio"])
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise ValueError(
+            f"hidden_size={fields['hidden_size']} must be divisible by "
+            f"num_attention_heads={fields['num_attention_heads']} (arch={arch!r}, overrides={overrides})"
+        )
+    if registers:
+        fields.setdefault("num_register_tokens", 4)
+        return Dinov2WithRegistersConfig(**fields)
+    return Dinov2Config(**fields)
+
+
+def pad_to_multiple(images: Tensor, masks: Optional[Tensor], multiple: int) -> Tuple[Tensor, Tensor]:
+    """Pad images (bottom/right) to a multiple of ``multiple``; zero every padded pixel.
+
+    Args:
+        images: (B, 3, H, W).
+        masks: (B, H, W) bool, True at padded pixels, or None (no padding yet).
+
+    Returns:
+        images (B, 3, H', W') with zeros wherever the mask is True, and masks (B, H', W').
+    """
+    b, _, h, w = images.shape
+    if masks is None:
+        masks = torch.zeros(b, h, w, dtype=torch.bool, device=images.device)
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+        masks = F.pad(masks, (0, pw, 0, ph), value=True)
+    images = images.masked_fill(masks[:, None], 0.0)
+    return images, masks
+
+
+def valid_sizes_from_mask(masks: Tensor) -> Tensor:
+    """(B, H, W) bool padding mask -> (B, 2) int64 valid ``(height, width)`` in pixels.
+
+    Raises:
+        ValueError: if an image's valid region is empty or not a top-left rectangle.
+    """
+    valid = ~masks
+    heights = valid.any(2).sum(1)
+    widths = valid.any(1).sum(1)
+    ys = torch.arange(masks.shape[1], device=masks.device)
+    xs = torch.arange(masks.shape[2], device=masks.device)
+    rect = (ys[None, :, None] < heights[:, None, None]) & (xs[None, None, :] < widths[:, None, None])
+    bad = ((rect != valid).flatten(1).any(1) | (heights == 0) | (widths == 0)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"masks for image(s) {bad.tolist()} do not describe a non-empty top-left valid region "
+            "(masks must be True exactly at the bottom/right padding); pad images at the bottom and "
+            "right and set masks[i, h_i:, :] = masks[i, :, w_i:] = True"
+        )
+    return torch.stack([heights, widths], 1)
+
+
+class DINOv2Backbone(nn.Module):
+    """DINOv2 ViT with LoRA adapters, returning feature maps tapped from several blocks.
+
+    Args:
+        arch: ``"tiny"``, ``"small"``, ``"base"``, ``"large"`` or ``"giant"``; None infers it
+            from ``pretrained`` (and defaults to ``"small"`` without it).
+        registers: use the "with registers" ViT (``Dinov2WithRegistersModel``).
+        arch_overrides: config fields replacing the arch's, e.g. ``dict(hidden_size=48,
+            num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)``.
+        pretrained: None (random init), a Hugging Face id (``"facebook/dinov2-base"``), a local
+            ``save_pretrained`` folder, or an official DINOv2 ``.pth`` checkpoint.
+        out_indices: 0-based indices of the blocks whose outputs are tapped; None taps
+            ``num_taps`` evenly spaced blocks ending with the last one.
+        num_taps: number of taps when ``out_indices`` is None.
+        lora_rank: LoRA rank r; 0 disables LoRA.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_targets: block sub-modules that get adapters, among ``query``, ``key``, ``value``,
+            ``output``, ``fc1``, ``fc2``.
+        lora_blocks: 0-based blocks that get adapters; None = all blocks.
+        freeze: freeze the ViT's own weights (LoRA adapters stay trainable). ``False``
+            fine-tunes everything (e.g. a random-init ViT).
+        drop_path_rate: stochastic depth of the ViT.
+        apply_layernorm: apply the ViT's final LayerNorm to each tapped output.
+    """
+
+    def __init__(
+        self,
+        arch: Optional[str] = None,
+        registers: bool = False,
+        arch_overrides: Optional[dict] = None,
+        pretrained: Optional[str] = None,
+        out_indices: Optional[Sequence[int]] = None,
+        num_taps: int = 4,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_targets: Sequence[str] = ("query", "value"),
+        lora_blocks: Optional[Sequence[int]] = None,
+        freeze: bool = True,
+        drop_path_rate: float = 0.0,
+        apply_layernorm: bool = True,
+    ):
+        super().__init__()
+        from .weights import load_vit
+
+        overrides = dict(arch_overrides or {})
+        if drop_path_rate:
+            overrides["drop_path_rate"] = drop_path_rate
+        self.vit = load_vit(arch, registers, overrides, pretrained)
+        cfg = self.vit.config
+        self.patch_size = int(cfg.patch_size)
+        self.embed_dim = int(cfg.hidden_size)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_register_tokens = int(getattr(cfg, "num_register_tokens", 0) or 0)
+        depth = int(cfg.num_hidden_layers)
+        self.out_indices = self._resolve_out_indices(out_indices, num_taps, depth)
+        self.apply_layernorm = apply_layernorm
+        self.lora_targets = tuple(_canonical_target(t) for t in lora_targets)
+        if lora_rank > 0:
+            self._inject_lora(lora_rank, lora_alpha, lora_dropout, lora_blocks, depth)
+        self._set_trainable(freeze)
+        self._log_parameter_counts()
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _resolve_out_indices(out_indices, num_taps: int, depth: int) -> Tuple[int, ...]:
+        if out_indices is None:
+            if not 1 <= num_taps <= depth:
+                raise ValueError(f"num_taps={num_taps} must be in [1, {depth}] (the ViT has {depth} blocks)")
+            return tuple((i + 1) * depth // num_taps - 1 for i in range(num_taps))
+        idx = tuple(int(i) for i in out_indices)
+        if not idx or any(not 0 <= i < depth for i in idx) or list(idx) != sorted(set(idx)):
+            raise ValueError(
+                f"out_indices={list(out_indices)} must be distinct increasing 0-based block "
+                f"indices in [0, {depth - 1}]"
+            )
+        return idx
+
+    def _block_prefix(self) -> str:
+        return "encoder.layer"
+
+    def _inject_lora(self, rank, alpha, dropout, blocks, depth) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        layout = _TARGETS_V5 if hasattr(self.vit.encoder.layer[0].attention, "q_proj") else _TARGETS_V4
+        blocks = list(range(depth)) if blocks is None else [int(b) for b in blocks]
+        if any(not 0 <= b < depth for b in blocks):
+            raise ValueError(f"lora_blocks={blocks} must be 0-based block indices in [0, {depth - 1}]")
+        paths = [layout[t] for t in self.lora_targets]
+        if "fc1" in self.lora_targets or "fc2" in self.lora_targets:
+            if not hasattr(self.vit.encoder.layer[0].mlp, "fc1"):
+                raise ValueError("lora_targets fc1/fc2 need the plain MLP; the giant arch uses SwiGLU")
+        regex = r"encoder\.layer\.(%s)\.(%s)" % (
+            "|".join(str(b) for b in blocks),
+            "|".join(p.replace(".", r"\.") for p in paths),
+        )
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex)
+        inject_adapter_in_model(config, self.vit)
+        self.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=self.lora_targets,
+                                blocks=blocks)
+
+    def _set_trainable(self, freeze: bool) -> None:
+        for name, p in self.vit.named_parameters():
+            p.requires_grad_(not freeze or "lora_" in name)
+        # The mask token is never used by a detector.
+        mask_token = getattr(self.vit.embeddings, "mask_token", None)
+        if isinstance(mask_token, nn.Parameter):
+            mask_token.requires_grad_(False)
+
+    def _log_parameter_counts(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info(
+            "DINOv2 backbone: %s parameters, %s trainable (%.2f%%)",
+            f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1),
+        )
+
+    # ------------------------------------------------------------------ forward pieces
+    @property
+    def num_taps(self) -> int:
+        return len(self.out_indices)
+
+    def _pos_embed_grid(self, h: int, w: int, dtype) -> Tensor:
+        """Position embeddings of the patches interpolated to an (h, w) grid -> (h, w, D)."""
+        pos = self.vit.embeddings.position_embeddings[0, 1:]  # (N, D)
+        n = int(math.isqrt(pos.shape[0]))
+        grid = pos.reshape(n, n, -1)
+        if (h, w) != (n, n):
+            grid = F.interpolate(
+                grid.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False
+            )[0].permute(1, 2, 0)
+        return grid.to(dtype)
+
+    def _embed(self, images: Tensor, patch_valid_hw: Tensor) -> Tensor:
+        """(B, 3, H, W) padded images -> (B, 1 + R + Hp*Wp, D) tokens with position embeddings."""
+        emb = self.vit.embeddings
+        x = emb.patch_embeddings.projection(images)  # (B, D, Hp, Wp)
+        b, d, hp, wp = x.shape
+        x = x.permute(0, 2, 3, 1)  # (B, Hp, Wp, D)
+        pos = x.new_zeros(b, hp, wp, d)
+        for hw in torch.unique(patch_valid_hw, dim=0).tolist():
+            sel = (patch_valid_hw == patch_valid_hw.new_tensor(hw)).all(1)
+            pos[sel, : hw[0], : hw[1]] = self._pos_embed_grid(hw[0], hw[1], x.dtype)
+        x = (x + pos).flatten(1, 2)
+        cls = (emb.cls_token + emb.position_embeddings[:, :1]).to(x.dtype).expand(b, -1, -1)
+        tokens = [cls]
+        if self.num_register_tokens:
+            tokens.append(emb.register_tokens.to(x.dtype).expand(b, -1, -1))
+        return emb.dropout(torch.cat(tokens + [x], 1))
+
+    def _attention(self, layer: nn.Module, x: Tensor, key_valid: Tensor) -> Tensor:
+        """Multi-head self-attention of one block with padded keys masked.
+
+        Args:
+            x: (B, T, D) normed tokens; key_valid: (B, T) bool.
+        """
+        att = layer.attention
+        if hasattr(att, "q_proj"):  # transformers >= 5
+            q_proj, k_proj, v_proj, o_proj = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+            p_drop = att.attention_dropout
+        else:  # transformers 4.x
+            sa = att.attention
+            q_proj, k_proj, v_proj, o_proj = sa.query, sa.key, sa.value, att.output.dense
+            p_drop = sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p
+        b, t, _ = x.shape
+        heads = self.num_heads
+        q, k, v = (proj(x).view(b, t, heads, -1).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_valid[:, None, None, :], dropout_p=p_drop if self.training else 0.0
+        )  # (B, heads, T, Dh)
+        out = o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if hasattr(att, "output"):
+            out = att.output.dropout(out)
+        return out
+
+    def _block(self, layer: nn.Module, x: Tensor, key_valid: Tensor) -> Tensor:
+        """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
+        x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid)))
+        return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+
+    def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
+        """
+        Args:
+            images: (B, 3, H, W) ImageNet-normalized RGB, any H, W.
+            masks: (B, H, W) bool, True at padded pixels; None = no padding.
+
+        Returns:
+            features: one (B, D, Hp, Wp) map per tap (Hp = ceil(H / 14)), zero at padded patches.
+            patch_mask: (B, Hp, Wp) bool, True at patches that hold no valid pixel.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+        images, masks = pad_to_multiple(images, masks, self.patch_size)
+        valid_hw = valid_sizes_from_mask(masks)
+        patch_valid_hw = (valid_hw + self.patch_size - 1) // self.patch_size  # ceil
+        b, _, h, w = images.shape
+        hp, wp = h // self.patch_size, w // self.patch_size
+        ys = torch.arange(hp, device=images.device)
+        xs = torch.arange(wp, device=images.device)
+        patch_valid = (ys[None, :, None] < patch_valid_hw[:, 0, None, None]) & (
+            xs[None, None, :] < patch_valid_hw[:, 1, None, None]
+        )  # (B, Hp, Wp)
+
+        x = self._embed(images, patch_valid_hw)
+        num_prefix = 1 + self.num_register_tokens
+        key_valid = torch.cat([patch_valid.new_ones(b, num_prefix), patch_valid.flatten(1)], 1)
+        features = []
+        for i, layer in enumerate(self.vit.encoder.layer[: self.out_indices[-1] + 1]):
+            x = self._block(layer, x, key_valid)
+            if i in self.out_indices:
+                f = self.vit.layernorm(x) if self.apply_layernorm else x
+                f = f[:, num_prefix:].reshape(b, hp, wp, -1).permute(0, 3, 1, 2)
+                features.append(f * patch_valid[:, None].to(f.dtype))
+        return features, ~patch_valid
+
+
+def _canonical_target(name: str) -> str:
+    key = _TARGET_ALIASES.get(name, name)
+    if key not in _TARGETS_V4:
+        raise ValueError(
+            f"unknown LoRA target {name!r}; choose among {sorted(_TARGETS_V4)} (or q_proj/k_proj/v_proj/o_proj)"
+        )
+    return key

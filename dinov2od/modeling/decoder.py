@@ -1,0 +1,338 @@
+"""Deformable DETR decoder with iterative box refinement, two-stage queries and Group-DETR.
+
+Queries are (content ``tgt``, reference box ``ref``) pairs; boxes are normalized
+``(cx, cy, w, h)`` relative to each image's *valid* (unpadded) region. Each layer:
+
+    tgt = norm(tgt + self_attn(tgt + pos, tgt + pos, tgt))      # masked between groups
+    tgt = norm(tgt + cross_attn(tgt + pos, memory))             # deformable or standard
+    tgt = norm(tgt + ffn(tgt))
+    ref = sigmoid(inverse_sigmoid(ref) + box_head(tgt))         # box refinement
+
+where ``pos = MLP(sine(ref))`` depends only on the reference box (not on padding).
+Deformable cross-attention samples level ``l`` at ``ref * valid_ratio_l`` (the valid
+region's share of the padded map), so padding never moves a sampling point; standard
+cross-attention attends all pyramid tokens with a key padding mask.
+
+Options: ``two_stage`` picks the initial reference boxes as the top-k scoring proposals
+from the pyramid tokens (one proposal per token, ``enc_outputs`` for the loss) while the
+content queries stay learned (DINO's mixed query selection); ``group_detr > 1`` trains
+``group_detr`` independent query groups (each matched one-to-one, self-attention blocked
+between groups) and keeps only the first group at inference; ``num_encoder_layers > 0``
+adds a light deformable encoder over the pyramid tokens (0 by default: the ViT is the
+encoder).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov2od.layers import (
+    MLP,
+    MultiScaleDeformableAttention,
+    PositionEmbeddingSine,
+    coordinate_to_sine_embedding,
+    level_start_index_from_shapes,
+)
+
+__all__ = ["DeformableDecoder", "DecoderLayer", "EncoderLayer", "inverse_sigmoid"]
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Logit of x clamped to [eps, 1 - eps]."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class _FFN(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over the pyramid tokens + FFN (post-norm)."""
+
+    def __init__(self, d_model, num_heads, dim_feedforward, dropout, num_levels, num_points):
+        super().__init__()
+        self.attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points, dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = _FFN(d_model, dim_feedforward, dropout)
+
+    def forward(self, src, pos, ref, spatial_shapes, level_start, mask):
+        """src, pos: (B, S, C); ref: (B, S, L, 2); mask: (B, S) True at padding."""
+        src = self.norm(src + self.dropout(self.attn(src + pos, ref, src, spatial_shapes, level_start, mask)))
+        return self.ffn(src)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, cross-attention (deformable or standard), FFN; post-norm.
+
+    Args:
+        d_model: width C. num_heads: heads of both attentions. dim_feedforward: FFN width.
+        dropout: dropout everywhere. num_levels, num_points: deformable attention sampling.
+        cross_attn: ``"deformable"`` or ``"standard"``.
+    """
+
+    def __init__(self, d_model=256, num_heads=8, dim_feedforward=1024, dropout=0.0, num_levels=4,
+                 num_points=4, cross_attn="deformable"):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn_type = cross_attn
+        if cross_attn == "deformable":
+            self.cross_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points, dropout)
+        elif cross_attn == "standard":
+            self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        else:
+            raise ValueError(f"cross_attn={cross_attn!r} must be 'deformable' or 'standard'")
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = _FFN(d_model, dim_feedforward, dropout)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        ref_per_level: Tensor,
+        memory: Tensor,
+        memory_pos: Optional[Tensor],
+        memory_mask: Tensor,
+        spatial_shapes: Tensor,
+        level_start: Tensor,
+        self_attn_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            tgt, query_pos: (B, Q, C). ref_per_level: (B, Q, L, 4) boxes scaled per level.
+            memory: (B, S, C); memory_pos: (B, S, C) or None; memory_mask: (B, S) True=pad.
+            spatial_shapes: (L, 2); level_start: (L,).
+            self_attn_mask: (Q, Q) bool, True where attention is not allowed.
+
+        Returns:
+            (B, Q, C)
+        """
+        q = k = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                                           need_weights=False)[0]))
+        if self.cross_attn_type == "deformable":
+            out = self.cross_attn(tgt + query_pos, ref_per_level, memory, spatial_shapes, level_start, memory_mask)
+        else:
+            out = self.cross_attn(tgt + query_pos, memory + memory_pos, memory, key_padding_mask=memory_mask,
+                                  need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout(out))
+        return self.ffn(tgt)
+
+
+class DeformableDecoder(nn.Module):
+    """Query decoder with class/box heads (see the module docstring).
+
+    Args:
+        num_classes: number of classes (sigmoid logits, no "no-object" column).
+        hidden_dim: width C (must equal the neck's output width).
+        num_levels: pyramid levels L.
+        num_queries: queries per group at inference.
+        num_layers: decoder layers.
+        num_heads, num_points, dim_feedforward, dropout: layer hyper-parameters.
+        cross_attn: ``"deformable"`` or ``"standard"``.
+        box_refine: each layer refines the previous layer's boxes (own heads per layer); else
+            every layer predicts relative to the initial reference boxes (shared heads).
+        two_stage: initial reference boxes from the top-k pyramid-token proposals.
+        group_detr: number of query groups during training (1 = off).
+        num_encoder_layers: deformable encoder layers over the pyramid (0 = none).
+        prior_prob: initial foreground probability of the class heads.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int = 256,
+        num_levels: int = 4,
+        num_queries: int = 300,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        cross_attn: str = "deformable",
+        box_refine: bool = True,
+        two_stage: bool = False,
+        group_detr: int = 1,
+        num_encoder_layers: int = 0,
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        if num_classes < 1 or num_queries < 1 or num_layers < 1 or group_detr < 1:
+            raise ValueError(
+                f"num_classes={num_classes}, num_queries={num_queries}, num_layers={num_layers} and "
+                f"group_detr={group_detr} must all be >= 1"
+            )
+        if hidden_dim % 2:
+            raise ValueError(f"hidden_dim={hidden_dim} must be even (sine position embeddings)")
+        self.num_classes, self.hidden_dim, self.num_levels = num_classes, hidden_dim, num_levels
+        self.num_queries, self.num_layers, self.group_detr = num_queries, num_layers, group_detr
+        self.cross_attn, self.box_refine, self.two_stage = cross_attn, box_refine, two_stage
+
+        layer = DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, cross_attn)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        enc = EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points)
+        self.encoder_layers = nn.ModuleList(copy.deepcopy(enc) for _ in range(num_encoder_layers))
+        self.level_embed = nn.Parameter(torch.zeros(num_levels, hidden_dim))
+        nn.init.normal_(self.level_embed, std=0.02)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
+
+        total = num_queries * group_detr
+        self.query_embed = nn.Embedding(total, hidden_dim)
+        if not two_stage:
+            self.refpoint_embed = nn.Embedding(total, 4)
+            with torch.no_grad():  # centres spread over the image, small boxes
+                xy = torch.rand(total, 2)
+                wh = torch.full((total, 2), 0.1)
+                self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.cat([xy, wh], 1)))
+
+        bias = -math.log((1 - prior_prob) / prior_prob)
+        class_head = nn.Linear(hidden_dim, num_classes)
+        nn.init.constant_(class_head.bias, bias)
+        box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        n_heads = num_layers if box_refine else 1
+        self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(n_heads))
+        self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(n_heads))
+        if two_stage:
+            self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+            self.enc_class_head = copy.deepcopy(class_head)
+            self.enc_box_head = copy.deepcopy(box_head)
+
+    # ------------------------------------------------------------------ helpers
+    def _memory_pos(self, masks: List[Tensor], dtype) -> Tensor:
+        """Sine position (per image, valid region) + level embedding -> (B, S, C)."""
+        pos = [
+            self.position_embedding(m).flatten(2).transpose(1, 2).to(dtype) + self.level_embed[lvl].to(dtype)
+            for lvl, m in enumerate(masks)
+        ]
+        return torch.cat(pos, 1)
+
+    @staticmethod
+    def _token_centers(spatial_shapes: Tensor, valid_ratios: Tensor, dtype) -> Tuple[Tensor, Tensor]:
+        """Centres of all pyramid tokens.
+
+        Returns:
+            centers: (B, S, 2) ``(x, y)`` normalized to each image's valid region.
+            level_of_token: (S,) level index.
+        """
+        centers, levels = [], []
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=dtype, device=valid_ratios.device),
+                torch.arange(w, dtype=dtype, device=valid_ratios.device), indexing="ij")
+            xy = torch.stack([(xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h], -1)  # over the padded map
+            centers.append(xy[None] / valid_ratios[:, None, lvl].to(dtype))
+            levels.append(torch.full((h * w,), lvl, device=valid_ratios.device))
+        return torch.cat(centers, 1), torch.cat(levels)
+
+    def _encode(self, memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios):
+        if not len(self.encoder_layers):
+            return memory
+        centers, _ = self._token_centers(spatial_shapes, valid_ratios, memory.dtype)
+        # (B, S, 1, 2) * (B, 1, L, 2): each token's centre as seen on every level
+        ref = centers[:, :, None] * valid_ratios[:, None].to(memory.dtype)
+        for layer in self.encoder_layers:
+            memory = layer(memory, memory_pos, ref, spatial_shapes, level_start, memory_mask)
+        return memory
+
+    def _two_stage_queries(self, memory, memory_mask, spatial_shapes, valid_ratios):
+        """Top-k proposals -> (ref boxes (B, Q, 4), enc_outputs dict)."""
+        b, s, _ = memory.shape
+        if s < self.num_queries:
+            raise ValueError(
+                f"two-stage selection needs at least num_queries={self.num_queries} pyramid tokens, the "
+                f"input gives {s}; use larger images or fewer queries"
+            )
+        centers, levels = self._token_centers(spatial_shapes, valid_ratios, memory.dtype)
+        wh = (0.05 * 2.0 ** levels.to(memory.dtype))[None, :, None].expand(b, s, 2)
+        proposals = torch.cat([centers, wh], -1)  # (B, S, 4)
+        valid = ~memory_mask & ((centers > 0.01) & (centers < 0.99)).all(-1)
+        proposals_unsig = inverse_sigmoid(proposals).masked_fill(~valid[..., None], 0.0)
+        out_memory = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
+        logits = self.enc_class_head(out_memory)  # (B, S, K)
+        boxes_unsig = self.enc_box_head(out_memory) + proposals_unsig  # (B, S, 4)
+        scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
+        topk = scores.topk(self.num_queries, dim=1)[1]  # (B, Q)
+        idx4 = topk[..., None].expand(-1, -1, 4)
+        sel_boxes = boxes_unsig.gather(1, idx4).sigmoid()
+        sel_logits = logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        return sel_boxes.detach(), {"pred_logits": sel_logits, "pred_boxes": sel_boxes}
+
+    def _group_mask(self, num_groups: int, device) -> Optional[Tensor]:
+        if num_groups == 1:
+            return None
+        g = torch.arange(num_groups * self.num_queries, device=device) // self.num_queries
+        return g[:, None] != g[None, :]  # (Q_all, Q_all) True = blocked
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, maps: List[Tensor], masks: List[Tensor], valid_ratios: Tensor) -> Dict:
+        """
+        Args:
+            maps: L feature maps (B, C, H_l, W_l).
+            masks: L bool masks (B, H_l, W_l), True at padding.
+            valid_ratios: (B, L, 2) ``(x, y)`` share of each padded map covered by the image.
+
+        Returns:
+            dict with ``pred_logits`` (B, Q', K), ``pred_boxes`` (B, Q', 4), ``aux_outputs``
+            (list, one dict per earlier layer), ``enc_outputs`` (two-stage only) and
+            ``num_groups`` (only when > 1: training with Group-DETR, Q' = groups * Q).
+        """
+        if len(maps) != self.num_levels:
+            raise ValueError(f"decoder built for {self.num_levels} levels, got {len(maps)} feature maps")
+        b = maps[0].shape[0]
+        dtype = maps[0].dtype
+        spatial_shapes = torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
+        level_start = level_start_index_from_shapes(spatial_shapes)
+        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, S, C)
+        memory_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        need_pos = self.cross_attn == "standard" or len(self.encoder_layers) > 0
+        memory_pos = self._memory_pos(masks, dtype) if need_pos else None
+        memory = self._encode(memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios)
+
+        groups = self.group_detr if self.training else 1
+        total = groups * self.num_queries
+        tgt = self.query_embed.weight[:total].to(dtype)[None].expand(b, -1, -1)
+        outputs: Dict = {}
+        if self.two_stage:
+            ref, outputs["enc_outputs"] = self._two_stage_queries(memory, memory_mask, spatial_shapes, valid_ratios)
+            ref = ref.repeat(1, groups, 1)
+        else:
+            ref = self.refpoint_embed.weight[:total].to(dtype).sigmoid()[None].expand(b, -1, -1)
+        attn_mask = self._group_mask(groups, memory.device)
+        vr4 = torch.cat([valid_ratios, valid_ratios], -1).to(dtype)[:, None]  # (B, 1, L, 4)
+
+        per_layer = []
+        init_ref = ref
+        for i, layer in enumerate(self.layers):
+            query_pos = self.ref_point_head(coordinate_to_sine_embedding(ref, self.hidden_dim // 2).to(dtype))
+            tgt = layer(tgt, query_pos, ref[:, :, None] * vr4, memory, memory_pos, memory_mask,
+                        spatial_shapes, level_start, attn_mask)
+            h = i if self.box_refine else 0
+            base = ref if self.box_refine else init_ref
+            boxes = (inverse_sigmoid(base) + self.box_heads[h](tgt)).sigmoid()
+            per_layer.append({"pred_logits": self.class_heads[h](tgt), "pred_boxes": boxes})
+            if self.box_refine:
+                ref = boxes.detach()
+        outputs.update(per_layer[-1])
+        outputs["aux_outputs"] = per_layer[:-1]
+        if groups > 1:
+            outputs["num_groups"] = groups
+        return outputs

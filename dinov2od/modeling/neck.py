@@ -1,0 +1,154 @@
+"""Neck: tapped ViT tokens -> a masked multi-scale feature pyramid.
+
+Design (a ViTDet "simple feature pyramid" fed by several taps, as RF-DETR's projector):
+
+1. **Fuse taps.** The K tapped block outputs (each (B, D, Hp, Wp) at stride 14) are
+   concatenated on channels and projected per patch by a 1x1 conv to the decoder width C,
+   then a channels-only LayerNorm. Earlier blocks carry more local detail, later ones
+   more semantics; a per-patch linear mix keeps both.
+2. **Resample.** From this single stride-14 map, each level is made by a scale factor:
+   ``2.0`` -> 2x2 transposed conv (stride 7 px), ``1.0`` -> identity (14 px),
+   ``0.5`` -> 2x2 stride-2 conv (28 px), ``0.25`` -> two of them (56 px), each step
+   followed by LayerNorm + GELU; then a 3x3 conv + LayerNorm per level.
+
+Padding: every spatial conv reads zeros at padded positions (features are zeroed by the
+mask before each one, odd sizes are zero-padded to even before a stride-2 conv), and only
+channel-wise norms are used (no BatchNorm/GroupNorm statistics over space), so the valid
+part of each level is the same whether an image is alone or in a padded batch. Level masks
+follow the same resampling: nearest repeat for upsampling, "padded only if every covered
+cell is padded" for downsampling.
+
+Single-level mode: ``scale_factors=(1.0,)``.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SimpleFeaturePyramid", "LayerNorm2d"]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map (per position)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _zero_pad(x: Tensor, mask: Tensor) -> Tensor:
+    """Zero (B, C, H, W) features where the (B, H, W) mask is True."""
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def _pad_even(x: Tensor, value=0.0) -> Tensor:
+    """Pad the last two dims of x (bottom/right) to even sizes."""
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2), value=value)
+    return x
+
+
+def downsample_mask(mask: Tensor) -> Tensor:
+    """(B, H, W) -> (B, ceil(H/2), ceil(W/2)); a cell is padded iff all 4 inputs are."""
+    valid = _pad_even((~mask).float()[:, None])
+    return F.max_pool2d(valid, 2)[:, 0] < 0.5
+
+
+class _Down(nn.Module):
+    """Halve resolution: zero padding, pad to even, 2x2 stride-2 conv, LayerNorm, GELU."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 2, stride=2)
+        self.norm = LayerNorm2d(c)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        x = self.conv(_pad_even(_zero_pad(x, mask)))
+        return F.gelu(self.norm(x)), downsample_mask(mask)
+
+
+class _Up(nn.Module):
+    """Double resolution: 2x2 stride-2 transposed conv, LayerNorm, GELU."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(c, c, 2, stride=2)
+        self.norm = LayerNorm2d(c)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        x = self.conv(_zero_pad(x, mask))
+        mask = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)
+        return F.gelu(self.norm(x)), mask
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Fuse ViT taps and build a feature pyramid (see the module docstring).
+
+    Args:
+        in_channels: ViT width D.
+        num_taps: number of tapped blocks K.
+        out_channels: decoder width C.
+        scale_factors: one per level, each a power of two in {4, 2, 1, 0.5, 0.25, 0.125};
+            the level's stride is ``patch_size / factor``.
+        patch_size: the ViT patch size (stride of the taps).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_taps: int,
+        out_channels: int = 256,
+        scale_factors: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
+        patch_size: int = 14,
+    ):
+        super().__init__()
+        allowed = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+        if not scale_factors or any(float(s) not in allowed for s in scale_factors):
+            raise ValueError(f"scale_factors={list(scale_factors)} must be non-empty, each in {allowed}")
+        self.scale_factors = tuple(float(s) for s in scale_factors)
+        self.strides = tuple(patch_size / s for s in self.scale_factors)
+        self.out_channels = out_channels
+        self.num_taps = num_taps
+        self.fuse = nn.Sequential(nn.Conv2d(in_channels * num_taps, out_channels, 1), LayerNorm2d(out_channels))
+        self.resample = nn.ModuleList()
+        self.output = nn.ModuleList()
+        for s in self.scale_factors:
+            n = abs(int(round(torch.log2(torch.tensor(s)).item())))
+            steps = [(_Up if s > 1 else _Down)(out_channels) for _ in range(n)]
+            self.resample.append(nn.ModuleList(steps))
+            self.output.append(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.output_norm = nn.ModuleList(LayerNorm2d(out_channels) for _ in self.scale_factors)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.scale_factors)
+
+    def forward(self, features: List[Tensor], mask: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Args:
+            features: K maps (B, D, Hp, Wp) from the backbone taps.
+            mask: (B, Hp, Wp) bool, True at padded patches.
+
+        Returns:
+            maps: L maps (B, C, H_l, W_l), zero at padded positions.
+            masks: L bool masks (B, H_l, W_l), True at padded positions.
+        """
+        if len(features) != self.num_taps:
+            raise ValueError(f"the neck was built for {self.num_taps} taps, got {len(features)} feature maps")
+        x = self.fuse(_zero_pad(torch.cat(features, 1), mask))
+        maps, masks = [], []
+        for steps, conv, norm in zip(self.resample, self.output, self.output_norm):
+            y, m = x, mask
+            for step in steps:
+                y, m = step(y, m)
+            y = norm(conv(_zero_pad(y, m)))
+            maps.append(_zero_pad(y, m))
+            masks.append(m)
+        return maps, masks

@@ -1,0 +1,292 @@
+"""Building the DINOv2 ViT and loading its weights.
+
+Three sources, only when asked for (``pretrained=``):
+
+* a Hugging Face hub id (``facebook/dinov2-small|base|large|giant``,
+  ``facebook/dinov2-with-registers-*``) — from the local cache, or downloaded by
+  ``transformers`` when the hub is reachable;
+* a local folder written by ``save_pretrained`` (``config.json`` + weights);
+* an official DINOv2 checkpoint (``dinov2_vitb14_pretrain.pth`` ...), whose keys are
+  remapped to the Hugging Face layout: ``blocks.N.attn.qkv`` (fused) -> query/key/value,
+  ``blocks.N.attn.proj`` -> attention output, ``blocks.N.ls1.gamma`` ->
+  ``layer_scale1.lambda1``, ``mlp.w12``/``mlp.w3`` (SwiGLU) -> the SwiGLU projections,
+  ``pos_embed`` -> ``embeddings.position_embeddings``, ``norm`` -> ``layernorm``.
+
+A checkpoint of another architecture is refused with a message saying which arch it is.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import ARCHS, build_dinov2_config
+
+logger = logging.getLogger("dinov2od")
+
+__all__ = [
+    "HUB_IDS",
+    "PretrainedWeightsUnavailable",
+    "load_vit",
+    "official_to_hf_state_dict",
+    "load_official_checkpoint",
+]
+
+HUB_IDS = {
+    **{f"facebook/dinov2-{a}": (a, False) for a in ("small", "base", "large", "giant")},
+    **{f"facebook/dinov2-with-registers-{a}": (a, True) for a in ("small", "base", "large", "giant")},
+}
+
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "use_swiglu_ffn")
+
+
+class PretrainedWeightsUnavailable(OSError):
+    """Raised when ``pretrained`` names weights that cannot be read here."""
+
+
+def _model_class(registers: bool):
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    return Dinov2WithRegistersModel if registers else Dinov2Model
+
+
+def _is_offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    if env.upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def load_vit(arch: Optional[str], registers: bool, overrides: dict, pretrained: Optional[str]) -> nn.Module:
+    """Build the ViT (random init) or load it from ``pretrained`` (see the module docstring)."""
+    if pretrained is None:
+        config = build_dinov2_config(arch or "small", registers, **overrides)
+        return _model_class(registers)(config)
+    pretrained = os.fspath(pretrained)
+    if pretrained.endswith((".pth", ".pt", ".bin")) and not os.path.isdir(pretrained):
+        return load_official_checkpoint(pretrained, arch, registers, overrides)
+    return _load_hf(pretrained, arch, registers, overrides)
+
+
+def _config_mismatch(config, expected) -> Dict[str, Tuple]:
+    diff = {}
+    for f in _ARCH_FIELDS + ("num_register_tokens",):
+        a, b = getattr(config, f, None) or 0, getattr(expected, f, None) or 0
+        if a != b:
+            diff[f] = (a, b)
+    if abs(float(config.mlp_ratio) - float(expected.mlp_ratio)) > 1e-6:
+        diff["mlp_ratio"] = (config.mlp_ratio, expected.mlp_ratio)
+    return diff
+
+
+def _guess_arch(config) -> str:
+    for name, fields in ARCHS.items():
+        if all(getattr(config, k) == v for k, v in fields.items() if k in _ARCH_FIELDS):
+            return name
+    return "unknown"
+
+
+def _load_hf(pretrained: str, arch: Optional[str], registers: bool, overrides: dict) -> nn.Module:
+    """Load a Hugging Face id or ``save_pretrained`` folder; refuse another architecture."""
+    from transformers import AutoModel
+
+    is_dir = os.path.isdir(pretrained)
+    if os.path.isfile(pretrained) or (not is_dir and pretrained.startswith((".", os.sep))):
+        raise PretrainedWeightsUnavailable(
+            f"pretrained={pretrained!r} is neither a save_pretrained folder, an official .pth file, "
+            "nor a Hugging Face id (like 'facebook/dinov2-base')"
+        )
+    if not is_dir and arch is None and pretrained in HUB_IDS:
+        arch, registers = HUB_IDS[pretrained]
+    try:
+        model = AutoModel.from_pretrained(pretrained, local_files_only=_is_offline() and not is_dir)
+    except (OSError, ValueError) as e:
+        if is_dir:
+            raise PretrainedWeightsUnavailable(
+                f"could not load DINOv2 weights from the folder {pretrained!r}: {e}. The folder must "
+                "hold a Dinov2Model saved with save_pretrained (config.json + model.safetensors)."
+            ) from e
+        raise PretrainedWeightsUnavailable(
+            f"could not load DINOv2 weights {pretrained!r} from the Hugging Face hub or its local "
+            f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). The hub is "
+            "unreachable (or HF_HUB_OFFLINE=1) and the weights are not cached. Fix: on a machine "
+            f"with internet run `huggingface-cli download {pretrained} --local-dir <folder>` (or "
+            "`hf download`), copy the folder here and pass pretrained='<folder>'; or pass an official "
+            "DINOv2 .pth checkpoint path; or use pretrained=None for random init."
+        ) from e
+    if type(model).__name__ not in ("Dinov2Model", "Dinov2WithRegistersModel"):
+        raise ValueError(
+            f"pretrained={pretrained!r} holds a {type(model).__name__}, not a DINOv2 ViT "
+            "(Dinov2Model or Dinov2WithRegistersModel)"
+        )
+    loaded_registers = type(model).__name__ == "Dinov2WithRegistersModel"
+    if arch is not None:
+        expected = build_dinov2_config(arch, registers, **overrides)
+        diff = _config_mismatch(model.config, expected)
+        if diff:
+            raise ValueError(
+                f"pretrained={pretrained!r} is a DINOv2 {_guess_arch(model.config)!r} "
+                f"(registers={loaded_registers}) but the backbone asks for arch={arch!r} "
+                f"(registers={registers}); differing fields (checkpoint, requested): {diff}. "
+                "Pass the matching arch/registers, or arch=None to take the checkpoint's."
+            )
+    if overrides.get("drop_path_rate"):
+        logger.warning("drop_path_rate is ignored when loading a Hugging Face DINOv2 checkpoint")
+    logger.info("Loaded DINOv2 weights from %s", pretrained)
+    return model
+
+
+# ---------------------------------------------------------------------- official checkpoints
+def _unwrap_official(obj) -> Dict[str, Tensor]:
+    """Find the ViT's state dict in an official / training checkpoint object."""
+    if isinstance(obj, dict):
+        for key in ("teacher", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError("the .pth file does not hold a state dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        k = re.sub(r"^(module\.|backbone\.)+", "", k)
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # block chunks (giant)
+        out[k] = v
+    return out
+
+
+def _infer_official_config(sd: Dict[str, Tensor]) -> dict:
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ValueError(
+            "the .pth file is not an official DINOv2 ViT checkpoint (no cls_token / patch_embed.proj.weight); "
+            f"first keys: {list(sd)[:8]}"
+        )
+    dim = sd["cls_token"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    hidden = sd["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape
+    npos = sd["pos_embed"].shape[1] - 1
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    return dict(
+        hidden_size=dim, num_hidden_layers=depth, patch_size=patch, use_swiglu_ffn=swiglu,
+        image_size=int(round(npos ** 0.5)) * patch,
+        mlp_hidden=hidden[1] if swiglu else hidden[0],
+        registers=int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0,
+    )
+
+
+def official_to_hf_state_dict(sd: Dict[str, Tensor], v5_layout: bool) -> Dict[str, Tensor]:
+    """Rename an official DINOv2 state dict to the Hugging Face ``Dinov2Model`` layout.
+
+    Args:
+        sd: official keys (``blocks.N.attn.qkv.weight`` ...), already unwrapped.
+        v5_layout: target the transformers >= 5 module names (``attention.q_proj`` ...).
+
+    Returns:
+        the renamed dict; keys it does not know are kept under their own names (and then
+        reported as unexpected by the loader).
+    """
+    attn = ("attention.{}_proj", "attention.o_proj") if v5_layout else (
+        "attention.attention.{}", "attention.output.dense")
+    qkv_names = ("q", "k", "v") if v5_layout else ("query", "key", "value")
+    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+           "register_tokens": "embeddings.register_tokens", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+    block = {"norm1": "norm1", "norm2": "norm2", "attn.proj": attn[1], "ls1.gamma": "layer_scale1.lambda1",
+             "ls2.gamma": "layer_scale2.lambda1", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "mlp.w3": "mlp.down_proj" if v5_layout else "mlp.weights_out"}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v.reshape(1, -1) if k == "mask_token" else v
+            continue
+        m = re.match(r"blocks\.(\d+)\.(.+?)(\.weight|\.bias)?$", k)
+        if not m:
+            out[k] = v
+            continue
+        i, name, suffix = m.group(1), m.group(2), m.group(3) or ""
+        prefix = f"encoder.layer.{i}."
+        if name == "attn.qkv":
+            for part, chunk in zip(qkv_names, v.chunk(3, dim=0)):
+                out[prefix + attn[0].format(part) + suffix] = chunk
+        elif name == "mlp.w12" and v5_layout:
+            gate, up = v.chunk(2, dim=0)
+            out[prefix + "mlp.gate_proj" + suffix] = gate
+            out[prefix + "mlp.up_proj" + suffix] = up
+        elif name == "mlp.w12":
+            out[prefix + "mlp.weights_in" + suffix] = v
+        elif name in block:
+            out[prefix + block[name] + suffix] = v
+        else:
+            out[k] = v
+    return out
+
+
+def load_official_checkpoint(path: str, arch: Optional[str], registers: bool, overrides: dict) -> nn.Module:
+    """Build the ViT and load an official DINOv2 ``.pth`` into it.
+
+    Raises:
+        PretrainedWeightsUnavailable: the file does not exist.
+        ValueError: the checkpoint is not DINOv2, is another architecture than ``arch``, or lacks
+            weights the model needs.
+    """
+    if not os.path.isfile(path):
+        raise PretrainedWeightsUnavailable(f"official DINOv2 checkpoint {path!r} does not exist")
+    sd = _unwrap_official(torch.load(path, map_location="cpu", weights_only=True))
+    found = _infer_official_config(sd)
+    ckpt_registers = found["registers"] > 0
+    if arch is None:
+        arch = next((a for a, f in ARCHS.items() if f["hidden_size"] == found["hidden_size"]
+                     and f["num_hidden_layers"] == found["num_hidden_layers"]), None)
+        if arch is None:
+            raise ValueError(
+                f"{path}: a DINOv2 of width {found['hidden_size']} and depth {found['num_hidden_layers']} "
+                "matches no released arch; pass arch=... with arch_overrides describing it"
+            )
+        registers = ckpt_registers
+        overrides = {**overrides, "image_size": found["image_size"]}
+    config = build_dinov2_config(arch, registers, **overrides)
+    model = _model_class(registers)(config)
+    want = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                patch_size=config.patch_size, use_swiglu_ffn=bool(config.use_swiglu_ffn),
+                registers=int(getattr(config, "num_register_tokens", 0) or 0) if registers else 0)
+    diff = {k: (found[k], v) for k, v in want.items() if found[k] != v}
+    if diff:
+        raise ValueError(
+            f"{path} is a DINOv2 checkpoint of another architecture than arch={arch!r} "
+            f"(registers={registers}); differing (checkpoint, requested): {diff}. Pass the arch "
+            "that matches the checkpoint, or arch=None to infer it."
+        )
+    v5 = hasattr(model.encoder.layer[0].attention, "q_proj")
+    hf_sd = official_to_hf_state_dict(sd, v5_layout=v5)
+    own = model.state_dict()
+    shape_bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in hf_sd.items()
+                 if k in own and v.shape != own[k].shape and k != "embeddings.position_embeddings"}
+    if shape_bad:
+        raise ValueError(f"{path}: tensors of the wrong shape (checkpoint, model): {shape_bad}")
+    pos = hf_sd.get("embeddings.position_embeddings")
+    if pos is not None and pos.shape != own["embeddings.position_embeddings"].shape:
+        model.embeddings.position_embeddings = nn.Parameter(torch.zeros_like(pos))
+        model.config.image_size = found["image_size"]
+    result = model.load_state_dict(hf_sd, strict=False)
+    missing = [k for k in result.missing_keys if k != "embeddings.mask_token"]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} weight(s) the DINOv2 model needs: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+        )
+    if result.unexpected_keys:
+        logger.warning("%s: %d unexpected key(s) ignored: %s", path, len(result.unexpected_keys),
+                       result.unexpected_keys[:10])
+    logger.info("Loaded official DINOv2 checkpoint %s (arch=%s, registers=%s)", path, arch, registers)
+    return model
