@@ -15,6 +15,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("dinov2od", "layers", "csrc")
 
 
+def _openmp_flags():
+    """-fopenmp (compile only) when torch's intra-op backend is OpenMP.
+
+    ``at::parallel_for`` is inline in the headers: without ``_OPENMP`` it runs serially. The
+    OpenMP runtime symbols stay undefined in ``_C`` and resolve to the runtime torch already
+    loaded, so ``torch.set_num_threads`` governs the kernel too (no second runtime is linked).
+    """
+    import torch
+
+    if os.name == "nt":
+        return ["/openmp"]
+    if "OpenMP" in torch.__config__.parallel_info() and os.uname().sysname == "Linux":
+        return ["-fopenmp"]
+    return []
+
+
 def get_extensions():
     if os.environ.get("DINOV2OD_NO_EXT", "0") == "1":
         return []
@@ -26,10 +42,11 @@ def get_extensions():
 
     cu = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     want_cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
-    define_macros, extra_compile_args = [], {"cxx": ["-O3"]}
+    define_macros = []
+    extra_compile_args = {"cxx": ["-O3"] + _openmp_flags()}
     if want_cuda and cu and CUDA_HOME is not None:
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math"]
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         return [
             CUDAExtension(
                 "dinov2od._C",

@@ -1,0 +1,220 @@
+// Multi-scale deformable attention, CPU inner loops.
+//
+// This header is included twice by ms_deform_attn_cpu.cpp, inside two namespaces: once with
+// the compiler's default target and once under `#pragma GCC target("avx2,fma")`. It must not
+// include anything itself (<cmath>, <cstdint>, <cstring> are included before it), and it
+// has no include guard on purpose.
+//
+// Layouts (all contiguous):
+//   value        (N, S, M, D)        scalar_t
+//   loc          (N, Lq, M, L, P, 2) T  (T = opmath type: float, or double for double)
+//   attn         (N, Lq, M, L, P)    T
+//   out          (N, Lq, M, D)       scalar_t
+// Every inner loop runs over the D contiguous channels of one value row.
+
+struct Problem {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+// Bilinear corners of one sampling point on an H x W map.
+template <typename T>
+struct Corners {
+  int64_t row[4];  // y * W + x of corners (y0,x0) (y0,x1) (y1,x0) (y1,x1); -1 when outside the map
+  T w[4];          // bilinear weights of the four corners
+  T fx, fy;        // fractional part of the pixel coordinates (for the location gradient)
+  bool all_inside;
+};
+
+// (x, y) in [0, 1] samples pixel (x * W - 0.5, y * H - 0.5). Returns false when no corner can
+// be inside the map (including NaN locations), i.e. the point contributes zero.
+template <typename T>
+inline bool bilinear_corners(T loc_x, T loc_y, int64_t H, int64_t W, Corners<T>& c) {
+  const T x = loc_x * static_cast<T>(W) - T(0.5);
+  const T y = loc_y * static_cast<T>(H) - T(0.5);
+  if (!(x >= T(-1) && y >= T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H))) {
+    return false;
+  }
+  const T x0f = std::floor(x);
+  const T y0f = std::floor(y);
+  const int64_t x0 = static_cast<int64_t>(x0f);
+  const int64_t y0 = static_cast<int64_t>(y0f);
+  c.fx = x - x0f;
+  c.fy = y - y0f;
+  const T gx = T(1) - c.fx;
+  const T gy = T(1) - c.fy;
+  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < W, y0_in = y0 >= 0, y1_in = y0 + 1 < H;
+  c.row[0] = (y0_in && x0_in) ? y0 * W + x0 : -1;
+  c.row[1] = (y0_in && x1_in) ? y0 * W + x0 + 1 : -1;
+  c.row[2] = (y1_in && x0_in) ? (y0 + 1) * W + x0 : -1;
+  c.row[3] = (y1_in && x1_in) ? (y0 + 1) * W + x0 + 1 : -1;
+  c.w[0] = gy * gx;
+  c.w[1] = gy * c.fx;
+  c.w[2] = c.fy * gx;
+  c.w[3] = c.fy * c.fx;
+  c.all_inside = x0_in && x1_in && y0_in && y1_in;
+  return true;
+}
+
+// acc[d] += a * v[d]
+template <typename scalar_t, typename T>
+inline void axpy(T* __restrict__ acc, T a, const scalar_t* __restrict__ v, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    acc[d] += a * static_cast<T>(v[d]);
+  }
+}
+
+// acc[d] += sum_c w[c] * v_c[d] over the four corners.
+template <typename scalar_t, typename T>
+inline void axpy4(T* __restrict__ acc, T w0, T w1, T w2, T w3, const scalar_t* __restrict__ v0,
+                  const scalar_t* __restrict__ v1, const scalar_t* __restrict__ v2,
+                  const scalar_t* __restrict__ v3, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    acc[d] += w0 * static_cast<T>(v0[d]) + w1 * static_cast<T>(v1[d]) +
+              w2 * static_cast<T>(v2[d]) + w3 * static_cast<T>(v3[d]);
+  }
+}
+
+// Forward for work items [begin, end), item i = (n * M + m) * Lq + q; acc is D scratch values.
+template <typename scalar_t, typename T>
+void forward_items(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                   const T* loc, const T* attn, scalar_t* out, const Problem& pb, int64_t begin,
+                   int64_t end, T* acc) {
+  const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
+  const int64_t stride = M * D;  // between value rows of one head
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t q = i % Lq, m = (i / Lq) % M, n = i / (Lq * M);
+    const int64_t nqm = (n * Lq + q) * M + m;
+    const scalar_t* head = value + (n * pb.S * M + m) * D;
+    const T* li = loc + nqm * L * P * 2;
+    const T* ai = attn + nqm * L * P;
+    for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+      const scalar_t* level = head + starts[l] * stride;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t lp = l * P + p;
+        Corners<T> c;
+        if (!bilinear_corners(li[2 * lp], li[2 * lp + 1], H, W, c)) continue;
+        const T a = ai[lp];
+        if (c.all_inside) {
+          axpy4(acc, a * c.w[0], a * c.w[1], a * c.w[2], a * c.w[3], level + c.row[0] * stride,
+                level + c.row[1] * stride, level + c.row[2] * stride, level + c.row[3] * stride, D);
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            if (c.row[k] >= 0) axpy(acc, a * c.w[k], level + c.row[k] * stride, D);
+          }
+        }
+      }
+    }
+    scalar_t* o = out + nqm * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+// One corner of the backward: returns sum_d g[d] * v[d] and does gv[d] += a * g[d].
+template <typename scalar_t, typename T>
+inline T dot_and_scatter(const T* __restrict__ g, const scalar_t* __restrict__ v,
+                         T* __restrict__ gv, T a, int64_t D) {
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) {
+    s += g[d] * static_cast<T>(v[d]);
+    gv[d] += a * g[d];
+  }
+  return s;
+}
+
+// The same for four distinct corners at once (the point lies inside the map).
+template <typename scalar_t, typename T>
+inline void dot_and_scatter4(const T* __restrict__ g, const scalar_t* __restrict__ v0,
+                             const scalar_t* __restrict__ v1, const scalar_t* __restrict__ v2,
+                             const scalar_t* __restrict__ v3, T* __restrict__ gv0,
+                             T* __restrict__ gv1, T* __restrict__ gv2, T* __restrict__ gv3,
+                             T a0, T a1, T a2, T a3, int64_t D, T* dots) {
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t d = 0; d < D; ++d) {
+    const T gd = g[d];
+    s0 += gd * static_cast<T>(v0[d]);
+    s1 += gd * static_cast<T>(v1[d]);
+    s2 += gd * static_cast<T>(v2[d]);
+    s3 += gd * static_cast<T>(v3[d]);
+    gv0[d] += a0 * gd;
+    gv1[d] += a1 * gd;
+    gv2[d] += a2 * gd;
+    gv3[d] += a3 * gd;
+  }
+  dots[0] = s0;
+  dots[1] = s1;
+  dots[2] = s2;
+  dots[3] = s3;
+}
+
+// Backward for one task t = (n * M + m) * L + l. The task owns the value rows of level l and
+// head m of batch n, so no two tasks write the same gradient entry.
+//   grad_out   (N, Lq, M, D) scalar_t
+//   gv         first accumulator row of this task's level (H * W rows, gv_stride apart)
+//   grad_loc   (N, Lq, M, L, P, 2) T, grad_attn (N, Lq, M, L, P) T
+//   gbuf       D scratch values (grad_out row in T when scalar_t is not T)
+template <typename scalar_t, typename T>
+void backward_task(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                   const T* loc, const T* attn, const scalar_t* grad_out, T* gv,
+                   int64_t gv_stride, T* grad_loc, T* grad_attn, const Problem& pb, int64_t t,
+                   T* gbuf) {
+  const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
+  const int64_t l = t % L, m = (t / L) % M, n = t / (L * M);
+  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+  const int64_t stride = M * D;
+  const scalar_t* level = value + ((n * pb.S + starts[l]) * M + m) * D;
+  for (int64_t r = 0; r < H * W; ++r) {
+    T* row = gv + r * gv_stride;
+    for (int64_t d = 0; d < D; ++d) row[d] = T(0);
+  }
+  for (int64_t q = 0; q < Lq; ++q) {
+    const int64_t nqm = (n * Lq + q) * M + m;
+    const scalar_t* go = grad_out + nqm * D;
+    const T* g;
+    if (sizeof(scalar_t) == sizeof(T)) {
+      g = reinterpret_cast<const T*>(go);  // scalar_t is T
+    } else {
+      for (int64_t d = 0; d < D; ++d) gbuf[d] = static_cast<T>(go[d]);
+      g = gbuf;
+    }
+    const int64_t base = nqm * L * P + l * P;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t lp = base + p;
+      Corners<T> c;
+      if (!bilinear_corners(loc[2 * lp], loc[2 * lp + 1], H, W, c)) {
+        grad_loc[2 * lp] = T(0);
+        grad_loc[2 * lp + 1] = T(0);
+        grad_attn[lp] = T(0);
+        continue;
+      }
+      const T a = attn[lp];
+      T dots[4] = {T(0), T(0), T(0), T(0)};
+      if (c.all_inside) {
+        dot_and_scatter4(g, level + c.row[0] * stride, level + c.row[1] * stride,
+                         level + c.row[2] * stride, level + c.row[3] * stride,
+                         gv + c.row[0] * gv_stride, gv + c.row[1] * gv_stride,
+                         gv + c.row[2] * gv_stride, gv + c.row[3] * gv_stride, a * c.w[0],
+                         a * c.w[1], a * c.w[2], a * c.w[3], D, dots);
+      } else {
+        for (int k = 0; k < 4; ++k) {
+          if (c.row[k] >= 0) {
+            dots[k] = dot_and_scatter(g, level + c.row[k] * stride, gv + c.row[k] * gv_stride,
+                                      a * c.w[k], D);
+          }
+        }
+      }
+      const T gx = T(1) - c.fx, gy = T(1) - c.fy;
+      // d(sample)/d(fx) and d(sample)/d(fy), contracted with grad_out
+      const T dfx = gy * (dots[1] - dots[0]) + c.fy * (dots[3] - dots[2]);
+      const T dfy = gx * (dots[2] - dots[0]) + c.fx * (dots[3] - dots[1]);
+      grad_attn[lp] = c.w[0] * dots[0] + c.w[1] * dots[1] + c.w[2] * dots[2] + c.w[3] * dots[3];
+      grad_loc[2 * lp] = a * static_cast<T>(W) * dfx;
+      grad_loc[2 * lp + 1] = a * static_cast<T>(H) * dfy;
+    }
+  }
+}
