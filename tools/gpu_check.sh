@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU check of the compiled multi-scale deformable attention op, for a machine with a GPU,
+# a CUDA build of torch and nvcc (e.g. torch 2.11 / CUDA 13 / Python 3.12, no Detectron2 needed):
+#
+#   tools/gpu_check.sh            # PYTHON=python3, arch of the visible GPU, MAX_JOBS=8
+#
+# 1. builds dinov2od._C in place with FORCE_CUDA=1 for the local GPU's architecture;
+# 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1);
+# 3. runs tools/benchmark.py on cuda (PyTorch path vs CUDA kernel, float32 and bfloat16).
+# Prints everything; exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+command -v nvcc && nvcc --version | tail -2 || echo "nvcc not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"
+"$PY" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+assert torch.cuda.is_available(), "no GPU visible to torch: nothing to check"
+print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+EOF
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+
+echo "== build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch})"
+rm -f dinov2od/_C.*.so
+start=$SECONDS
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-8}" \
+  "$PY" setup.py -q build_ext --inplace
+echo "built in $((SECONDS - start)) s"
+"$PY" -c "from dinov2od import _C; print('dinov2od._C: cuda', _C.with_cuda(), 'archs', _C.cuda_archs(), 'cpu', _C.cpu_capability())"
+
+echo "== tests"
+DINOV2OD_EXPECT_CUDA_EXT=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_msda_kernels.py
+
+echo "== benchmark (cuda)"
+"$PY" tools/benchmark.py --device cuda --repeats 50 --warmup 5
+
+echo "== gpu check passed"
