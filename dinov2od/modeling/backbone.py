@@ -257,7 +257,8 @@ class DINOv2Backbone(nn.Module):
         grid = pos.reshape(n, n, -1)
         if (h, w) != (n, n):
             grid = F.interpolate(
-                grid.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False
+                grid.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False,
+                antialias=self.num_register_tokens > 0,  # as DINOv2 (and transformers) with registers
             )[0].permute(1, 2, 0)
         return grid.to(dtype)
 

@@ -1,0 +1,228 @@
+"""DINOv2Backbone: HF equivalence, LoRA/freezing, taps, weight loading (no downloads)."""
+import logging
+import re
+
+import pytest
+import torch
+
+from dinov2od.modeling import (
+    DINOv2Backbone,
+    PretrainedWeightsUnavailable,
+    build_dinov2_config,
+)
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=56)
+
+
+def hf_model(registers=False, **overrides):
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    config = build_dinov2_config("tiny", registers, **{**TINY, **overrides})
+    model = (Dinov2WithRegistersModel if registers else Dinov2Model)(config).eval()
+    with torch.no_grad():  # non-trivial layer scales, biases and tokens
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def base_state(backbone):
+    """The backbone's ViT weights under plain HF names (LoRA wrappers removed)."""
+    return {k.replace(".base_layer", ""): v for k, v in backbone.vit.state_dict().items() if "lora_" not in k}
+
+
+def assert_same_weights(backbone, model):
+    ours, ref = base_state(backbone), model.state_dict()
+    assert set(ours) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("registers", [False, True])
+@pytest.mark.parametrize("size", [(56, 56), (70, 42)])  # native grid and interpolated
+def test_matches_hf_forward_without_padding(tmp_path, registers, size):
+    model = hf_model(registers)
+    model.save_pretrained(tmp_path)
+    backbone = DINOv2Backbone(pretrained=str(tmp_path), out_indices=(2,), lora_rank=0).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        (ours,), mask = backbone(x)
+        ref = model(pixel_values=x).last_hidden_state
+    prefix = 1 + (4 if registers else 0)
+    ref = ref[:, prefix:].reshape(2, size[0] // 14, size[1] // 14, -1).permute(0, 3, 1, 2)
+    assert not mask.any()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_taps_shapes_and_padding_mask():
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3)
+    assert backbone.out_indices == (0, 1, 2)
+    feats, mask = backbone(torch.randn(2, 3, 57, 30))  # padded to 70 x 42
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 5, 3)] * 3
+    assert mask.shape == (2, 5, 3) and not mask.any()  # 57 px -> 5 patches, all hold pixels
+    m = torch.zeros(2, 57, 30, dtype=torch.bool)
+    m[1, 28:] = True
+    m[1, :, 14:] = True
+    _, mask = backbone(torch.randn(2, 3, 57, 30), m)
+    assert mask[1].sum() == 15 - 2 and not mask[1, :2, :1].any()
+
+
+def test_default_out_indices_are_evenly_spaced():
+    assert DINOv2Backbone._resolve_out_indices(None, 4, 12) == (2, 5, 8, 11)
+    assert DINOv2Backbone._resolve_out_indices(None, 4, 40) == (9, 19, 29, 39)
+    with pytest.raises(ValueError, match="out_indices"):
+        DINOv2Backbone._resolve_out_indices((3, 1), 4, 12)
+    with pytest.raises(ValueError, match="num_taps"):
+        DINOv2Backbone._resolve_out_indices(None, 13, 12)
+
+
+def test_bad_mask_is_refused():
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3)
+    m = torch.zeros(1, 28, 28, dtype=torch.bool)
+    m[0, 3, 3] = True  # a hole, not bottom/right padding
+    with pytest.raises(ValueError, match="top-left valid region"):
+        backbone(torch.randn(1, 3, 28, 28), m)
+
+
+def test_known_architectures_build_configs_without_download():
+    for arch, width, depth in [("small", 384, 12), ("base", 768, 12), ("large", 1024, 24), ("giant", 1536, 40)]:
+        cfg = build_dinov2_config(arch)
+        assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size, cfg.image_size) == (width, depth, 14, 518)
+    assert build_dinov2_config("giant").use_swiglu_ffn
+    assert build_dinov2_config("base", registers=True).num_register_tokens == 4
+    with pytest.raises(ValueError, match="unknown DINOv2 arch"):
+        build_dinov2_config("huge")
+
+
+# ---------------------------------------------------------------------------- LoRA
+def test_frozen_backbone_trains_only_lora_and_grads_reach_it(caplog):
+    with caplog.at_level(logging.INFO, logger="dinov2od"):
+        backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_rank=4, lora_blocks=(1, 2))
+    assert any("trainable" in r.getMessage() for r in caplog.records)
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # adapters on query and value of blocks 1 and 2 only
+    adapted = {re.sub(r"\.lora_[AB].*", "", n) for n in trainable}
+    assert len(adapted) == 4 and all(re.search(r"layer\.[12]\.", n) for n in adapted)
+    assert all(re.search(r"(query|value|q_proj|v_proj)$", n) for n in adapted)
+
+    feats, _ = backbone(torch.randn(2, 3, 42, 56))
+    sum(f.square().mean() for f in feats).backward()
+    for n, p in backbone.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+        else:
+            assert p.grad is None, n
+    # B starts at zero, so A's first gradient is zero; B's is not
+    assert any(p.grad.abs().sum() > 0 for n, p in backbone.named_parameters() if "lora_B" in n)
+
+
+def test_lora_starts_as_identity_and_freeze_false_trains_everything(tmp_path):
+    model = hf_model()
+    model.save_pretrained(tmp_path)
+    plain = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=0).eval()
+    lora = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=8, lora_targets=("query", "key", "value", "output", "fc1"),
+                          freeze=False).eval()
+    assert all(p.requires_grad for n, p in lora.named_parameters() if "mask_token" not in n)
+    x = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        for a, b in zip(plain(x)[0], lora(x)[0]):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_targets=("qkv",))
+
+
+# ---------------------------------------------------------------------------- HF folder
+def test_hf_folder_round_trip_and_arch_check(tmp_path):
+    model = hf_model()
+    model.save_pretrained(tmp_path)
+    backbone = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=4)
+    assert_same_weights(backbone, model)
+    with pytest.raises(ValueError, match="arch='small'"):
+        DINOv2Backbone(arch="small", pretrained=str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PretrainedWeightsUnavailable, match="from the folder"):
+        DINOv2Backbone(pretrained=str(empty))
+
+
+def test_unreachable_hub_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsUnavailable) as err:
+        DINOv2Backbone(pretrained="facebook/dinov2-base")
+    msg = str(err.value)
+    assert "facebook/dinov2-base" in msg and "download" in msg and "pretrained='<folder>'" in msg
+
+
+# ---------------------------------------------------------------------------- official .pth
+def to_official(model):
+    """Write the HF state dict in the official DINOv2 layout (inverse of the loader's mapping)."""
+    sd = model.state_dict()
+    out = {}
+    emb = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.register_tokens": "register_tokens",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    for k, v in emb.items():
+        if k in sd:
+            out[v] = sd[k]
+    out["mask_token"] = sd["embeddings.mask_token"].reshape(1, -1)
+    for i, layer in enumerate(model.encoder.layer):
+        p, att = f"blocks.{i}.", layer.attention
+        if hasattr(att, "q_proj"):
+            q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+        else:
+            q, k, v, o = att.attention.query, att.attention.key, att.attention.value, att.output.dense
+        for s in ("weight", "bias"):
+            out[p + "attn.qkv." + s] = torch.cat([getattr(q, s), getattr(k, s), getattr(v, s)], 0)
+            out[p + "attn.proj." + s] = getattr(o, s)
+            out[p + "norm1." + s] = getattr(layer.norm1, s)
+            out[p + "norm2." + s] = getattr(layer.norm2, s)
+            mlp = layer.mlp
+            if hasattr(mlp, "fc1"):
+                out[p + "mlp.fc1." + s] = getattr(mlp.fc1, s)
+                out[p + "mlp.fc2." + s] = getattr(mlp.fc2, s)
+            elif hasattr(mlp, "weights_in"):
+                out[p + "mlp.w12." + s] = getattr(mlp.weights_in, s)
+                out[p + "mlp.w3." + s] = getattr(mlp.weights_out, s)
+            else:
+                out[p + "mlp.w12." + s] = torch.cat([getattr(mlp.gate_proj, s), getattr(mlp.up_proj, s)], 0)
+                out[p + "mlp.w3." + s] = getattr(mlp.down_proj, s)
+        out[p + "ls1.gamma"] = layer.layer_scale1.lambda1
+        out[p + "ls2.gamma"] = layer.layer_scale2.lambda1
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(registers=True), dict(use_swiglu_ffn=True)],
+                         ids=["plain", "registers", "swiglu"])
+def test_official_pth_round_trip(tmp_path, variant):
+    registers = variant.pop("registers", False)
+    model = hf_model(registers, **variant)
+    path = tmp_path / "dinov2_tiny_pretrain.pth"
+    sd = to_official(model)
+    sd["head.weight"] = torch.zeros(2, 2)  # an extra key: reported, not fatal
+    torch.save(sd, path)
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides={**TINY, **variant}, registers=registers,
+                              pretrained=str(path), num_taps=3, lora_rank=2)
+    assert_same_weights(backbone, model)
+
+
+def test_official_pth_refuses_other_architecture(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save(to_official(hf_model()), path)
+    with pytest.raises(ValueError, match="another architecture"):
+        DINOv2Backbone(arch="tiny", arch_overrides={**TINY, "num_hidden_layers": 4}, pretrained=str(path))
+    with pytest.raises(ValueError, match="matches no released arch"):
+        DINOv2Backbone(pretrained=str(path))  # width 32 is none of small/base/large/giant
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="not an official DINOv2"):
+        DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, pretrained=str(tmp_path / "resnet.pth"))
+    sd = to_official(hf_model())
+    del sd["blocks.1.attn.proj.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="lacks 1 weight"):
+        DINOv2Backbone(arch="tiny", arch_overrides=TINY, pretrained=str(tmp_path / "partial.pth"), num_taps=3)
+    with pytest.raises(PretrainedWeightsUnavailable, match="does not exist"):
+        DINOv2Backbone(arch="tiny", pretrained=str(tmp_path / "nope.pth"))
