@@ -95,9 +95,28 @@ def _guess_arch(config) -> str:
     return "unknown"
 
 
+def _download_hub(repo_id: str) -> str:
+    """Local folder of a hub repo (cache, or download when the hub is reachable)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"],
+                                 local_files_only=_is_offline())
+    except Exception as e:  # offline, unreachable, unknown repo, auth ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PretrainedWeightsUnavailable(
+            f"could not load DINOv2 weights {repo_id!r} from the Hugging Face hub or its local "
+            f"cache ({type(e).__name__}: {first}). The hub is unreachable (or HF_HUB_OFFLINE=1) "
+            "or the id is wrong, and the weights are not cached. Fix: on a machine with internet run "
+            f"`huggingface-cli download {repo_id} --local-dir <folder>` (or `hf download`), copy the "
+            "folder here and pass pretrained='<folder>'; or pass an official DINOv2 .pth checkpoint "
+            f"path; or pretrained=None for random init. Known ids: {sorted(HUB_IDS)}."
+        ) from e
+
+
 def _load_hf(pretrained: str, arch: Optional[str], registers: bool, overrides: dict) -> nn.Module:
     """Load a Hugging Face id or ``save_pretrained`` folder; refuse another architecture."""
-    from transformers import AutoModel
+    from transformers import AutoConfig
 
     is_dir = os.path.isdir(pretrained)
     if os.path.isfile(pretrained) or (not is_dir and pretrained.startswith((".", os.sep))):
@@ -107,27 +126,25 @@ def _load_hf(pretrained: str, arch: Optional[str], registers: bool, overrides: d
         )
     if not is_dir and arch is None and pretrained in HUB_IDS:
         arch, registers = HUB_IDS[pretrained]
-    try:
-        model = AutoModel.from_pretrained(pretrained, local_files_only=_is_offline() and not is_dir)
-    except (OSError, ValueError) as e:
-        if is_dir:
-            raise PretrainedWeightsUnavailable(
-                f"could not load DINOv2 weights from the folder {pretrained!r}: {e}. The folder must "
-                "hold a Dinov2Model saved with save_pretrained (config.json + model.safetensors)."
-            ) from e
+    folder = pretrained if is_dir else _download_hub(pretrained)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         raise PretrainedWeightsUnavailable(
-            f"could not load DINOv2 weights {pretrained!r} from the Hugging Face hub or its local "
-            f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). The hub is "
-            "unreachable (or HF_HUB_OFFLINE=1) and the weights are not cached. Fix: on a machine "
-            f"with internet run `huggingface-cli download {pretrained} --local-dir <folder>` (or "
-            "`hf download`), copy the folder here and pass pretrained='<folder>'; or pass an official "
-            "DINOv2 .pth checkpoint path; or use pretrained=None for random init."
-        ) from e
-    if type(model).__name__ not in ("Dinov2Model", "Dinov2WithRegistersModel"):
-        raise ValueError(
-            f"pretrained={pretrained!r} holds a {type(model).__name__}, not a DINOv2 ViT "
-            "(Dinov2Model or Dinov2WithRegistersModel)"
+            f"could not load DINOv2 weights from the folder {folder!r}: it has no config.json. The "
+            "folder must hold a Dinov2Model saved with save_pretrained (config.json + model.safetensors)."
         )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type not in ("dinov2", "dinov2_with_registers"):
+            raise ValueError(
+                f"pretrained={pretrained!r} holds a {config.model_type!r} model, not a DINOv2 ViT "
+                "(model_type 'dinov2' or 'dinov2_with_registers')"
+            )
+        model = _model_class(config.model_type == "dinov2_with_registers").from_pretrained(folder)
+    except OSError as e:
+        raise PretrainedWeightsUnavailable(
+            f"could not load DINOv2 weights from the folder {folder!r}: {e}. The folder must "
+            "hold a Dinov2Model saved with save_pretrained (config.json + model.safetensors)."
+        ) from e
     loaded_registers = type(model).__name__ == "Dinov2WithRegistersModel"
     if arch is not None:
         expected = build_dinov2_config(arch, registers, **overrides)
