@@ -60,3 +60,101 @@ def test_forward_shapes_and_loss_backward(options):
         out = model(images)
     assert out["pred_logits"].shape == (2, 12, 3)  # eval: exactly num_queries
     assert "num_groups" not in out
+
+
+def _perturb(model, scale=0.2):
+    """Move every weight off its (often zero) init so no output ignores its input."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def _padded_batch(images, garbage=True):
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    batch = torch.randn(len(images), 3, h, w, dtype=images[0].dtype) if garbage else \
+        torch.zeros(len(images), 3, h, w, dtype=images[0].dtype)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+        mask[i, : im.shape[1], : im.shape[2]] = False
+    return batch, mask
+
+
+@pytest.mark.parametrize(
+    "options,dtype,atol",
+    [(dict(), torch.float64, 1e-10), (dict(cross_attn="standard"), torch.float64, 1e-10),
+     (dict(two_stage=True), torch.float64, 1e-10), (dict(num_encoder_layers=1, registers=True), torch.float64, 1e-10),
+     (dict(), torch.float32, 1e-4)],
+    ids=["deformable64", "standard64", "two_stage64", "encoder_registers64", "deformable32"],
+)
+def test_padded_batch_equals_one_by_one(options, dtype, atol):
+    torch.manual_seed(0)
+    model = tiny_detector(**options).to(dtype).eval()
+    _perturb(model)
+    sizes = [(61, 75), (30, 44), (56, 28)]  # the padded batch is 61 x 75
+    images = [torch.randn(3, h, w, dtype=dtype) for h, w in sizes]
+    batch, mask = _padded_batch(images)  # random values under the padding: they must not matter
+    with torch.no_grad():
+        batched = model(batch, mask)
+        no_mask = model(batch)
+        for i, im in enumerate(images):
+            alone = model(im[None])
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(batched[key][i], alone[key][0], rtol=0, atol=atol)
+            torch.testing.assert_close(batched["aux_outputs"][0]["pred_boxes"][i],
+                                       alone["aux_outputs"][0]["pred_boxes"][0], rtol=0, atol=atol)
+            if "enc_outputs" in alone:
+                torch.testing.assert_close(batched["enc_outputs"]["pred_boxes"][i],
+                                           alone["enc_outputs"]["pred_boxes"][0], rtol=0, atol=atol)
+    # the test can fail: ignoring the mask changes the padded images' outputs a lot
+    assert (no_mask["pred_boxes"][1] - batched["pred_boxes"][1]).abs().max() > 1e-2
+
+
+def test_boxes_are_relative_to_the_unpadded_image():
+    """Padding an image (with a mask) must not move its normalized boxes."""
+    torch.manual_seed(0)
+    model = tiny_detector().double().eval()
+    _perturb(model)
+    image = torch.randn(1, 3, 42, 56, dtype=torch.float64)
+    big = torch.zeros(1, 3, 84, 98, dtype=torch.float64)
+    big[..., :42, :56] = image
+    mask = torch.ones(1, 84, 98, dtype=torch.bool)
+    mask[:, :42, :56] = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(big, mask)["pred_boxes"], model(image)["pred_boxes"])
+
+
+def test_frozen_detector_trains_lora_neck_decoder_only():
+    model = tiny_detector(lora_rank=4, freeze=True).train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    vit = [n for n in trainable if n.startswith("backbone.")]
+    assert vit and all("lora_" in n for n in vit)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("neck.", "decoder.")))
+    out = model(torch.randn(2, 3, 42, 42))
+    criterion = SetCriterion(3, num_aux_layers=model.num_aux_outputs)
+    losses = criterion(out, _targets())
+    sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
+    lora_b = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(g is not None for g in lora_b) and any(g.abs().sum() > 0 for g in lora_b)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_detector().eval()
+    with pytest.raises(ValueError, match=r"images must be a float \(B, 3, H, W\)"):
+        model(torch.randn(3, 28, 28))
+    with pytest.raises(ValueError, match="images must be a float"):
+        model(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="masks must be a bool"):
+        model(torch.randn(1, 3, 28, 28), torch.zeros(1, 28, 28))
+    with pytest.raises(ValueError, match="num_queries=12 pyramid tokens"):
+        tiny_detector(two_stage=True, scale_factors=(0.5,)).eval()(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="cross_attn"):
+        tiny_detector(cross_attn="dense")
+
+
+def test_default_constructor_builds_vit_small_offline():
+    model = DINOv2ObjectDetector(num_classes=80)
+    assert model.backbone.embed_dim == 384 and model.backbone.out_indices == (2, 5, 8, 11)
+    assert model.num_queries == 300 and model.neck.strides == (7.0, 14.0, 28.0, 56.0)
