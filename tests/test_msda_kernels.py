@@ -165,16 +165,36 @@ def test_points_outside_the_map(path):
         assert_close(a, b, 1e-10, name)
 
 
-def test_non_contiguous_inputs(path):
+@pytest.mark.parametrize("layout", ["channels-strided", "heads-major"])
+def test_non_contiguous_inputs(path, layout):
     value, shapes, starts, loc, weights = make_inputs([(4, 5), (2, 3)], n=2, lq=6, m=2, d=8, device=path, seed=9)
-    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)  # (N, S, M, D) with strides of (N, S, D, M)
+    if layout == "channels-strided":  # copied by the kernels
+        value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    else:  # (N, M, S, D) memory, channels contiguous: the CPU kernel reads it through its strides
+        value_nc = value.transpose(1, 2).contiguous().transpose(1, 2)
     loc_nc = loc.transpose(0, 1).contiguous().transpose(0, 1)
     weights_nc = torch.stack([weights, weights], -1)[..., 0]
     assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or weights_nc.is_contiguous())
     compiled = _ext.ms_deform_attn_compiled(value_nc, shapes, starts, loc_nc, weights_nc)
-    torch.testing.assert_close(compiled, ms_deform_attn_pytorch(value, shapes, starts, loc, weights), rtol=1e-10, atol=1e-10)
+    expected = ms_deform_attn_pytorch(value, shapes, starts, loc, weights)
+    torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-10)
     compiled, reference = run_both((value_nc, shapes, starts, loc_nc, weights_nc))
     for name, a, b in zip(NAMES, compiled, reference):
+        assert_close(a, b, 1e-10, name)
+
+
+def test_value_broadcast_over_batch(path):
+    """An expanded value (batch stride 0) is read in place and its gradient sums over the batch."""
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 2)], n=3, lq=4, d=8, device=path, seed=4)
+    grads = []
+    for fn in (_ext.ms_deform_attn_compiled, ms_deform_attn_pytorch):
+        leaf = value[:1].clone().requires_grad_()
+        shared = leaf.expand(3, -1, -1, -1)
+        assert shared.stride(0) == 0
+        out = fn(shared, shapes, starts, loc, weights)
+        out.backward(torch.ones_like(out))
+        grads.append((out.detach(), leaf.grad))
+    for name, a, b in zip(("output", "grad_value"), *grads):
         assert_close(a, b, 1e-10, name)
 
 

@@ -120,17 +120,34 @@ def msda_inputs(case: str, device: str, dtype: torch.dtype, seed: int = 0):
     )
 
 
-def _msda_paths(device: str):
+def _msda_paths(device: str, isa: str = "auto"):
     """(name, fn, dtypes) for every path available on ``device``; the PyTorch path first."""
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     paths = [("pytorch", ms_deform_attn_pytorch, dtypes)]
     probe = torch.empty(0, device=device)
-    if _ext.available_for(probe):
-        name = "cpu-kernel" if device == "cpu" else "cuda-kernel"
-        if device == "cpu":
-            name += f"[{_ext.load_extension().cpu_capability()}]"
-        paths.append((name, _ext.ms_deform_attn_compiled, dtypes))
+    if not _ext.available_for(probe):
+        return paths
+    if device != "cpu":
+        return paths + [("cuda-kernel", _ext.ms_deform_attn_compiled, dtypes)]
+    ext = _ext.load_extension()
+    isas = {"auto": [ext.cpu_capability()], "all": ["default", "avx2"]}.get(isa, [isa])
+    for name in isas:
+        paths.append((f"cpu-kernel[{name}]", _with_cpu_isa(ext, name), dtypes))
     return paths
+
+
+def _with_cpu_isa(ext, name: str):
+    """The compiled op with the CPU inner loops ``name`` ('default' or 'avx2') selected."""
+
+    def fn(*inputs):
+        previous = ext.cpu_capability()
+        ext.set_cpu_capability(name)
+        try:
+            return _ext.ms_deform_attn_compiled(*inputs)
+        finally:
+            ext.set_cpu_capability(previous)
+
+    return fn
 
 
 def _time_msda(fn, inputs, device: str, repeats: int, warmup: int):
@@ -153,7 +170,7 @@ def section_msda(args) -> List[Row]:
     rows = []
     for device in args.devices:
         for case in args.cases:
-            for name, fn, dtypes in _msda_paths(device):
+            for name, fn, dtypes in _msda_paths(device, args.cpu_isa):
                 for dtype in dtypes:
                     inputs = msda_inputs(case, device, dtype)
                     out, fwd, fwd_bwd = _time_msda(fn, inputs, device, args.repeats, args.warmup)
@@ -214,6 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     parser.add_argument("--case", dest="cases", action="append", choices=["decoder", "encoder"],
                         help="msda cases (repeatable; default: both)")
+    parser.add_argument("--cpu-isa", default="auto", choices=["auto", "default", "avx2", "all"],
+                        help="CPU kernel inner loops to time (auto: the one dispatch picks)")
     args = parser.parse_args(argv)
     args.cases = args.cases or ["decoder", "encoder"]
     if args.device == "auto":

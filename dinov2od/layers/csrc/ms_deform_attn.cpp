@@ -46,7 +46,8 @@ MSDAInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
               "attention_weights must be ", sampling_locations.sizes().slice(0, 5), ", got ",
               attention_weights.sizes());
   const auto opmath = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  in.value = value.contiguous();
+  // the CPU kernel reads value through its strides when its channels are contiguous
+  in.value = (value.is_cpu() && value.stride(3) == 1) ? value : value.contiguous();
   in.spatial_shapes = spatial_shapes.to(value.device(), at::kLong).contiguous();
   in.level_start_index = level_start_index.to(value.device(), at::kLong).contiguous();
   in.loc = sampling_locations.to(opmath).contiguous();

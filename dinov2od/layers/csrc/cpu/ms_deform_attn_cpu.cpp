@@ -52,7 +52,8 @@ Isa& current_isa() {
 }
 
 cpu_default::Problem problem_of(const MSDAInputs& in) {
-  return {in.N, in.S, in.M, in.D, in.Lq, in.L, in.P};
+  return {in.N, in.S, in.M, in.D, in.Lq, in.L, in.P,
+          in.value.stride(0), in.value.stride(1), in.value.stride(2)};
 }
 
 template <typename scalar_t, typename T>
@@ -61,7 +62,7 @@ void forward_items(Isa isa, const scalar_t* value, const int64_t* shapes, const 
                    int64_t begin, int64_t end, T* acc) {
 #ifdef DINOV2OD_HAVE_AVX2
   if (isa == Isa::kAvx2) {
-    const cpu_avx2::Problem pb2{pb.N, pb.S, pb.M, pb.D, pb.Lq, pb.L, pb.P};
+    const cpu_avx2::Problem pb2{pb.N, pb.S, pb.M, pb.D, pb.Lq, pb.L, pb.P, pb.vs_n, pb.vs_s, pb.vs_m};
     cpu_avx2::forward_items(value, shapes, starts, loc, attn, out, pb2, begin, end, acc);
     return;
   }
@@ -76,7 +77,7 @@ void backward_task(Isa isa, const scalar_t* value, const int64_t* shapes, const 
                    int64_t t, T* gbuf) {
 #ifdef DINOV2OD_HAVE_AVX2
   if (isa == Isa::kAvx2) {
-    const cpu_avx2::Problem pb2{pb.N, pb.S, pb.M, pb.D, pb.Lq, pb.L, pb.P};
+    const cpu_avx2::Problem pb2{pb.N, pb.S, pb.M, pb.D, pb.Lq, pb.L, pb.P, pb.vs_n, pb.vs_s, pb.vs_m};
     cpu_avx2::backward_task(value, shapes, starts, loc, attn, grad_out, gv, gv_stride, grad_loc,
                             grad_attn, pb2, t, gbuf);
     return;
@@ -131,7 +132,7 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const MSDAInputs& in,
   TORCH_CHECK(grad_output.numel() == in.N * in.Lq * in.M * in.D,
               "grad_output must have N * Lq * M * D elements");
   const auto go = grad_output.to(in.value.scalar_type()).contiguous();
-  auto grad_value = at::empty_like(in.value);
+  auto grad_value = at::empty({in.N, in.S, in.M, in.D}, in.value.options());  // contiguous
   auto grad_loc = at::empty_like(in.loc);
   auto grad_attn = at::empty_like(in.attn);
   const auto pb = problem_of(in);

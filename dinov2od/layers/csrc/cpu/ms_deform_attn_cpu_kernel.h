@@ -5,8 +5,8 @@
 // include anything itself (<cmath>, <cstdint>, <cstring> are included before it), and it
 // has no include guard on purpose.
 //
-// Layouts (all contiguous):
-//   value        (N, S, M, D)        scalar_t
+// Layouts (contiguous unless noted):
+//   value        (N, S, M, D)        scalar_t, channels contiguous (strides in Problem)
 //   loc          (N, Lq, M, L, P, 2) T  (T = opmath type: float, or double for double)
 //   attn         (N, Lq, M, L, P)    T
 //   out          (N, Lq, M, D)       scalar_t
@@ -14,6 +14,7 @@
 
 struct Problem {
   int64_t N, S, M, D, Lq, L, P;
+  int64_t vs_n, vs_s, vs_m;  // value strides (elements) of n, s, m; channels are contiguous
 };
 
 // Bilinear corners of one sampling point on an H x W map.
@@ -82,11 +83,11 @@ void forward_items(const scalar_t* value, const int64_t* shapes, const int64_t* 
                    const T* loc, const T* attn, scalar_t* out, const Problem& pb, int64_t begin,
                    int64_t end, T* acc) {
   const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
-  const int64_t stride = M * D;  // between value rows of one head
+  const int64_t stride = pb.vs_s;  // between value rows of one head
   for (int64_t i = begin; i < end; ++i) {
     const int64_t q = i % Lq, m = (i / Lq) % M, n = i / (Lq * M);
     const int64_t nqm = (n * Lq + q) * M + m;
-    const scalar_t* head = value + (n * pb.S * M + m) * D;
+    const scalar_t* head = value + n * pb.vs_n + m * pb.vs_m;
     const T* li = loc + nqm * L * P * 2;
     const T* ai = attn + nqm * L * P;
     for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
@@ -166,8 +167,8 @@ void backward_task(const scalar_t* value, const int64_t* shapes, const int64_t* 
   const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
   const int64_t l = t % L, m = (t / L) % M, n = t / (L * M);
   const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-  const int64_t stride = M * D;
-  const scalar_t* level = value + ((n * pb.S + starts[l]) * M + m) * D;
+  const int64_t stride = pb.vs_s;
+  const scalar_t* level = value + n * pb.vs_n + starts[l] * stride + m * pb.vs_m;
   for (int64_t r = 0; r < H * W; ++r) {
     T* row = gv + r * gv_stride;
     for (int64_t d = 0; d < D; ++d) row[d] = T(0);

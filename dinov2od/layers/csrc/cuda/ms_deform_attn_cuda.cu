@@ -74,7 +74,7 @@ __device__ __forceinline__ bool bilinear_corners(T loc_x, T loc_y, int64_t H, in
 
 // out[(n, q, m), d] for i = ((n * Lq + q) * M + m) * D + d
 template <typename scalar_t, typename T>
-__global__ void forward_kernel(const scalar_t* __restrict__ value,
+__global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __restrict__ value,
                                const int64_t* __restrict__ shapes,
                                const int64_t* __restrict__ starts, const T* __restrict__ loc,
                                const T* __restrict__ attn, scalar_t* __restrict__ out, Dims dm,
@@ -139,7 +139,7 @@ __device__ __forceinline__ T group_sum(T x, int width) {  // butterfly inside gr
 // D <= 32: lanes (n, q, m, lane) with `group` = next_pow2(D) lanes per (n, q, m); a group lives
 // inside one warp. Loops are warp-uniform so every lane reaches each shuffle.
 template <typename scalar_t, typename T>
-__global__ void backward_warp_kernel(const scalar_t* __restrict__ value,
+__global__ void __launch_bounds__(kThreads) backward_warp_kernel(const scalar_t* __restrict__ value,
                                      const int64_t* __restrict__ shapes,
                                      const int64_t* __restrict__ starts,
                                      const T* __restrict__ loc, const T* __restrict__ attn,
@@ -189,7 +189,7 @@ __global__ void backward_warp_kernel(const scalar_t* __restrict__ value,
 // D > 32: block (x: one (n, q, m), y: one chunk of blockDim.x channels). With one chunk the block
 // owns the (n, q, m) sums and stores them; with several, chunks add into zeroed outputs.
 template <typename scalar_t, typename T>
-__global__ void backward_block_kernel(const scalar_t* __restrict__ value,
+__global__ void __launch_bounds__(kMaxBlock) backward_block_kernel(const scalar_t* __restrict__ value,
                                       const int64_t* __restrict__ shapes,
                                       const int64_t* __restrict__ starts,
                                       const T* __restrict__ loc, const T* __restrict__ attn,
