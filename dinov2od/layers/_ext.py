@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["available_for", "load_extension", "load_error", "ms_deform_attn_compiled"]
 
@@ -108,6 +109,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output) -> Tuple[Optional[Tensor], ...]:
         value, shapes, starts, locations, weights = ctx.saved_tensors
         grad_value, grad_loc, grad_weights = load_extension().ms_deform_attn_backward(
