@@ -314,3 +314,13 @@ def test_cuda_build_contains_cuda_kernels():
     module = require_ext()
     assert module.with_cuda(), "expected a FORCE_CUDA=1 build of dinov2od._C"
     assert module.cuda_archs(), "no compute capability recorded in the CUDA build"
+
+
+def test_kernel_rejects_inconsistent_level_index():
+    """The kernels address value with level_start_index: a wrong one is an error, not a bad read."""
+    require_ext()
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 2)], d=4)
+    with pytest.raises(RuntimeError, match="level_start_index must be the offsets"):
+        _ext.ms_deform_attn_compiled(value, shapes, starts + 1, loc, weights)
+    with pytest.raises(RuntimeError, match="spatial_shapes sum to"):
+        _ext.ms_deform_attn_compiled(value[:, :-1], shapes, starts, loc, weights)

@@ -52,12 +52,17 @@ MSDAInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
   in.level_start_index = level_start_index.to(value.device(), at::kLong).contiguous();
   in.loc = sampling_locations.to(opmath).contiguous();
   in.attn = attention_weights.to(opmath).contiguous();
-  const auto shapes_cpu = in.spatial_shapes.cpu();
+  // the kernels index value with these: check them on the host (one small copy for CUDA)
+  const auto shapes_cpu = spatial_shapes.to(at::kCPU, at::kLong);
+  const auto starts_cpu = level_start_index.to(at::kCPU, at::kLong);
   const auto areas = shapes_cpu.select(1, 0) * shapes_cpu.select(1, 1);
+  TORCH_CHECK(L == 0 || areas.min().item<int64_t>() > 0, "spatial_shapes must be positive, got ",
+              shapes_cpu);
   TORCH_CHECK(areas.sum().item<int64_t>() == in.S, "value has S=", in.S,
               " tokens but spatial_shapes sum to ", areas.sum().item<int64_t>());
-  TORCH_CHECK(areas.min().item<int64_t>() > 0, "spatial_shapes must be positive, got ",
-              shapes_cpu);
+  TORCH_CHECK(at::equal(starts_cpu, areas.cumsum(0) - areas),
+              "level_start_index must be the offsets of the levels in value, ",
+              areas.cumsum(0) - areas, ", got ", starts_cpu);
   return in;
 }
 
