@@ -226,3 +226,28 @@ def test_official_pth_refuses_other_architecture(tmp_path):
         DINOv2Backbone(arch="tiny", arch_overrides=TINY, pretrained=str(tmp_path / "partial.pth"), num_taps=3)
     with pytest.raises(PretrainedWeightsUnavailable, match="does not exist"):
         DINOv2Backbone(arch="tiny", pretrained=str(tmp_path / "nope.pth"))
+
+
+# ---------------------------------------------------------------------------- windowed attention
+def test_windowed_attention_one_window_equals_global_and_padding_is_invisible():
+    torch.manual_seed(0)
+    kw = dict(arch="tiny", arch_overrides=TINY, registers=True, out_indices=(2,), lora_rank=0)
+    plain = DINOv2Backbone(**kw).double().eval()
+    big_window = DINOv2Backbone(**kw, window_size=16).double().eval()
+    small_window = DINOv2Backbone(**kw, window_size=2).double().eval()
+    assert small_window.window_blocks == (0, 1)
+    for m in (big_window, small_window):
+        m.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 70, 98, dtype=torch.float64)  # 5 x 7 patches
+    with torch.no_grad():
+        ref = plain(x)[0][0]
+        torch.testing.assert_close(big_window(x)[0][0], ref)  # one window holds everything
+        windowed = small_window(x)[0][0]
+        assert (windowed - ref).abs().max() > 1e-3  # windows do change the result
+        # the same image inside a padded batch (garbage under the padding) gives the same features
+        batch = torch.randn(2, 3, 100, 120, dtype=torch.float64)
+        batch[0, :, :70, :98] = x[0]
+        mask = torch.ones(2, 100, 120, dtype=torch.bool)
+        mask[0, :70, :98] = False
+        mask[1, :50, :60] = False
+        torch.testing.assert_close(small_window(batch, mask)[0][0][:1, :, :5, :7], windowed)

@@ -151,6 +151,11 @@ class DINOv2Backbone(nn.Module):
             fine-tunes everything (e.g. a random-init ViT).
         drop_path_rate: stochastic depth of the ViT.
         apply_layernorm: apply the ViT's final LayerNorm to each tapped output.
+        window_size: if set, ``window_blocks`` attend within non-overlapping windows of
+            ``window_size`` x ``window_size`` patches (anchored at the top-left, so padding
+            never moves a window) instead of globally; the class/register tokens are copied into
+            every window and averaged afterwards over the windows that hold image patches.
+        window_blocks: 0-based windowed blocks; None = every block that is not tapped.
     """
 
     def __init__(
@@ -169,6 +174,8 @@ class DINOv2Backbone(nn.Module):
         freeze: bool = True,
         drop_path_rate: float = 0.0,
         apply_layernorm: bool = True,
+        window_size: Optional[int] = None,
+        window_blocks: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         from .weights import load_vit
@@ -185,6 +192,7 @@ class DINOv2Backbone(nn.Module):
         depth = int(cfg.num_hidden_layers)
         self.out_indices = self._resolve_out_indices(out_indices, num_taps, depth)
         self.apply_layernorm = apply_layernorm
+        self.window_size, self.window_blocks = self._resolve_windows(window_size, window_blocks, depth)
         self.lora_targets = tuple(_canonical_target(t) for t in lora_targets)
         if lora_rank > 0:
             self._inject_lora(lora_rank, lora_alpha, lora_dropout, lora_blocks, depth)
@@ -206,8 +214,20 @@ class DINOv2Backbone(nn.Module):
             )
         return idx
 
-    def _block_prefix(self) -> str:
-        return "encoder.layer"
+    def _resolve_windows(self, window_size, window_blocks, depth: int) -> Tuple[Optional[int], Tuple[int, ...]]:
+        if window_size is None:
+            if window_blocks:
+                raise ValueError("window_blocks needs window_size (patches per window side)")
+            return None, ()
+        if int(window_size) < 1:
+            raise ValueError(f"window_size={window_size} must be >= 1 patch")
+        if window_blocks is None:
+            blocks = tuple(i for i in range(depth) if i not in self.out_indices)
+        else:
+            blocks = tuple(int(i) for i in window_blocks)
+            if any(not 0 <= i < depth for i in blocks):
+                raise ValueError(f"window_blocks={list(window_blocks)} must be block indices in [0, {depth - 1}]")
+        return int(window_size), blocks
 
     def _inject_lora(self, rank, alpha, dropout, blocks, depth) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -309,6 +329,33 @@ class DINOv2Backbone(nn.Module):
         x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid)))
         return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
 
+    def _windowed_block(self, layer: nn.Module, x: Tensor, patch_valid: Tensor) -> Tensor:
+        """One block with attention inside windows (see ``window_size``).
+
+        Args:
+            x: (B, P + Hp*Wp, D) tokens (P prefix tokens); patch_valid: (B, Hp, Wp) bool.
+        """
+        ws, (b, hp, wp), d = self.window_size, patch_valid.shape, x.shape[-1]
+        num_prefix = x.shape[1] - hp * wp
+        ph, pw = (-hp) % ws, (-wp) % ws
+        grid = F.pad(x[:, num_prefix:].reshape(b, hp, wp, d), (0, 0, 0, pw, 0, ph))
+        valid = F.pad(patch_valid, (0, pw, 0, ph), value=False)
+        nh, nw = (hp + ph) // ws, (wp + pw) // ws
+        n = nh * nw
+        # (B, nh, ws, nw, ws, D) -> (B * n, ws * ws, D)
+        win = grid.view(b, nh, ws, nw, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(b * n, ws * ws, d)
+        win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
+        tokens = torch.cat([x[:, :num_prefix].repeat_interleave(n, 0), win], 1)
+        key_valid = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)
+        out = self._block(layer, tokens, key_valid)  # (B * n, P + ws*ws, D)
+        # prefix tokens: mean over the windows that hold at least one image patch
+        used = win_valid.view(b, n, -1).any(-1).to(out.dtype)  # (B, n)
+        prefix = (out[:, :num_prefix].view(b, n, num_prefix, d) * used[..., None, None]).sum(1)
+        prefix = prefix / used.sum(1).clamp(min=1)[:, None, None]
+        grid = out[:, num_prefix:].view(b, nh, nw, ws, ws, d).permute(0, 1, 3, 2, 4, 5)
+        grid = grid.reshape(b, nh * ws, nw * ws, d)[:, :hp, :wp]
+        return torch.cat([prefix, grid.reshape(b, hp * wp, d)], 1)
+
     def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
         """
         Args:
@@ -337,7 +384,10 @@ class DINOv2Backbone(nn.Module):
         key_valid = torch.cat([patch_valid.new_ones(b, num_prefix), patch_valid.flatten(1)], 1)
         features = []
         for i, layer in enumerate(self.vit.encoder.layer[: self.out_indices[-1] + 1]):
-            x = self._block(layer, x, key_valid)
+            if i in self.window_blocks:
+                x = self._windowed_block(layer, x, patch_valid)
+            else:
+                x = self._block(layer, x, key_valid)
             if i in self.out_indices:
                 f = self.vit.layernorm(x) if self.apply_layernorm else x
                 f = f[:, num_prefix:].reshape(b, hp, wp, -1).permute(0, 3, 1, 2)
