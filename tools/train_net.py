@@ -18,6 +18,9 @@ import logging
 import os
 import sys
 
+# OpenMP threads that sleep instead of spinning while idle: on a shared CPU (this project's
+# 2-core machines run tests beside the demo) spinning threads slow training several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.config import LazyConfig, get_cfg  # noqa: E402

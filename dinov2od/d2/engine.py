@@ -249,8 +249,13 @@ class RNGStateHook(HookBase):
 
     Trainer hooks' ``state_dict`` is written into every checkpoint by Detectron2, so a resumed
     run continues the same random streams (dropout, main-process augmentation) as an
-    uninterrupted one.
+    uninterrupted one. The loaded states are applied in ``before_train`` *after* the data
+    loader's iterator exists (creating it draws from the torch generator, which the
+    uninterrupted run did at iteration 0, not at the resume point).
     """
+
+    def __init__(self):
+        self._pending: Optional[dict] = None
 
     def state_dict(self) -> dict:
         return {
@@ -260,9 +265,18 @@ class RNGStateHook(HookBase):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        self._pending = state
+
+    def before_train(self) -> None:
+        if self._pending is None:
+            return
+        loop = getattr(self.trainer, "_trainer", self.trainer)  # DefaultTrainer wraps the loop
+        if hasattr(loop, "_data_loader_iter"):
+            loop._data_loader_iter  # noqa: B018  (creates the iterator now)
+        torch.set_rng_state(self._pending["torch"])
+        np.random.set_state(self._pending["numpy"])
+        random.setstate(self._pending["python"])
+        self._pending = None
 
 
 class _SkipSampler(Sampler):

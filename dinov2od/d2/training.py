@@ -100,7 +100,7 @@ def _lazy_ema(cfg, model) -> Optional[ModelEMA]:
 
 def do_test_lazy(cfg, model, ema: Optional[ModelEMA] = None) -> OrderedDict:
     """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
-    if "evaluator" not in cfg.dataloader:
+    if cfg.dataloader.get("evaluator", None) is None:
         return OrderedDict()
     if cfg.dataloader.evaluator.get("output_dir", None) is None:
         cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
@@ -170,7 +170,11 @@ def do_train_lazy(cfg, model, resume: bool = False):
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test_lazy(cfg, model, ema)),
+            hooks.EvalHook(
+                cfg.train.eval_period,
+                lambda: do_test_lazy(cfg, model, ema),
+                eval_after_train=cfg.train.get("eval_after_train", True),
+            ),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
             )
@@ -197,7 +201,7 @@ class Trainer(DefaultTrainer):
         check_num_classes(model, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
+        model = create_ddp_model(model, cfg.MODEL.DEVICE, broadcast_buffers=False, find_unused_parameters=True)
         s = cfg.SOLVER
         self._trainer = DetrTrainerLoop(
             model,

@@ -38,15 +38,30 @@ def draw_instances(image_rgb: np.ndarray, instances, metadata, score_threshold: 
     return vis.draw_instance_predictions(instances).get_image()
 
 
-def instances_to_coco_json(instances, image_id, contiguous_to_category_id=None) -> List[dict]:
-    """Detections of one image as COCO result dicts (``bbox`` in XYWH absolute pixels)."""
+def instances_to_coco_json(instances, image_id, metadata=None) -> List[dict]:
+    """Detections of one image as COCO result dicts.
+
+    Args:
+        instances: Instances with pred_boxes (XYXY_ABS), scores, pred_classes.
+        image_id: the ``image_id`` written into each result.
+        metadata: optional Detectron2 metadata; with ``thing_dataset_id_to_contiguous_id`` the
+            dataset's own category ids are written, with ``thing_classes`` a ``category_name``.
+
+    Returns:
+        list of dicts with ``image_id``, ``category_id``, ``bbox`` (XYWH pixels), ``score``.
+    """
     instances = instances.to("cpu")
     boxes = instances.pred_boxes.tensor.numpy().copy()  # (n, 4) XYXY
     boxes[:, 2:] -= boxes[:, :2]
+    id_map = metadata.get("thing_dataset_id_to_contiguous_id", None) if metadata is not None else None
+    reverse = {v: k for k, v in id_map.items()} if id_map else {}
+    names = metadata.get("thing_classes", None) if metadata is not None else None
     out = []
     for box, score, cls in zip(boxes.tolist(), instances.scores.tolist(), instances.pred_classes.tolist()):
-        cat = contiguous_to_category_id.get(cls, cls) if contiguous_to_category_id else cls
-        out.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": float(score)})
+        r = {"image_id": image_id, "category_id": int(reverse.get(cls, cls)), "bbox": box, "score": float(score)}
+        if names:
+            r["category_name"] = names[cls]
+        out.append(r)
     return out
 
 
@@ -82,6 +97,8 @@ def draw_dataset_predictions(
     with eval_context(ema):
         for batch in instantiate(test_loader_cfg):
             for inputs, outputs in zip(batch, model(batch)):
+                if len(paths) >= num_images:
+                    break
                 image = utils.read_image(inputs["file_name"], format="RGB")
                 drawing = draw_instances(image, outputs["instances"], metadata, score_threshold)
                 path = os.path.join(out_dir, os.path.basename(inputs["file_name"]).rsplit(".", 1)[0] + ".jpg")

@@ -1,0 +1,48 @@
+"""COCO 2017 recipe: DINOv2 ViT-B/14 (frozen) + LoRA, deformable DETR decoder, 50 epochs.
+
+    python tools/train_net.py --config-file configs/coco.py --num-gpus 8
+    python tools/train_net.py --config-file configs/coco.py --eval-only train.init_checkpoint=output/coco/model_final.pth
+
+Data: Detectron2's built-in ``coco_2017_train`` / ``coco_2017_val`` under
+``$DETECTRON2_DATASETS`` (default ``./datasets``: ``coco/train2017``, ``coco/val2017``,
+``coco/annotations/instances_{train,val}2017.json``).
+"""
+from .common.data import dataloader
+from .common.models.dinov2_detr import model
+from .common.optim import AdamW as optimizer
+from .common.schedule import step_schedule
+from .common.train import train
+
+# --- the backbone, in one line: "small" | "base" | "large" | "giant", with registers or not -----
+VIT, REGISTERS = "base", False
+
+model.detector.backbone.update(
+    arch=VIT,
+    registers=REGISTERS,
+    pretrained=f"facebook/dinov2-{'with-registers-' if REGISTERS else ''}{VIT}",
+    lora_rank=8,
+    freeze=True,
+)
+model.num_classes = 80
+model.detector.num_queries = 300
+model.detector.cross_attn = "deformable"
+
+# --- data: 8 images per GPU x 8 GPUs ---------------------------------------------------------------
+dataloader.train.dataset.names = "coco_2017_train"
+dataloader.test.dataset.names = "coco_2017_val"
+dataloader.train.total_batch_size = 64
+
+# --- schedule: 50 epochs (118k images / 64 = 1849 it/epoch), LR x0.1 after epoch 40 ----------------
+ITERS_PER_EPOCH = 118287 // 64
+train.max_iter = 50 * ITERS_PER_EPOCH
+lr_multiplier = step_schedule(drop_at=40 / 50, warmup=1000 / train.max_iter)
+optimizer.lr = 1e-4
+optimizer.weight_decay = 1e-4
+train.clip_grad.max_norm = 0.1
+train.amp.enabled = True
+train.amp.precision = "bfloat16"
+train.ema.enabled = True
+train.eval_period = 5 * ITERS_PER_EPOCH
+train.checkpointer.period = ITERS_PER_EPOCH
+train.output_dir = "./output/coco"
+train.device = "cuda"

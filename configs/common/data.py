@@ -1,0 +1,51 @@
+"""COCO-format detection data with DETR augmentation (train) and a fixed resize (test).
+
+Datasets are Detectron2 registered names: ``coco_2017_train`` / ``coco_2017_val`` (under
+``$DETECTRON2_DATASETS``), the built-in ``shapes_train`` / ``shapes_val``, or your own
+(``register_coco_instances`` / ``dinov2od.d2.register_coco_dataset``).
+"""
+from omegaconf import OmegaConf
+
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.evaluation import COCOEvaluator
+
+from dinov2od.d2 import DetrDatasetMapper, build_detr_augmentation
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=True),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentations=L(build_detr_augmentation)(
+            is_train=True,
+            min_size_train=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+            max_size_train=1333,
+            crop_resize=(400, 500, 600),
+            crop_size=(384, 600),
+            random_flip="horizontal",
+        ),
+        image_format="RGB",
+        num_classes="${....model.num_classes}",
+    ),
+    total_batch_size=64,  # 8 per GPU on 8 GPUs
+    num_workers=4,
+    aspect_ratio_grouping=True,  # set False for bit-exact resume
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentations=L(build_detr_augmentation)(is_train=False, min_size_test=800, max_size_test=1333),
+        image_format="${...train.mapper.image_format}",
+    ),
+    batch_size=1,
+    num_workers=4,
+)
+
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir=None,  # None: <train.output_dir>/inference
+)

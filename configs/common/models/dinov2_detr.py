@@ -1,0 +1,60 @@
+"""The dinov2od model: DINOv2 ViT (+ LoRA) -> feature pyramid -> deformable DETR decoder.
+
+``num_classes`` is set once, at ``model.num_classes``; the detector and the loss read it by
+interpolation. Experiment files override fields, e.g. ``model.num_classes = 3`` or
+``model.detector.backbone.arch = "large"``.
+"""
+from detectron2.config import LazyCall as L
+
+from dinov2od.d2 import DINOv2DETR
+from dinov2od.modeling import DINOv2Backbone, DINOv2ObjectDetector, HungarianMatcher, SetCriterion
+
+model = L(DINOv2DETR)(
+    num_classes=80,
+    detector=L(DINOv2ObjectDetector)(
+        num_classes="${..num_classes}",
+        backbone=L(DINOv2Backbone)(
+            arch="base",  # "small" | "base" | "large" | "giant"
+            registers=False,  # True: the "with registers" ViT
+            arch_overrides={},
+            pretrained="facebook/dinov2-base",  # HF id, local folder, official .pth, or None
+            out_indices=None,
+            num_taps=4,
+            lora_rank=8,
+            lora_alpha=16.0,
+            lora_dropout=0.0,
+            lora_targets=("query", "value"),
+            freeze=True,
+            drop_path_rate=0.0,
+        ),
+        hidden_dim=256,
+        scale_factors=(2.0, 1.0, 0.5, 0.25),
+        num_queries=300,
+        num_decoder_layers=6,
+        num_heads=8,
+        num_points=4,
+        dim_feedforward=1024,
+        dropout=0.0,
+        cross_attn="deformable",
+        box_refine=True,
+        two_stage=False,
+        group_detr=1,
+        num_encoder_layers=0,
+    ),
+    criterion=L(SetCriterion)(
+        num_classes="${..num_classes}",
+        matcher=L(HungarianMatcher)(
+            cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0
+        ),
+        weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        num_aux_layers=5,  # listed up front; any further aux layers get the base weights
+        two_stage="${..detector.two_stage}",
+    ),
+    pixel_mean=[123.675, 116.28, 103.53],  # ImageNet, 0-255, in input_format order
+    pixel_std=[58.395, 57.12, 57.375],
+    input_format="RGB",
+    size_divisibility=14,
+    test_topk=100,
+)

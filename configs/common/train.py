@@ -1,0 +1,21 @@
+"""Training options read by tools/train_net.py (Detectron2's ``train`` dict plus our extras)."""
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",  # weights to start from (fine-tuning) or to evaluate (--eval-only)
+    max_iter=90000,
+    device="cuda",  # or "cpu"
+    seed=42,  # < 0: random
+    amp=dict(enabled=False, precision="float16"),  # or "bfloat16"
+    # find_unused_parameters: the decoder's level_embed gets no gradient when
+    # num_encoder_layers=0 (dinov2od/modeling); set False once every parameter is used.
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=True, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=3),
+    eval_period=5000,  # 0: only after training
+    eval_after_train=True,
+    log_period=20,
+    accumulate_steps=1,  # micro-batches per optimizer step
+    clip_grad=dict(max_norm=0.1),  # norm of all gradients together; 0 disables
+    ema=dict(enabled=False, decay=0.9997, eval_ema=True),  # evaluate the EMA weights
+    visualize=dict(num_images=0, score_threshold=0.5),  # prediction drawings after training
+    cudnn_benchmark=False,
+)
