@@ -142,7 +142,10 @@ def test_gradcheck_channel_counts(path, d):
     loc.requires_grad_()
     weights.requires_grad_()
     fn = lambda v, sl, aw: _ext.ms_deform_attn_compiled(v, shapes, starts, sl, aw)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (value, loc, weights), eps=1e-6, atol=1e-5, fast_mode=d > 100)
+    # CUDA sums with atomics in any order: allow float64 round-off between two backward runs
+    assert torch.autograd.gradcheck(
+        fn, (value, loc, weights), eps=1e-6, atol=1e-5, nondet_tol=1e-12, fast_mode=d > 100
+    )
 
 
 def test_large_batch(path):
