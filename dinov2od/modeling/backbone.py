@@ -288,11 +288,11 @@ class DINOv2Backbone(nn.Module):
         x = emb.patch_embeddings.projection(images)  # (B, D, Hp, Wp)
         b, d, hp, wp = x.shape
         x = x.permute(0, 2, 3, 1)  # (B, Hp, Wp, D)
-        pos = x.new_zeros(b, hp, wp, d)
-        for hw in torch.unique(patch_valid_hw, dim=0).tolist():
-            sel = (patch_valid_hw == patch_valid_hw.new_tensor(hw)).all(1)
-            pos[sel, : hw[0], : hw[1]] = self._pos_embed_grid(hw[0], hw[1], x.dtype)
-        x = (x + pos).flatten(1, 2)
+        # one interpolation per distinct valid grid, zero-padded to (Hp, Wp), then gathered per image
+        sizes, inverse = torch.unique(patch_valid_hw, dim=0, return_inverse=True)
+        grids = [F.pad(self._pos_embed_grid(h, w, x.dtype), (0, 0, 0, wp - w, 0, hp - h))
+                 for h, w in sizes.tolist()]
+        x = (x + torch.stack(grids)[inverse]).flatten(1, 2)  # (B, Hp*Wp, D)
         cls = (emb.cls_token + emb.position_embeddings[:, :1]).to(x.dtype).expand(b, -1, -1)
         tokens = [cls]
         if self.num_register_tokens:

@@ -1,6 +1,7 @@
 """``DINOv2ObjectDetector``: backbone -> neck -> deformable decoder, in plain PyTorch."""
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 from .backbone import DINOv2Backbone, pad_to_multiple, valid_sizes_from_mask
 from .decoder import DeformableDecoder
 from .neck import SimpleFeaturePyramid
+
+logger = logging.getLogger("dinov2od")
 
 __all__ = ["DINOv2ObjectDetector"]
 
@@ -72,6 +75,9 @@ class DINOv2ObjectDetector(nn.Module):
                 f"{decoder.num_levels} levels of width {decoder.hidden_dim}")
         self.num_classes = decoder.num_classes
         self.num_queries = decoder.num_queries
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info("DINOv2ObjectDetector: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
 
     @property
     def num_aux_outputs(self) -> int:
