@@ -106,7 +106,7 @@ at::Tensor ms_deform_attn_forward_cpu(const MSDAInputs& in) {
   auto out = at::empty({in.N, in.Lq, in.M, in.D}, in.value.options());
   const auto pb = problem_of(in);
   const Isa isa = current_isa();
-  const int64_t items = in.N * in.M * in.Lq;
+  const int64_t items = in.N * in.Lq * in.M;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
         using T = at::opmath_type<scalar_t>;
@@ -131,34 +131,40 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const MSDAInputs& in,
                                                     const at::Tensor& grad_output) {
   TORCH_CHECK(grad_output.numel() == in.N * in.Lq * in.M * in.D,
               "grad_output must have N * Lq * M * D elements");
-  const auto go = grad_output.to(in.value.scalar_type()).contiguous();
-  auto grad_value = at::empty({in.N, in.S, in.M, in.D}, in.value.options());  // contiguous
-  auto grad_loc = at::empty_like(in.loc);
-  auto grad_attn = at::empty_like(in.attn);
+  const int64_t N = in.N, M = in.M, D = in.D, L = in.L, Lq = in.Lq, P = in.P;
+  // Task (n, m, l) reads these contiguously: (N, M, L, Lq, P, 2), (N, M, L, Lq, P), (N, M, Lq, D)
+  const auto loc_t = in.loc.permute({0, 2, 3, 1, 4, 5}).contiguous();
+  const auto attn_t = in.attn.permute({0, 2, 3, 1, 4}).contiguous();
+  const auto go_t = grad_output.to(in.value.scalar_type())
+                        .reshape({N, Lq, M, D})
+                        .permute({0, 2, 1, 3})
+                        .contiguous();
+  auto grad_value = at::empty({N, in.S, M, D}, in.value.options());  // contiguous
+  auto grad_loc_t = at::empty_like(loc_t);
+  auto grad_attn_t = at::empty_like(attn_t);
   const auto pb = problem_of(in);
   const Isa isa = current_isa();
-  const int64_t tasks = in.N * in.M * in.L;  // (n, m, l): disjoint slices of grad_value
+  const int64_t tasks = N * M * L;  // (n, m, l): disjoint slices of grad_value
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
         using T = at::opmath_type<scalar_t>;
         const scalar_t* value = in.value.data_ptr<scalar_t>();
         const int64_t* shapes = in.spatial_shapes.data_ptr<int64_t>();
         const int64_t* starts = in.level_start_index.data_ptr<int64_t>();
-        const T* loc = in.loc.data_ptr<T>();
-        const T* attn = in.attn.data_ptr<T>();
-        const scalar_t* g = go.data_ptr<scalar_t>();
+        const T* loc = loc_t.data_ptr<T>();
+        const T* attn = attn_t.data_ptr<T>();
+        const scalar_t* g = go_t.data_ptr<scalar_t>();
         scalar_t* gval = grad_value.data_ptr<scalar_t>();
-        T* gloc = grad_loc.data_ptr<T>();
-        T* gattn = grad_attn.data_ptr<T>();
+        T* gloc = grad_loc_t.data_ptr<T>();
+        T* gattn = grad_attn_t.data_ptr<T>();
         constexpr bool same = std::is_same<scalar_t, T>::value;
-        const int64_t M = in.M, D = in.D, L = in.L;
         at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
           std::vector<T> gbuf(D);
           std::vector<T> acc;  // float accumulator of one level slice (half / bfloat16 only)
           for (int64_t t = begin; t < end; ++t) {
-            const int64_t l = t % L, m = (t / L) % M, n = t / (L * M);
+            const int64_t l = t % L, nm = t / L;
             const int64_t rows = shapes[2 * l] * shapes[2 * l + 1];
-            scalar_t* slice = gval + ((n * in.S + starts[l]) * M + m) * D;  // rows M*D apart
+            scalar_t* slice = gval + ((nm / M * in.S + starts[l]) * M + nm % M) * D;  // rows M*D apart
             T* gv;
             int64_t gv_stride;
             if (same) {
@@ -169,8 +175,10 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const MSDAInputs& in,
               gv = acc.data();
               gv_stride = D;
             }
-            backward_task<scalar_t, T>(isa, value, shapes, starts, loc, attn, g, gv, gv_stride,
-                                       gloc, gattn, pb, t, gbuf.data());
+            backward_task<scalar_t, T>(isa, value, shapes, starts, loc + t * Lq * P * 2,
+                                       attn + t * Lq * P, g + nm * Lq * D, gv, gv_stride,
+                                       gloc + t * Lq * P * 2, gattn + t * Lq * P, pb, t,
+                                       gbuf.data());
             if (!same) {
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t d = 0; d < D; ++d) {
@@ -181,6 +189,9 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const MSDAInputs& in,
           }
         });
       });
+  // back to (N, Lq, M, L, P, 2) and (N, Lq, M, L, P)
+  auto grad_loc = grad_loc_t.permute({0, 3, 1, 2, 4, 5}).contiguous();
+  auto grad_attn = grad_attn_t.permute({0, 3, 1, 2, 4}).contiguous();
   return {grad_value, grad_loc, grad_attn};
 }
 

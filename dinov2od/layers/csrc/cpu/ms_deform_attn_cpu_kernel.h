@@ -77,16 +77,16 @@ inline void axpy4(T* __restrict__ acc, T w0, T w1, T w2, T w3, const scalar_t* _
   }
 }
 
-// Forward for work items [begin, end), item i = (n * M + m) * Lq + q; acc is D scratch values.
+// Forward for work items [begin, end), item nqm = (n * Lq + q) * M + m (the order of loc, attn
+// and out, and heads of one query sample nearby value rows); acc is D scratch values.
 template <typename scalar_t, typename T>
 void forward_items(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                    const T* loc, const T* attn, scalar_t* out, const Problem& pb, int64_t begin,
                    int64_t end, T* acc) {
   const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
   const int64_t stride = pb.vs_s;  // between value rows of one head
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t q = i % Lq, m = (i / Lq) % M, n = i / (Lq * M);
-    const int64_t nqm = (n * Lq + q) * M + m;
+  for (int64_t nqm = begin; nqm < end; ++nqm) {
+    const int64_t m = nqm % M, n = nqm / (Lq * M);
     const scalar_t* head = value + n * pb.vs_n + m * pb.vs_m;
     const T* li = loc + nqm * L * P * 2;
     const T* ai = attn + nqm * L * P;
@@ -154,11 +154,13 @@ inline void dot_and_scatter4(const T* __restrict__ g, const scalar_t* __restrict
 }
 
 // Backward for one task t = (n * M + m) * L + l. The task owns the value rows of level l and
-// head m of batch n, so no two tasks write the same gradient entry.
-//   grad_out   (N, Lq, M, D) scalar_t
-//   gv         first accumulator row of this task's level (H * W rows, gv_stride apart)
-//   grad_loc   (N, Lq, M, L, P, 2) T, grad_attn (N, Lq, M, L, P) T
-//   gbuf       D scratch values (grad_out row in T when scalar_t is not T)
+// head m of batch n, so no two tasks write the same gradient entry. Per-task inputs are laid out
+// contiguously by the caller:
+//   loc (Lq, P, 2), attn (Lq, P)           T, this task's (n, m, l) slice
+//   grad_out (Lq, D)                        scalar_t, rows of (n, m)
+//   grad_loc (Lq, P, 2), grad_attn (Lq, P)  T, outputs
+//   gv       first accumulator row of this task's level (H * W rows, gv_stride apart)
+//   gbuf     D scratch values (grad_out row in T when scalar_t is not T)
 template <typename scalar_t, typename T>
 void backward_task(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                    const T* loc, const T* attn, const scalar_t* grad_out, T* gv,
@@ -174,8 +176,7 @@ void backward_task(const scalar_t* value, const int64_t* shapes, const int64_t* 
     for (int64_t d = 0; d < D; ++d) row[d] = T(0);
   }
   for (int64_t q = 0; q < Lq; ++q) {
-    const int64_t nqm = (n * Lq + q) * M + m;
-    const scalar_t* go = grad_out + nqm * D;
+    const scalar_t* go = grad_out + q * D;
     const T* g;
     if (sizeof(scalar_t) == sizeof(T)) {
       g = reinterpret_cast<const T*>(go);  // scalar_t is T
@@ -183,9 +184,8 @@ void backward_task(const scalar_t* value, const int64_t* shapes, const int64_t* 
       for (int64_t d = 0; d < D; ++d) gbuf[d] = static_cast<T>(go[d]);
       g = gbuf;
     }
-    const int64_t base = nqm * L * P + l * P;
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t lp = base + p;
+      const int64_t lp = q * P + p;
       Corners<T> c;
       if (!bilinear_corners(loc[2 * lp], loc[2 * lp + 1], H, W, c)) {
         grad_loc[2 * lp] = T(0);
