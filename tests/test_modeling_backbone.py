@@ -251,3 +251,14 @@ def test_windowed_attention_one_window_equals_global_and_padding_is_invisible():
         mask[0, :70, :98] = False
         mask[1, :50, :60] = False
         torch.testing.assert_close(small_window(batch, mask)[0][0][:1, :, :5, :7], windowed)
+
+
+@pytest.mark.parametrize("freeze,lora_rank", [(False, 0), (False, 4), (True, 4)])
+def test_every_trainable_parameter_gets_a_gradient(freeze, lora_rank):
+    """DDP-safe: blocks after the last tap (never run) and the mask token are not trainable."""
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, out_indices=(0, 1), freeze=freeze,
+                              lora_rank=lora_rank, apply_layernorm=False)
+    feats, _ = backbone(torch.randn(1, 3, 42, 42))
+    sum(f.sum() for f in feats).backward()
+    assert [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not any(p.requires_grad for p in backbone.vit.encoder.layer[2].parameters())

@@ -55,6 +55,8 @@ def test_forward_shapes_and_loss_backward(options):
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses)
     assert torch.isfinite(total)
     total.backward()
+    # every trainable parameter gets a gradient (DDP without find_unused_parameters)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     model.eval()
     with torch.no_grad():
         out = model(images)

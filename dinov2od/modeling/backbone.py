@@ -252,10 +252,18 @@ class DINOv2Backbone(nn.Module):
     def _set_trainable(self, freeze: bool) -> None:
         for name, p in self.vit.named_parameters():
             p.requires_grad_(not freeze or "lora_" in name)
-        # The mask token is never used by a detector.
-        mask_token = getattr(self.vit.embeddings, "mask_token", None)
-        if isinstance(mask_token, nn.Parameter):
-            mask_token.requires_grad_(False)
+        # Parameters that forward never reads stay frozen, so every trainable parameter gets a
+        # gradient (DDP without find_unused_parameters): the mask token, the blocks after the
+        # last tap (never run), and the final norm when it is not applied.
+        unused = [p for p in (getattr(self.vit.embeddings, "mask_token", None),) if isinstance(p, nn.Parameter)]
+        unused += [p for layer in self.vit.encoder.layer[self.out_indices[-1] + 1:] for p in layer.parameters()]
+        if not self.apply_layernorm:
+            unused += list(self.vit.layernorm.parameters())
+        for p in unused:
+            p.requires_grad_(False)
+        if self.out_indices[-1] + 1 < len(self.vit.encoder.layer):
+            logger.info("DINOv2 backbone: blocks %d-%d come after the last tap and are not run",
+                        self.out_indices[-1] + 1, len(self.vit.encoder.layer) - 1)
 
     def _log_parameter_counts(self) -> None:
         total = sum(p.numel() for p in self.parameters())

@@ -188,8 +188,12 @@ class DeformableDecoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         enc = EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points)
         self.encoder_layers = nn.ModuleList(copy.deepcopy(enc) for _ in range(num_encoder_layers))
-        self.level_embed = nn.Parameter(torch.zeros(num_levels, hidden_dim))
-        nn.init.normal_(self.level_embed, std=0.02)
+        # memory position embeddings exist only where something reads them (keeps DDP's
+        # "every parameter gets a gradient" true for every option)
+        self.use_memory_pos = cross_attn == "standard" or num_encoder_layers > 0
+        if self.use_memory_pos:
+            self.level_embed = nn.Parameter(torch.zeros(num_levels, hidden_dim))
+            nn.init.normal_(self.level_embed, std=0.02)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
 
@@ -303,8 +307,7 @@ class DeformableDecoder(nn.Module):
         level_start = level_start_index_from_shapes(spatial_shapes)
         memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, S, C)
         memory_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        need_pos = self.cross_attn == "standard" or len(self.encoder_layers) > 0
-        memory_pos = self._memory_pos(masks, dtype) if need_pos else None
+        memory_pos = self._memory_pos(masks, dtype) if self.use_memory_pos else None
         memory = self._encode(memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios)
 
         groups = self.group_detr if self.training else 1
