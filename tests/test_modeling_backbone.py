@@ -262,3 +262,29 @@ def test_every_trainable_parameter_gets_a_gradient(freeze, lora_rank):
     sum(f.sum() for f in feats).backward()
     assert [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None] == []
     assert not any(p.requires_grad for p in backbone.vit.encoder.layer[2].parameters())
+
+
+def test_folder_in_hub_layout_loads_under_any_transformers(tmp_path):
+    """The hub's DINOv2 files use transformers-4 names (attention.attention.query, weights_in);
+    transformers 5 renames them on load. Write such a folder by hand and load it."""
+    from safetensors.torch import save_file
+
+    model = hf_model(use_swiglu_ffn=True)
+    v4 = {}
+    for k, v in model.state_dict().items():
+        k = (k.replace("attention.q_proj", "attention.attention.query")
+             .replace("attention.k_proj", "attention.attention.key")
+             .replace("attention.v_proj", "attention.attention.value")
+             .replace("attention.o_proj", "attention.output.dense"))
+        if "mlp.gate_proj" in k:
+            v = torch.cat([v, model.state_dict()[k.replace("gate_proj", "up_proj")]], 0)
+            k = k.replace("gate_proj", "weights_in")
+        elif "mlp.up_proj" in k:
+            continue
+        k = k.replace("mlp.down_proj", "mlp.weights_out")
+        v4[k] = v.contiguous()
+    assert any("attention.attention.query" in k for k in v4) and any("weights_in" in k for k in v4)
+    save_file(v4, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(str(tmp_path / "config.json"))
+    backbone = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=0)
+    assert_same_weights(backbone, model)
