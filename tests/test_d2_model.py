@@ -160,3 +160,17 @@ def test_num_classes_set_in_one_place_is_checked():
     model = tiny_model()
     with pytest.raises(ValueError, match="criterion has num_classes=5"):
         DINOv2DETR(detector=model.detector, criterion=SetCriterion(num_classes=5), num_classes=3)
+
+
+def test_backbone_registry_builder_gives_a_detectron2_backbone():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_backbone
+
+    cfg = tiny_yacs_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_dinov2_backbone"
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    shapes = backbone.output_shape()
+    assert {k: v.stride for k, v in shapes.items()} == {"p0": 7, "p1": 14, "p2": 28}
+    feats = backbone(torch.randn(2, 3, 112, 140))
+    for k, f in feats.items():
+        assert f.shape == (2, 32, 112 // shapes[k].stride, 140 // shapes[k].stride), (k, f.shape)

@@ -4,6 +4,7 @@ Importing this package registers the ``DINOv2DETR`` meta-architecture in
 ``META_ARCH_REGISTRY``, the ``build_dinov2_backbone`` builder in ``BACKBONE_REGISTRY``, and
 the built-in ``shapes_train`` / ``shapes_val`` datasets (generated on first use).
 """
+from .backbone import DINOv2FeaturePyramid, build_dinov2_backbone
 from .config import add_dinov2od_config
 from .dataset_mapper import DetrDatasetMapper, build_detr_augmentation
 from .datasets import register_coco_dataset, register_shapes
@@ -14,6 +15,8 @@ register_shapes()
 
 __all__ = [
     "DINOv2DETR",
+    "DINOv2FeaturePyramid",
+    "build_dinov2_backbone",
     "DetrDatasetMapper",
     "DetrTrainerLoop",
     "EMAHook",
