@@ -72,8 +72,8 @@ class HungarianMatcher(nn.Module):
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(b)]
-        labels = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.dtype)
+        labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.device, boxes.dtype)
         cost = self.cost_matrix(logits.flatten(0, 1).float(), boxes.flatten(0, 1).float(), labels, tgt_boxes.float())
         cost = cost.view(b, q, -1).cpu()
         result = []

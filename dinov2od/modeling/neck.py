@@ -22,6 +22,7 @@ Single-level mode: ``scale_factors=(1.0,)``.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -120,7 +121,7 @@ class SimpleFeaturePyramid(nn.Module):
         self.resample = nn.ModuleList()
         self.output = nn.ModuleList()
         for s in self.scale_factors:
-            n = abs(int(round(torch.log2(torch.tensor(s)).item())))
+            n = abs(int(round(math.log2(s))))  # number of 2x resampling steps
             steps = [(_Up if s > 1 else _Down)(out_channels) for _ in range(n)]
             self.resample.append(nn.ModuleList(steps))
             self.output.append(nn.Conv2d(out_channels, out_channels, 3, padding=1))
