@@ -96,3 +96,19 @@ def test_ema_tracks_and_swaps_weights():
     other = ModelEMA(Toy(), decay=0.5)
     other.load_state_dict(state)
     assert torch.equal(other.shadow["w"], ema.shadow["w"]) and other.num_updates == 50
+
+
+def test_amp_bfloat16_on_cpu_steps_and_saves_scaler_state():
+    data = _data(2)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = DetrTrainerLoop(model, iter(data), opt, amp_enabled=True, amp_precision="bfloat16", clip_max_norm=1.0)
+    with EventStorage(0) as loop.storage:
+        loop.iter = 0
+        loop.run_step()
+    assert not torch.equal(model.w.detach(), Toy().w.detach())
+    state = loop.state_dict()
+    assert "grad_scaler" in state and "optimizer" in state
+    loop.load_state_dict(state)
+    with pytest.raises(ValueError, match="precision"):
+        DetrTrainerLoop(Toy(), iter(data), opt, amp_enabled=True, amp_precision="int8")

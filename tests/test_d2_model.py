@@ -174,3 +174,11 @@ def test_backbone_registry_builder_gives_a_detectron2_backbone():
     feats = backbone(torch.randn(2, 3, 112, 140))
     for k, f in feats.items():
         assert f.shape == (2, 32, 112 // shapes[k].stride, 140 // shapes[k].stride), (k, f.shape)
+
+
+def test_bfloat16_autocast_training_step_on_cpu():
+    model = tiny_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_train_inputs())
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()

@@ -91,6 +91,23 @@ def test_lazy_train_then_eval_only_reproduces_ap_with_ema(tiny_config, tmp_path)
     )["bbox"]
     assert all(same(again[k], v) for k, v in printed.items()), (printed, again)
     assert os.path.isfile(tmp_path / "eval" / "inference" / "coco_instances_results.json")
+    # tools/predict.py on two images and an undecodable file (skipped with a warning)
+    import predict
+
+    images = os.path.join(os.path.dirname(tiny_config), "shapes", "val")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    results = predict.main([
+        "--config-file", tiny_config, "--weights", f"{out}/model_final.pth",
+        "--input", f"{images}/000000.jpg", f"{images}/000001.jpg", str(bad),
+        "--output", str(tmp_path / "pred"), "--score-threshold", "0", *TINY,
+    ])
+    assert sorted(os.listdir(tmp_path / "pred")) == ["000000.jpg", "000001.jpg", "predictions.json"]
+    with open(tmp_path / "pred" / "predictions.json") as f:
+        saved = json.load(f)
+    assert saved == results and len(saved) == 2 * 10 * 3  # top-k = queries x classes per image
+    assert {r["category_id"] for r in saved} <= {1, 2, 3}  # the json's own category ids
+    assert {r["category_name"] for r in saved} <= {"circle", "square", "triangle"}
 
 
 def test_yacs_train_then_eval_only_reproduces_ap(tiny_config, tmp_path):

@@ -86,10 +86,19 @@ def build_predictor(args):
     return DefaultPredictor(cfg), "BGR", MetadataCatalog.get(dataset)
 
 
+def _load_category_ids(metadata) -> None:
+    """Load a registered dataset once so that its metadata maps class indices to json ids."""
+    from detectron2.data import DatasetCatalog
+
+    if metadata.name in DatasetCatalog.list() and not metadata.get("thing_dataset_id_to_contiguous_id", None):
+        DatasetCatalog.get(metadata.name)
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dinov2od")
     predictor, fmt, metadata = build_predictor(args)
+    _load_category_ids(metadata)
     os.makedirs(args.output, exist_ok=True)
     results = []
     for i, path in enumerate(list_images(args.input)):
