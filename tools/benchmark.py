@@ -12,8 +12,9 @@ in float32 and bfloat16 when a GPU is visible) at
       per head, levels 74x74/37x37/19x19/10x10, 4 points;
   (b) ``encoder``: one query per pyramid token (Lq = S = 7306), same levels.
 
-It prints each path's median time and its speed-up over the PyTorch path on the same device
-and dtype, measured in the same run, and the largest difference from the PyTorch output.
+It prints each path's median time (``--stat min``: best-of) and its speed-up over the PyTorch
+path on the same device and dtype, measured in the same run, and the largest difference from
+the PyTorch output.
 Add a section by writing ``def section_NAME(args) -> List[Row]`` and registering it in
 ``SECTIONS`` (later: whole-model training/inference throughput and peak memory).
 """
@@ -42,7 +43,7 @@ LEVELS = [(74, 74), (37, 37), (19, 19), (10, 10)]
 
 @dataclass
 class Row:
-    """One line of a section's table: times are medians in milliseconds."""
+    """One line of a section's table: times in milliseconds (median or best-of, see --stat)."""
 
     section: str
     case: str
@@ -60,8 +61,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds (device synchronized around each call)."""
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int, stat: str = "median") -> float:
+    """Median (or, with ``stat='min'``, best) wall time of ``fn()`` in milliseconds, the device
+    synchronized after each call."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -71,7 +73,7 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) 
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return min(times) if stat == "min" else statistics.median(times)
 
 
 # ---------------------------------------------------------------- section: msda
@@ -150,11 +152,11 @@ def _with_cpu_isa(ext, name: str):
     return fn
 
 
-def _time_msda(fn, inputs, device: str, repeats: int, warmup: int):
+def _time_msda(fn, inputs, device: str, repeats: int, warmup: int, stat: str):
     value, shapes, starts, locations, weights = inputs
     with torch.no_grad():
         out = fn(value, shapes, starts, locations, weights)
-        fwd = median_ms(lambda: fn(value, shapes, starts, locations, weights), device, repeats, warmup)
+        fwd = median_ms(lambda: fn(value, shapes, starts, locations, weights), device, repeats, warmup, stat)
     leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
     grad = torch.randn_like(out)
 
@@ -163,7 +165,7 @@ def _time_msda(fn, inputs, device: str, repeats: int, warmup: int):
             t.grad = None
         fn(leaves[0], shapes, starts, leaves[1], leaves[2]).backward(grad)
 
-    return out, fwd, median_ms(fwd_bwd, device, repeats, warmup)
+    return out, fwd, median_ms(fwd_bwd, device, repeats, warmup, stat)
 
 
 def section_msda(args) -> List[Row]:
@@ -173,7 +175,7 @@ def section_msda(args) -> List[Row]:
             for name, fn, dtypes in _msda_paths(device, args.cpu_isa):
                 for dtype in dtypes:
                     inputs = msda_inputs(case, device, dtype)
-                    out, fwd, fwd_bwd = _time_msda(fn, inputs, device, args.repeats, args.warmup)
+                    out, fwd, fwd_bwd = _time_msda(fn, inputs, device, args.repeats, args.warmup, args.stat)
                     row = Row("msda", case, name, device, str(dtype).replace("torch.", ""), fwd, fwd_bwd)
                     base = next(
                         (r for r in rows if r.path == "pytorch" and (r.case, r.device, r.dtype)
@@ -231,6 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     parser.add_argument("--case", dest="cases", action="append", choices=["decoder", "encoder"],
                         help="msda cases (repeatable; default: both)")
+    parser.add_argument("--stat", default="median", choices=["median", "min"],
+                        help="statistic of the repeats (min: best-of, steadier on a shared machine)")
     parser.add_argument("--cpu-isa", default="auto", choices=["auto", "default", "avx2", "all"],
                         help="CPU kernel inner loops to time (auto: the one dispatch picks)")
     args = parser.parse_args(argv)
@@ -249,13 +253,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ext = _ext.load_extension()
     print(
-        f"torch {torch.__version__}, {args.threads} CPU threads, repeats {args.repeats}, "
+        f"torch {torch.__version__}, {args.threads} CPU threads, "
         f"dinov2od._C: {'loaded' if ext else f'not available ({_ext.load_error()})'}"
         + (f", cuda kernels: {ext.with_cuda()}" if ext else "")
     )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    print("times are medians; 'vs pt' = PyTorch path time / this path's time (same device, dtype, run)")
+    print(f"times are {'medians' if args.stat == 'median' else 'best-of'} of {args.repeats} calls; "
+          "'vs pt' = PyTorch path time / this path's time (same device, dtype, run)")
     print(HEADER)
     for name in args.section or list(SECTIONS):
         SECTIONS[name](args)
