@@ -5,7 +5,7 @@
 // include anything itself (<cmath>, <cstdint>, <cstring> are included before it), and it
 // has no include guard on purpose.
 //
-// Layouts (contiguous unless noted):
+// Forward layouts (contiguous unless noted; the backward's are listed at backward_task):
 //   value        (N, S, M, D)        scalar_t, channels contiguous (strides in Problem)
 //   loc          (N, Lq, M, L, P, 2) T  (T = opmath type: float, or double for double)
 //   attn         (N, Lq, M, L, P)    T
