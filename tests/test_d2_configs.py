@@ -1,0 +1,69 @@
+"""The experiment configs load, carry the recipe's values, and build (random init, no download)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name, *overrides):
+    return LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, "configs", name)), list(overrides))
+
+
+def test_coco_recipe_values():
+    cfg = load("coco.py")
+    bb = cfg.model.detector.backbone
+    assert (bb.arch, bb.registers, bb.pretrained, bb.freeze, bb.lora_rank) == (
+        "base", False, "facebook/dinov2-base", True, 8)
+    assert cfg.model.num_classes == 80 and cfg.model.detector.num_queries == 300
+    assert cfg.model.detector.cross_attn == "deformable"
+    assert cfg.optimizer.lr == 1e-4 and cfg.dataloader.train.total_batch_size == 64
+    assert cfg.dataloader.train.dataset.names == "coco_2017_train" and cfg.dataloader.test.dataset.names == "coco_2017_val"
+    epochs = cfg.train.max_iter * 64 / 118287
+    assert 49.9 < epochs < 50.1
+    assert cfg.lr_multiplier.scheduler.milestones == [800] and cfg.lr_multiplier.scheduler.num_updates == 1000
+    assert cfg.train.clip_grad.max_norm > 0
+    # num_classes is interpolated from one place
+    cfg.model.num_classes = 7
+    assert cfg.model.detector.num_classes == 7 and cfg.model.criterion.num_classes == 7
+    assert cfg.dataloader.train.mapper.num_classes == 7
+
+
+def test_coco_model_builds_with_random_init_backbone():
+    cfg = load("coco.py", "model.detector.backbone.pretrained=null", "model.detector.backbone.arch=small")
+    model = instantiate(cfg.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora" in n for n in trainable)
+    assert not any(n.endswith("attention.attention.query.base_layer.weight") or n.endswith("mlp.fc1.weight")
+                   for n in trainable if ".vit." in n)  # the ViT's own weights are frozen
+    assert model.detector.num_queries == 300 and model.num_classes == 80
+
+
+def test_lr_schedule_warms_up_and_drops_late():
+    cfg = load("coco.py")
+    sched = instantiate(cfg.lr_multiplier)
+    assert sched(0.0) < 0.01 and sched(0.5) == 1.0 and sched(0.79) == 1.0 and sched(0.81) == pytest.approx(0.1)
+
+
+def test_debug_overfit_uses_a_small_subset_and_higher_lr():
+    cfg = load("debug_overfit.py")
+    assert cfg.optimizer.lr == 5e-4 and cfg.dataloader.train.dataset.num_images == 64
+    assert cfg.dataloader.test.dataset.num_images == 64
+    assert cfg.train.max_iter * cfg.dataloader.train.total_batch_size / 64 > 100  # epochs
+
+
+def test_shapes_demo_is_a_cpu_config():
+    cfg = load("shapes.py")
+    assert cfg.train.device == "cpu" and cfg.model.detector.backbone.pretrained is None
+    assert cfg.model.num_classes == 3 and cfg.train.visualize.num_images > 0
+    model = instantiate(cfg.model)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["detector.backbone.vit.embeddings.mask_token"]  # random init: all else is trained
+    assert sum(p.numel() for p in model.parameters()) < 5e6
+    assert isinstance(model.detector.backbone.vit.config.hidden_size, int)
+    assert torch.is_tensor(model.pixel_mean)
