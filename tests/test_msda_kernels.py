@@ -327,3 +327,26 @@ def test_kernel_rejects_inconsistent_level_index():
         _ext.ms_deform_attn_compiled(value, shapes, starts + 1, loc, weights)
     with pytest.raises(RuntimeError, match="spatial_shapes sum to"):
         _ext.ms_deform_attn_compiled(value[:, :-1], shapes, starts, loc, weights)
+
+
+def test_module_under_bfloat16_autocast_matches_pytorch_path(path):
+    """The layer under autocast feeds the kernel a bfloat16 value with float32 locations."""
+    from dinov2od.layers import MultiScaleDeformableAttention
+
+    torch.manual_seed(0)
+    layer = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=2, num_points=2).to(path)
+    shapes = torch.tensor([[6, 5], [3, 4]], device=path)
+    query = torch.randn(2, 7, 32, device=path)
+    value = torch.randn(2, 42, 32, device=path)
+    ref = torch.rand(2, 7, 2, device=path)
+    outs, grads = [], []
+    for force in (False, True):
+        layer.zero_grad()
+        layer.force_pytorch = force
+        with torch.autocast(device_type=path, dtype=torch.bfloat16):
+            out = layer(query, ref, value, shapes)
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append(layer.value_proj.weight.grad.clone())
+    assert_close(outs[0], outs[1], 2e-2, "output")
+    assert_close(grads[0], grads[1], 2e-2, "value_proj.weight.grad")
