@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.config import LazyConfig, get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import add_dinov2od_config  # noqa: E402
@@ -62,6 +63,7 @@ def main_lazy(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
     model = build_lazy_model(cfg)
     if args.eval_only:
         return lazy_eval_only(cfg, model)
@@ -89,6 +91,7 @@ def main_yacs(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dinov2od")
     if args.eval_only:
         model = Trainer.build_model(cfg)
         from detectron2.checkpoint import DetectionCheckpointer
