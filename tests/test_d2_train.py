@@ -83,6 +83,7 @@ def test_lazy_train_then_eval_only_reproduces_ap_with_ema(tiny_config, tmp_path)
         assert os.path.isfile(os.path.join(out, name)), name
     assert len(os.listdir(os.path.join(out, "predictions"))) == 2
     assert "ema" in torch.load(os.path.join(out, "model_final.pth"), map_location="cpu")
+    assert os.path.isfile(os.path.join(out, "model_final_ema.pth"))
     printed = last_eval(out)
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-circle", "AP-square", "AP-triangle"} <= set(printed)
     again = run(
@@ -129,6 +130,7 @@ def test_yacs_train_then_eval_only_reproduces_ap(tiny_config, tmp_path):
     ]
     run(yaml, *opts)
     printed = last_eval(str(tmp_path / "yrun"))
+    assert os.path.isfile(tmp_path / "yrun" / "model_final_ema.pth")  # shapes.yaml enables EMA
     again = run(yaml, *opts, "MODEL.WEIGHTS", str(tmp_path / "yrun" / "model_final.pth"), flags=["--eval-only"])
     assert all(same(again["bbox"][k], v) for k, v in printed.items()), (printed, again)
 

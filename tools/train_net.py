@@ -46,7 +46,8 @@ def _report(output_dir: str, vis_dir: str = "") -> None:
         return
     lines = [f"Outputs are in {os.path.abspath(output_dir)}:"]
     for name, what in (
-        ("model_final.pth", "final checkpoint"),
+        ("model_final.pth", "final checkpoint (resume / fine-tune from it)"),
+        ("model_final_ema.pth", "EMA weights, for DefaultPredictor / tools/predict.py"),
         ("metrics.json", "training metrics"),
         ("log.txt", "log"),
         ("inference/coco_instances_results.json", "COCO-format detections"),
@@ -99,8 +100,8 @@ def main_yacs(args):
         from dinov2od.d2.engine import ModelEMA
 
         ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
-        ckpt = DetectionCheckpointer(model, **({"ema": ema} if ema else {})).load(cfg.MODEL.WEIGHTS)
-        if ema is not None and "ema" not in ckpt:
+        DetectionCheckpointer(model, **({"ema": ema} if ema else {})).load(cfg.MODEL.WEIGHTS)
+        if ema is not None and ema.num_updates == 0:  # the checkpoint had no EMA weights
             ema = None
         return Trainer.test(cfg, model, ema=ema)
     trainer = Trainer(cfg)

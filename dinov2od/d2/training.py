@@ -34,6 +34,7 @@ __all__ = [
     "do_test_lazy",
     "do_train_lazy",
     "eval_context",
+    "export_ema_weights",
 ]
 
 logger = logging.getLogger("dinov2od")
@@ -90,6 +91,22 @@ def _run_evaluation(model, data_loader, evaluator, ema, dataset_name: str) -> Or
     return results
 
 
+def export_ema_weights(model, ema: Optional[ModelEMA], output_dir: str) -> Optional[str]:
+    """Save the EMA weights as a plain checkpoint (``model_final_ema.pth``) for predictors.
+
+    ``DefaultPredictor`` loads only a checkpoint's ``"model"`` entry; this file holds the EMA
+    weights there, so predictors see what evaluation saw.
+
+    Returns:
+        the path written, or None without EMA or off the main process.
+    """
+    if ema is None or not comm.is_main_process():
+        return None
+    with ema.apply_to_model():
+        DetectionCheckpointer(model, output_dir).save("model_final_ema")
+    return os.path.join(output_dir, "model_final_ema.pth")
+
+
 # ---------------------------------------------------------------------------- lazy configs
 def _lazy_ema(cfg, model) -> Optional[ModelEMA]:
     ema_cfg = cfg.train.get("ema", {})
@@ -129,8 +146,8 @@ def lazy_eval_only(cfg, model) -> OrderedDict:
     """Load ``cfg.train.init_checkpoint`` (and its EMA weights, when enabled) and evaluate."""
     ema = _lazy_ema(cfg, model)
     checkpointables = {"ema": ema} if ema is not None else {}
-    ckpt = DetectionCheckpointer(model, **checkpointables).load(cfg.train.init_checkpoint)
-    if ema is not None and "ema" not in ckpt and ema.num_updates == 0:
+    DetectionCheckpointer(model, **checkpointables).load(cfg.train.init_checkpoint)
+    if ema is not None and ema.num_updates == 0:  # (a loaded "ema" entry is popped from ckpt)
         logger.warning("%s has no EMA weights; evaluating the model's own.", cfg.train.init_checkpoint)
         ema = None
     return do_test_lazy(cfg, model, ema)
@@ -187,6 +204,7 @@ def do_train_lazy(cfg, model, resume: bool = False):
     per_rank = cfg.dataloader.train.total_batch_size // comm.get_world_size()
     skip_train_samples(train_loader, start_iter * per_rank * trainer.accumulate_steps)
     trainer.train(start_iter, cfg.train.max_iter)
+    export_ema_weights(unwrap_model(model), ema, cfg.train.output_dir)
     return unwrap_model(model), ema
 
 
@@ -221,6 +239,12 @@ class Trainer(DefaultTrainer):
         self.max_iter = s.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def train(self):
+        super().train()
+        export_ema_weights(self._trainer.model if not isinstance(self._trainer.model, DistributedDataParallel)
+                           else self._trainer.model.module, self.ema, self.cfg.OUTPUT_DIR)
+        return getattr(self, "_last_eval_results", None)
 
     def resume_or_load(self, resume: bool = True):
         super().resume_or_load(resume)

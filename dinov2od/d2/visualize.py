@@ -128,8 +128,8 @@ class LazyPredictor:
 
         self.model = instantiate(cfg.model).to(device or cfg.train.device).eval()
         ema = ModelEMA(self.model)
-        ckpt = DetectionCheckpointer(self.model, ema=ema).load(checkpoint)
-        if use_ema and "ema" in ckpt:
+        DetectionCheckpointer(self.model, ema=ema).load(checkpoint)
+        if use_ema and ema.num_updates > 0:  # the checkpoint holds EMA weights
             with torch.no_grad():
                 params = dict(self.model.named_parameters())
                 params.update(dict(self.model.named_buffers()))
