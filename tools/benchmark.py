@@ -256,6 +256,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {args.threads} CPU threads, "
         f"dinov2od._C: {'loaded' if ext else f'not available ({_ext.load_error()})'}"
         + (f", cuda kernels: {ext.with_cuda()}" if ext else "")
+        + (f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else "")
     )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
