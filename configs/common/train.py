@@ -6,9 +6,7 @@ train = dict(
     device="cuda",  # or "cpu"
     seed=42,  # < 0: random
     amp=dict(enabled=False, precision="float16"),  # or "bfloat16"
-    # find_unused_parameters: the decoder's level_embed gets no gradient when
-    # num_encoder_layers=0 (dinov2od/modeling); set False once every parameter is used.
-    ddp=dict(broadcast_buffers=False, find_unused_parameters=True, fp16_compression=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,  # 0: only after training
     eval_after_train=True,

@@ -219,7 +219,7 @@ class Trainer(DefaultTrainer):
         check_num_classes(model, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, cfg.MODEL.DEVICE, broadcast_buffers=False, find_unused_parameters=True)
+        model = create_ddp_model(model, cfg.MODEL.DEVICE, broadcast_buffers=False)
         s = cfg.SOLVER
         self._trainer = DetrTrainerLoop(
             model,
