@@ -288,3 +288,12 @@ def test_folder_in_hub_layout_loads_under_any_transformers(tmp_path):
     model.config.to_json_file(str(tmp_path / "config.json"))
     backbone = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=0)
     assert_same_weights(backbone, model)
+
+
+@pytest.mark.parametrize("spelled", ["None", "null", ""])
+def test_pretrained_spelled_as_none_means_random_init(spelled, monkeypatch):
+    """Command-line overrides deliver ``pretrained=None`` as a string; it must not reach the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, pretrained=spelled)
+    assert backbone.embed_dim == TINY["hidden_size"]

@@ -66,9 +66,16 @@ def _is_offline() -> bool:
         return False
 
 
+_NO_WEIGHTS = ("", "None", "none", "null")
+
+
 def load_vit(arch: Optional[str], registers: bool, overrides: dict, pretrained: Optional[str]) -> nn.Module:
-    """Build the ViT (random init) or load it from ``pretrained`` (see the module docstring)."""
-    if pretrained is None:
+    """Build the ViT (random init) or load it from ``pretrained`` (see the module docstring).
+
+    ``""``, ``"None"`` and ``"null"`` mean no weights too: command-line overrides such as
+    Detectron2's ``model.detector.backbone.pretrained=None`` arrive as strings.
+    """
+    if pretrained is None or (isinstance(pretrained, str) and pretrained.strip() in _NO_WEIGHTS):
         config = build_dinov2_config(arch or "small", registers, **overrides)
         return _model_class(registers)(config)
     pretrained = os.fspath(pretrained)
