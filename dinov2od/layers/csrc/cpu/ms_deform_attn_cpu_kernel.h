@@ -2,8 +2,8 @@
 //
 // This header is included twice by ms_deform_attn_cpu.cpp, inside two namespaces: once with
 // the compiler's default target and once under `#pragma GCC target("avx2,fma")`. It must not
-// include anything itself (<cmath>, <cstdint>, <cstring> are included before it), and it
-// has no include guard on purpose.
+// include anything itself but the guard-less ../bilinear_corners.h (<cmath>, <cstdint>,
+// <cstring> are included before it), and it has no include guard on purpose.
 //
 // Forward layouts (contiguous unless noted; the backward's are listed at backward_task):
 //   value        (N, S, M, D)        scalar_t, channels contiguous (strides in Problem)
@@ -17,44 +17,7 @@ struct Problem {
   int64_t vs_n, vs_s, vs_m;  // value strides (elements) of n, s, m; channels are contiguous
 };
 
-// Bilinear corners of one sampling point on an H x W map.
-template <typename T>
-struct Corners {
-  int64_t row[4];  // y * W + x of corners (y0,x0) (y0,x1) (y1,x0) (y1,x1); -1 when outside the map
-  T w[4];          // bilinear weights of the four corners
-  T fx, fy;        // fractional part of the pixel coordinates (for the location gradient)
-  bool all_inside;
-};
-
-// (x, y) in [0, 1] samples pixel (x * W - 0.5, y * H - 0.5). Returns false when no corner can
-// be inside the map (including NaN locations), i.e. the point contributes zero.
-template <typename T>
-inline bool bilinear_corners(T loc_x, T loc_y, int64_t H, int64_t W, Corners<T>& c) {
-  const T x = loc_x * static_cast<T>(W) - T(0.5);
-  const T y = loc_y * static_cast<T>(H) - T(0.5);
-  if (!(x >= T(-1) && y >= T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H))) {
-    return false;
-  }
-  const T x0f = std::floor(x);
-  const T y0f = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const int64_t y0 = static_cast<int64_t>(y0f);
-  c.fx = x - x0f;
-  c.fy = y - y0f;
-  const T gx = T(1) - c.fx;
-  const T gy = T(1) - c.fy;
-  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < W, y0_in = y0 >= 0, y1_in = y0 + 1 < H;
-  c.row[0] = (y0_in && x0_in) ? y0 * W + x0 : -1;
-  c.row[1] = (y0_in && x1_in) ? y0 * W + x0 + 1 : -1;
-  c.row[2] = (y1_in && x0_in) ? (y0 + 1) * W + x0 : -1;
-  c.row[3] = (y1_in && x1_in) ? (y0 + 1) * W + x0 + 1 : -1;
-  c.w[0] = gy * gx;
-  c.w[1] = gy * c.fx;
-  c.w[2] = c.fy * gx;
-  c.w[3] = c.fy * c.fx;
-  c.all_inside = x0_in && x1_in && y0_in && y1_in;
-  return true;
-}
+#include "../bilinear_corners.h"
 
 // acc[d] += a * v[d]
 template <typename scalar_t, typename T>

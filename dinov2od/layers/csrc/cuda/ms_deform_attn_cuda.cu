@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <climits>
 #include <string>
 #include <vector>
@@ -38,39 +40,7 @@ struct Dims {
   int64_t S, M, D, Lq, L, P;
 };
 
-template <typename T>
-struct Corners {
-  int64_t row[4];  // y * W + x of (y0,x0) (y0,x1) (y1,x0) (y1,x1); -1 outside the map
-  T w[4];
-  T fx, fy;
-};
-
-// Same convention as the CPU kernel and the PyTorch path: pixel (x * W - 0.5, y * H - 0.5),
-// zero padding. Returns false when no corner is inside (including NaN locations).
-template <typename T>
-__device__ __forceinline__ bool bilinear_corners(T loc_x, T loc_y, int64_t H, int64_t W,
-                                                 Corners<T>& c) {
-  const T x = loc_x * static_cast<T>(W) - T(0.5);
-  const T y = loc_y * static_cast<T>(H) - T(0.5);
-  if (!(x >= T(-1) && y >= T(-1) && x < static_cast<T>(W) && y < static_cast<T>(H))) {
-    return false;
-  }
-  const T x0f = floor(x), y0f = floor(y);
-  const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-  c.fx = x - x0f;
-  c.fy = y - y0f;
-  const T gx = T(1) - c.fx, gy = T(1) - c.fy;
-  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < W, y0_in = y0 >= 0, y1_in = y0 + 1 < H;
-  c.row[0] = (y0_in && x0_in) ? y0 * W + x0 : -1;
-  c.row[1] = (y0_in && x1_in) ? y0 * W + x0 + 1 : -1;
-  c.row[2] = (y1_in && x0_in) ? (y0 + 1) * W + x0 : -1;
-  c.row[3] = (y1_in && x1_in) ? (y0 + 1) * W + x0 + 1 : -1;
-  c.w[0] = gy * gx;
-  c.w[1] = gy * c.fx;
-  c.w[2] = c.fy * gx;
-  c.w[3] = c.fy * c.fx;
-  return true;
-}
+#include "../bilinear_corners.h"
 
 // out[(n, q, m), d] for i = ((n * Lq + q) * M + m) * D + d
 template <typename scalar_t, typename T>
