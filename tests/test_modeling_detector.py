@@ -86,9 +86,9 @@ def _padded_batch(images, garbage=True):
 @pytest.mark.parametrize(
     "options,dtype,atol",
     [(dict(), torch.float64, 1e-10), (dict(cross_attn="standard"), torch.float64, 1e-10),
-     (dict(two_stage=True), torch.float64, 1e-10), (dict(num_encoder_layers=1, registers=True), torch.float64, 1e-10),
-     (dict(), torch.float32, 1e-4)],
-    ids=["deformable64", "standard64", "two_stage64", "encoder_registers64", "deformable32"],
+     (dict(two_stage=True), torch.float64, 1e-10), (dict(two_stage=True, two_stage_nms=0.5), torch.float64, 1e-10),
+     (dict(num_encoder_layers=1, registers=True), torch.float64, 1e-10), (dict(), torch.float32, 1e-4)],
+    ids=["deformable64", "standard64", "two_stage64", "two_stage_nms64", "encoder_registers64", "deformable32"],
 )
 def test_padded_batch_equals_one_by_one(options, dtype, atol):
     torch.manual_seed(0)
@@ -160,3 +160,31 @@ def test_default_constructor_builds_vit_small_offline():
     model = DINOv2ObjectDetector(num_classes=80)
     assert model.backbone.embed_dim == 384 and model.backbone.out_indices == (2, 5, 8, 11)
     assert model.num_queries == 300 and model.neck.strides == (7.0, 14.0, 28.0, 56.0)
+
+
+def test_two_stage_nms_selects_non_overlapping_proposals():
+    """With NMS the selected proposals overlap each other by at most the threshold (when enough
+    survive); when too few survive, the best suppressed ones fill up."""
+    from torchvision.ops import box_iou
+
+    from dinov2od.layers import box_cxcywh_to_xyxy
+
+    torch.manual_seed(0)
+    model = tiny_detector(two_stage=True, two_stage_nms=0.3, num_queries=6).eval()
+    dec = model.decoder
+    gen = torch.Generator().manual_seed(0)
+    # 40 proposals: 20 copies of one box with the best scores, 20 scattered small boxes
+    centers = torch.cat([torch.full((20, 2), 0.5), torch.rand(20, 2, generator=gen) * 0.8 + 0.1])
+    wh = torch.cat([torch.full((20, 2), 0.3), torch.full((20, 2), 0.02)])
+    boxes_unsig = torch.logit(torch.cat([centers, wh], 1))[None]
+    scores = torch.cat([torch.linspace(10, 9, 20), torch.linspace(5, 4, 20)])[None]
+    scores[0, -1] = float("-inf")  # an invalid token is never picked
+    picked = dec._nms_topk(boxes_unsig, scores)[0]
+    assert picked[0] == 0 and len(set(picked.tolist())) == 6 and 39 not in picked.tolist()
+    xyxy = box_cxcywh_to_xyxy(torch.sigmoid(boxes_unsig[0, picked]))
+    iou = box_iou(xyxy, xyxy) - torch.eye(6)
+    assert iou.max() <= 0.3
+    assert scores.topk(6, dim=1)[1][0].tolist() == list(range(6))  # plain top-k: six copies of one box
+    # too few survivors: the best suppressed proposals fill the remaining queries
+    many = dec._nms_topk(boxes_unsig[:, :20], scores[:, :20])[0]
+    assert many.tolist() == list(range(6))

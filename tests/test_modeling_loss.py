@@ -149,3 +149,99 @@ def test_num_boxes_uses_torch_distributed(tmp_path):
         assert crit._num_boxes([dict(labels=torch.zeros(0, dtype=torch.long))], 1, torch.device("cpu")) == 1.0
     finally:
         dist.destroy_process_group()
+
+
+def test_quality_focal_targets_the_iou_of_the_matched_box():
+    """At sigmoid(logit) == IoU the matched entry's class gradient vanishes; off it, it points there."""
+    box = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
+    target = [dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.6, 0.5, 0.2, 0.2]]))]  # IoU 1/3
+    crit = SetCriterion(2, num_aux_layers=0, class_loss="quality_focal")
+    grads = {}
+    for name, p in (("at_iou", 1 / 3), ("above", 0.9), ("below", 0.05)):
+        logits = torch.full((1, 1, 2), -30.0)
+        logits[0, 0, 1] = math.log(p / (1 - p))
+        logits.requires_grad_(True)
+        crit({"pred_logits": logits, "pred_boxes": box}, target)["loss_class"].backward()
+        grads[name] = logits.grad[0, 0, 1].item()
+    assert abs(grads["at_iou"]) < 1e-6
+    assert grads["above"] > 0 > grads["below"]  # gradient descent moves the score towards 1/3
+    # a perfect box has target 1: the plain BCE direction
+    logits = torch.zeros(1, 1, 2, requires_grad=True)
+    crit({"pred_logits": logits, "pred_boxes": target[0]["boxes"][None]}, target)["loss_class"].backward()
+    assert logits.grad[0, 0, 1] < 0 and logits.grad[0, 0, 0] > 0
+
+
+def _dense_outputs(centers, boxes, logits):
+    s = len(centers)
+    return {"pred_logits": logits[None], "pred_boxes": boxes[None], "centers": centers[None],
+            "valid": torch.ones(1, s, dtype=torch.bool)}
+
+
+def test_task_aligned_assignment_rules():
+    # a 10 x 10 grid of token centres over the image, every token predicting a 0.2 x 0.2 box
+    ys, xs = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    centers = torch.stack([(xs.flatten() + 0.5) / 10, (ys.flatten() + 0.5) / 10], -1)
+    boxes = torch.cat([centers, torch.full((100, 2), 0.2)], 1)
+    logits = torch.zeros(100, 2)
+    crit = SetCriterion(2, num_aux_layers=0, enc_loss="dense", dense_topk=4)
+    big = torch.tensor([0.5, 0.5, 0.41, 0.41])  # holds the 4 x 4 centres 0.35 .. 0.65
+    tiny = torch.tensor([0.09, 0.09, 0.02, 0.02])  # no centre inside: the nearest, (0.05, 0.05)
+    tok, tgt = crit._task_aligned_assign(logits, boxes, centers, torch.ones(100, dtype=torch.bool),
+                                         torch.tensor([0, 1]), torch.stack([big, tiny]))
+    big_tokens = tok[tgt == 0]
+    assert len(big_tokens) == 4  # top-k
+    inside = (centers[big_tokens] - 0.5).abs().max(1)[0] < 0.205
+    assert inside.all()
+    # the chosen ones are those whose boxes overlap the target most: the 4 nearest the centre
+    assert sorted(big_tokens.tolist()) == [44, 45, 54, 55]
+    assert tok[tgt == 1].tolist() == [0]
+    # a token wanted by two targets goes to the one it overlaps more
+    other = torch.tensor([0.45, 0.45, 0.2, 0.2])  # identical to token 44's box
+    tok, tgt = crit._task_aligned_assign(logits, boxes, centers, torch.ones(100, dtype=torch.bool),
+                                         torch.tensor([0, 0]), torch.stack([big, other]))
+    assert len(set(tok.tolist())) == len(tok)
+    assert int(tgt[tok == 44]) == 1
+    # invalid tokens are never positives
+    valid = torch.ones(100, dtype=torch.bool)
+    valid[[44, 45, 54, 55]] = False
+    tok, _ = crit._task_aligned_assign(logits, boxes, centers, valid, torch.tensor([0]), big[None])
+    assert len(tok) == 4 and not set(tok.tolist()) & {44, 45, 54, 55}
+
+
+def test_dense_encoder_loss_replaces_the_topk_matching():
+    gen = torch.Generator().manual_seed(3)
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    centers = torch.stack([(xs.flatten() + 0.5) / 6, (ys.flatten() + 0.5) / 6], -1)
+    boxes = torch.cat([centers, torch.full((36, 2), 0.25)], 1).requires_grad_(True)
+    logits = torch.randn(36, 3, generator=gen, requires_grad=True)
+    targets = [dict(labels=torch.tensor([2]), boxes=torch.tensor([[0.5, 0.5, 0.4, 0.4]]))]
+    dense = _dense_outputs(centers, boxes, logits)
+    dense["valid"][0, :6] = False  # the first row is padding
+    outputs = {"pred_logits": torch.randn(1, 4, 3, generator=gen), "pred_boxes": random_boxes(4, gen)[None],
+               "enc_outputs": {"pred_logits": torch.randn(1, 4, 3, generator=gen),
+                               "pred_boxes": random_boxes(4, gen)[None]},
+               "enc_dense": dense}
+    crit = SetCriterion(3, num_aux_layers=0, two_stage=True, enc_loss="dense", dense_topk=3)
+    losses = crit(outputs, targets)
+    assert {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
+    # 3 positives (the centres nearest the target's), losses are per positive
+    tok, _ = crit._task_aligned_assign(logits, boxes, centers, dense["valid"][0], targets[0]["labels"],
+                                       targets[0]["boxes"])
+    assert len(tok) == 3
+    expected_l1 = (boxes[tok] - targets[0]["boxes"]).abs().sum() / 3
+    torch.testing.assert_close(losses["loss_bbox_enc"], expected_l1)
+    sum(losses[k] for k in ("loss_class_enc", "loss_bbox_enc", "loss_giou_enc")).backward()
+    assert logits.grad[:6].abs().sum() == 0  # padding tokens get no gradient
+    assert logits.grad[6:].abs().sum() > 0
+    # the Hungarian top-k variant ignores enc_dense
+    hung = SetCriterion(3, num_aux_layers=0, two_stage=True)(outputs, targets)
+    assert hung["loss_bbox_enc"].item() != pytest.approx(losses["loss_bbox_enc"].item())
+
+
+def test_bad_loss_options_are_refused():
+    with pytest.raises(ValueError, match="class_loss"):
+        SetCriterion(2, class_loss="softmax")
+    with pytest.raises(ValueError, match="enc_loss"):
+        SetCriterion(2, enc_loss="ota")
+    with pytest.raises(ValueError, match="dense_topk"):
+        SetCriterion(2, dense_topk=0)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from dinov2od.layers import (
     MLP,
+    box_cxcywh_to_xyxy,
     MultiScaleDeformableAttention,
     PositionEmbeddingSine,
     coordinate_to_sine_embedding,
@@ -152,6 +153,9 @@ class DeformableDecoder(nn.Module):
         group_detr: number of query groups during training (1 = off).
         num_encoder_layers: deformable encoder layers over the pyramid (0 = none).
         prior_prob: initial foreground probability of the class heads.
+        two_stage_nms: if > 0, the two-stage selection skips proposals that overlap a better one
+            by more than this IoU (class-agnostic NMS), so that a few large objects, covered by
+            many confident tokens, cannot take all the queries.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class DeformableDecoder(nn.Module):
         group_detr: int = 1,
         num_encoder_layers: int = 0,
         prior_prob: float = 0.01,
+        two_stage_nms: float = 0.0,
     ):
         super().__init__()
         if num_classes < 1 or num_queries < 1 or num_layers < 1 or group_detr < 1:
@@ -183,6 +188,7 @@ class DeformableDecoder(nn.Module):
         self.num_classes, self.hidden_dim, self.num_levels = num_classes, hidden_dim, num_levels
         self.num_queries, self.num_layers, self.group_detr = num_queries, num_layers, group_detr
         self.cross_attn, self.box_refine, self.two_stage = cross_attn, box_refine, two_stage
+        self.two_stage_nms = float(two_stage_nms)
 
         layer = DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, cross_attn)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
@@ -258,7 +264,12 @@ class DeformableDecoder(nn.Module):
         return memory
 
     def _two_stage_queries(self, memory, memory_mask, spatial_shapes, valid_ratios):
-        """Top-k proposals -> (ref boxes (B, Q, 4), enc_outputs dict)."""
+        """Top-k proposals -> (ref boxes (B, Q, 4), enc_outputs dict, enc_dense dict).
+
+        ``enc_outputs`` holds the selected top-k proposals; ``enc_dense`` every token's
+        ``pred_logits`` (B, S, K), ``pred_boxes`` (B, S, 4), ``valid`` (B, S) (inside the image,
+        away from its border) and ``centers`` (B, S, 2), for a dense proposal loss.
+        """
         b, s, _ = memory.shape
         if s < self.num_queries:
             raise ValueError(
@@ -274,11 +285,30 @@ class DeformableDecoder(nn.Module):
         logits = self.enc_class_head(out_memory)  # (B, S, K)
         boxes_unsig = self.enc_box_head(out_memory) + proposals_unsig  # (B, S, 4)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
-        topk = scores.topk(self.num_queries, dim=1)[1]  # (B, Q)
+        if self.two_stage_nms > 0:
+            topk = self._nms_topk(boxes_unsig.detach(), scores.detach())
+        else:
+            topk = scores.topk(self.num_queries, dim=1)[1]  # (B, Q)
         idx4 = topk[..., None].expand(-1, -1, 4)
         sel_boxes = boxes_unsig.gather(1, idx4).sigmoid()
         sel_logits = logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1]))
-        return sel_boxes.detach(), {"pred_logits": sel_logits, "pred_boxes": sel_boxes}
+        dense = {"pred_logits": logits, "pred_boxes": boxes_unsig.sigmoid(), "valid": valid, "centers": centers}
+        return sel_boxes.detach(), {"pred_logits": sel_logits, "pred_boxes": sel_boxes}, dense
+
+    def _nms_topk(self, boxes_unsig: Tensor, scores: Tensor) -> Tensor:
+        """Per image: the ``num_queries`` best proposals after class-agnostic NMS (the best
+        suppressed ones fill up if too few survive) -> (B, Q) token indices."""
+        from torchvision.ops import nms
+
+        picks = []
+        for b_boxes, b_scores in zip(boxes_unsig, scores):
+            order = b_scores.argsort(descending=True)
+            finite = order[torch.isfinite(b_scores[order])]
+            xyxy = box_cxcywh_to_xyxy(b_boxes[finite].sigmoid().float())
+            keep = finite[nms(xyxy, b_scores[finite].float(), self.two_stage_nms)]
+            rest = order[~torch.isin(order, keep)]
+            picks.append(torch.cat([keep, rest])[: self.num_queries])
+        return torch.stack(picks)
 
     def _group_mask(self, num_groups: int, device) -> Optional[Tensor]:
         if num_groups == 1:
@@ -296,7 +326,8 @@ class DeformableDecoder(nn.Module):
 
         Returns:
             dict with ``pred_logits`` (B, Q', K), ``pred_boxes`` (B, Q', 4), ``aux_outputs``
-            (list, one dict per earlier layer), ``enc_outputs`` (two-stage only) and
+            (list, one dict per earlier layer), ``enc_outputs`` (two-stage only; plus
+            ``enc_dense``, every token's proposal, when training) and
             ``num_groups`` (only when > 1: training with Group-DETR, Q' = groups * Q).
         """
         if len(maps) != self.num_levels:
@@ -315,7 +346,10 @@ class DeformableDecoder(nn.Module):
         tgt = self.query_embed.weight[:total].to(dtype)[None].expand(b, -1, -1)
         outputs: Dict = {}
         if self.two_stage:
-            ref, outputs["enc_outputs"] = self._two_stage_queries(memory, memory_mask, spatial_shapes, valid_ratios)
+            ref, outputs["enc_outputs"], dense = self._two_stage_queries(
+                memory, memory_mask, spatial_shapes, valid_ratios)
+            if self.training:
+                outputs["enc_dense"] = dense
             ref = ref.repeat(1, groups, 1)
         else:
             ref = self.refpoint_embed.weight[:total].to(dtype).sigmoid()[None].expand(b, -1, -1)

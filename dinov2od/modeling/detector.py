@@ -31,7 +31,7 @@ class DINOv2ObjectDetector(nn.Module):
         scale_factors: pyramid levels relative to the 14-px patch grid; the default gives strides
             7/14/28/56 px; ``(1.0,)`` is single-level.
         num_queries, num_decoder_layers, num_heads, num_points, dim_feedforward, dropout,
-        cross_attn, box_refine, two_stage, group_detr, num_encoder_layers: see
+        cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms: see
             :class:`DeformableDecoder`.
     """
 
@@ -54,6 +54,7 @@ class DINOv2ObjectDetector(nn.Module):
         two_stage: bool = False,
         group_detr: int = 1,
         num_encoder_layers: int = 0,
+        two_stage_nms: float = 0.0,
     ):
         super().__init__()
         if backbone is None or isinstance(backbone, dict):
@@ -67,7 +68,7 @@ class DINOv2ObjectDetector(nn.Module):
             decoder = DeformableDecoder(
                 num_classes, hidden_dim, neck.num_levels, num_queries, num_decoder_layers, num_heads,
                 num_points, dim_feedforward, dropout, cross_attn, box_refine, two_stage, group_detr,
-                num_encoder_layers)
+                num_encoder_layers, two_stage_nms=two_stage_nms)
         self.decoder = decoder
         if decoder.num_levels != neck.num_levels or decoder.hidden_dim != neck.out_channels:
             raise ValueError(
