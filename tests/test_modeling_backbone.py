@@ -1,5 +1,6 @@
 """DINOv2Backbone: HF equivalence, LoRA/freezing, taps, weight loading (no downloads)."""
 import logging
+import math
 import re
 
 import pytest
@@ -297,3 +298,31 @@ def test_pretrained_spelled_as_none_means_random_init(spelled, monkeypatch):
     torch.manual_seed(0)
     backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, pretrained=spelled)
     assert backbone.embed_dim == TINY["hidden_size"]
+
+
+def test_random_init_position_embeddings_are_sincos_and_loaded_ones_are_kept(tmp_path):
+    from dinov2od.modeling.backbone import sincos_pos_embed_2d
+
+    pe = sincos_pos_embed_2d(4, 5, 8)
+    assert pe.shape == (20, 8)
+    # x channels depend only on the column, y channels only on the row
+    grid = pe.view(4, 5, 8)
+    torch.testing.assert_close(grid[0, :, :4], grid[3, :, :4])
+    torch.testing.assert_close(grid[:, 0, 4:], grid[:, 4, 4:])
+    assert len({tuple(r) for r in pe.round(decimals=5).tolist()}) == 20  # every position distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d(2, 2, 6)
+
+    torch.manual_seed(0)
+    sincos = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_rank=0)
+    n = int(math.isqrt(sincos.vit.embeddings.position_embeddings.shape[1] - 1))
+    torch.testing.assert_close(sincos.vit.embeddings.position_embeddings[0, 1:].detach(),
+                               sincos_pos_embed_2d(n, n, TINY["hidden_size"]))
+    random = DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_rank=0, pos_embed_init="random")
+    assert random.vit.embeddings.position_embeddings.std() < 0.1  # transformers' truncated normal
+    # loaded weights are never re-initialized
+    random.vit.save_pretrained(str(tmp_path))
+    loaded = DINOv2Backbone(pretrained=str(tmp_path), num_taps=3, lora_rank=0)
+    torch.testing.assert_close(loaded.vit.embeddings.position_embeddings, random.vit.embeddings.position_embeddings)
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, pos_embed_init="learned")

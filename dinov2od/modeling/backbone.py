@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger("dinov2od")
 
-__all__ = ["ARCHS", "DINOv2Backbone", "pad_to_multiple", "build_dinov2_config"]
+__all__ = ["ARCHS", "DINOv2Backbone", "pad_to_multiple", "build_dinov2_config", "sincos_pos_embed_2d"]
 
 PATCH_SIZE = 14
 
@@ -53,6 +53,25 @@ _TARGETS_V5 = {"query": "attention.q_proj", "key": "attention.k_proj",
                "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 _TARGET_ALIASES = {"q": "query", "q_proj": "query", "k": "key", "k_proj": "key", "v": "value",
                    "v_proj": "value", "o_proj": "output", "dense": "output", "proj": "output"}
+
+
+def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """2-D sine-cosine position embeddings of an (h, w) grid -> (h * w, dim), row-major.
+
+    The first half of the channels encodes the column (x), the second the row (y); each half is
+    ``sin`` then ``cos`` at ``dim // 4`` geometric frequencies.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, 1).float()
 
 
 def build_dinov2_config(arch: str = "small", registers: bool = False, **overrides):
@@ -156,6 +175,10 @@ class DINOv2Backbone(nn.Module):
             never moves a window) instead of globally; the class/register tokens are copied into
             every window and averaged afterwards over the windows that hold image patches.
         window_blocks: 0-based windowed blocks; None = every block that is not tapped.
+        pos_embed_init: how a *random-init* ViT's position embeddings start: ``"sincos"``
+            (fixed-frequency 2-D sine-cosine values, as MAE/ViTDet, still trained), which gives a
+            from-scratch ViT a usable notion of where each patch is from the first step, or
+            ``"random"`` (transformers' truncated normal). Ignored when weights are loaded.
     """
 
     def __init__(
@@ -176,14 +199,23 @@ class DINOv2Backbone(nn.Module):
         apply_layernorm: bool = True,
         window_size: Optional[int] = None,
         window_blocks: Optional[Sequence[int]] = None,
+        pos_embed_init: str = "sincos",
     ):
         super().__init__()
-        from .weights import load_vit
+        from .weights import is_random_init, load_vit
 
+        if pos_embed_init not in ("sincos", "random"):
+            raise ValueError(f"pos_embed_init={pos_embed_init!r} must be 'sincos' or 'random'")
         overrides = dict(arch_overrides or {})
         if drop_path_rate:
             overrides["drop_path_rate"] = drop_path_rate
         self.vit = load_vit(arch, registers, overrides, pretrained)
+        if pos_embed_init == "sincos" and is_random_init(pretrained):
+            with torch.no_grad():
+                pe = self.vit.embeddings.position_embeddings  # (1, 1 + N, D)
+                n = int(math.isqrt(pe.shape[1] - 1))
+                pe[0, 0].zero_()
+                pe[0, 1:].copy_(sincos_pos_embed_2d(n, n, pe.shape[-1]).to(pe.dtype))
         cfg = self.vit.config
         self.patch_size = int(cfg.patch_size)
         self.embed_dim = int(cfg.hidden_size)

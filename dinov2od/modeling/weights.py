@@ -69,13 +69,18 @@ def _is_offline() -> bool:
 _NO_WEIGHTS = ("", "None", "none", "null")
 
 
+def is_random_init(pretrained: Optional[str]) -> bool:
+    """True when ``pretrained`` names no weights (None, ``""``, ``"None"``, ``"null"``)."""
+    return pretrained is None or (isinstance(pretrained, str) and pretrained.strip() in _NO_WEIGHTS)
+
+
 def load_vit(arch: Optional[str], registers: bool, overrides: dict, pretrained: Optional[str]) -> nn.Module:
     """Build the ViT (random init) or load it from ``pretrained`` (see the module docstring).
 
     ``""``, ``"None"`` and ``"null"`` mean no weights too: command-line overrides such as
     Detectron2's ``model.detector.backbone.pretrained=None`` arrive as strings.
     """
-    if pretrained is None or (isinstance(pretrained, str) and pretrained.strip() in _NO_WEIGHTS):
+    if is_random_init(pretrained):
         config = build_dinov2_config(arch or "small", registers, **overrides)
         return _model_class(registers)(config)
     pretrained = os.fspath(pretrained)
