@@ -115,6 +115,10 @@ def test_yacs_and_lazy_configs_build_the_same_model():
         assert torch.equal(a[k], b[k]), k
     assert m_lazy.test_topk == m_yacs.test_topk and m_lazy.input_format == m_yacs.input_format
     assert m_lazy.criterion.weight_dict["loss_giou"] == m_yacs.criterion.weight_dict["loss_giou"]
+    for attr in ("class_loss", "enc_loss", "dense_topk"):
+        assert getattr(m_lazy.criterion, attr) == getattr(m_yacs.criterion, attr), attr
+    assert m_lazy.criterion.class_loss == "quality_focal"  # what the demo trains with
+    assert m_lazy.detector.decoder.two_stage_nms == m_yacs.detector.decoder.two_stage_nms
 
 
 def _train_inputs(with_boxes=True, cls=1):

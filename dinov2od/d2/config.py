@@ -42,6 +42,7 @@ def add_dinov2od_config(cfg: CN) -> CN:
     b.LORA_TARGETS = ["query", "value"]
     b.FREEZE = True
     b.DROP_PATH_RATE = 0.0
+    b.POS_EMBED_INIT = "sincos"  # random-init ViT only: "sincos" | "random"
 
     d.HIDDEN_DIM = 256
     d.SCALE_FACTORS = [2.0, 1.0, 0.5, 0.25]
@@ -55,6 +56,7 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.CROSS_ATTN = "deformable"
     d.BOX_REFINE = True
     d.TWO_STAGE = False
+    d.TWO_STAGE_NMS = 0.0  # > 0: IoU threshold of NMS in the two-stage query selection
     d.GROUP_DETR = 1
 
     d.LOSS = CN()
@@ -63,6 +65,9 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.LOSS.GIOU_WEIGHT = 2.0
     d.LOSS.FOCAL_ALPHA = 0.25
     d.LOSS.FOCAL_GAMMA = 2.0
+    d.LOSS.CLASS_LOSS = "focal"  # or "quality_focal" (IoU-aware target)
+    d.LOSS.ENC_LOSS = "hungarian"  # two-stage proposals: "hungarian" (top-k) or "dense" (every token)
+    d.LOSS.DENSE_TOPK = 9
     d.MATCHER = CN()
     d.MATCHER.COST_CLASS = 2.0
     d.MATCHER.COST_BBOX = 5.0
@@ -110,6 +115,7 @@ def build_backbone_from_cfg(cfg):
         lora_targets=tuple(b.LORA_TARGETS),
         freeze=b.FREEZE,
         drop_path_rate=b.DROP_PATH_RATE,
+        pos_embed_init=b.POS_EMBED_INIT,
     )
 
 
@@ -134,6 +140,7 @@ def build_detector_from_cfg(cfg):
         two_stage=d.TWO_STAGE,
         group_detr=d.GROUP_DETR,
         num_encoder_layers=d.ENC_LAYERS,
+        two_stage_nms=d.TWO_STAGE_NMS,
     )
 
 
@@ -160,4 +167,7 @@ def build_criterion_from_cfg(cfg):
         focal_gamma=d.LOSS.FOCAL_GAMMA,
         num_aux_layers=d.DEC_LAYERS - 1,
         two_stage=d.TWO_STAGE,
+        class_loss=d.LOSS.CLASS_LOSS,
+        enc_loss=d.LOSS.ENC_LOSS,
+        dense_topk=d.LOSS.DENSE_TOPK,
     )

@@ -26,6 +26,7 @@ model = L(DINOv2DETR)(
             lora_targets=("query", "value"),
             freeze=True,
             drop_path_rate=0.0,
+            pos_embed_init="sincos",  # random-init ViTs only ("random": transformers' init)
         ),
         hidden_dim=256,
         scale_factors=(2.0, 1.0, 0.5, 0.25),
@@ -38,6 +39,7 @@ model = L(DINOv2DETR)(
         cross_attn="deformable",
         box_refine=True,
         two_stage=False,
+        two_stage_nms=0.0,  # > 0: NMS IoU threshold of the two-stage query selection
         group_detr=1,
         num_encoder_layers=0,
     ),
@@ -51,6 +53,9 @@ model = L(DINOv2DETR)(
         focal_gamma=2.0,
         num_aux_layers=5,  # listed up front; any further aux layers get the base weights
         two_stage="${..detector.two_stage}",
+        class_loss="focal",  # "quality_focal": the target of a matched query is its box's IoU
+        enc_loss="hungarian",  # two-stage proposals: "dense" = task-aligned, every token
+        dense_topk=9,
     ),
     pixel_mean=[123.675, 116.28, 103.53],  # ImageNet, 0-255, in input_format order
     pixel_std=[58.395, 57.12, 57.375],
