@@ -9,7 +9,8 @@ Every loss is a sum over the batch divided by ``num_boxes``, the number of targe
 (times the Group-DETR groups) averaged over processes when ``torch.distributed`` is
 initialized, clamped to >= 1.
 
-Options that speed up convergence (off by default, the Deformable-DETR recipe):
+Options from later DETRs (off by default, which is the Deformable-DETR recipe; on the CPU demo
+only the first one measurably helped, see the README):
 
 - ``class_loss="quality_focal"``: IoU-aware classification (GFL's quality focal loss): a
   matched query's target is the IoU of its box with its target box instead of 1, so the
