@@ -16,7 +16,7 @@ model.num_classes = 3  # circle, square, triangle
 bb = model.detector.backbone
 bb.arch = "tiny"
 bb.pretrained = None
-# width mattered more than depth or patch size in 400-iteration trials (README, "The demo")
+# width mattered more than depth or patch size in 400-iteration trials (README, "What `make demo` does")
 bb.arch_overrides = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=384)
 bb.num_taps = 2
 bb.lora_rank = 0  # LoRA adapts pretrained weights; a random-init ViT is trained in full
