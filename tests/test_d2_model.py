@@ -99,13 +99,16 @@ def test_bgr_and_rgb_input_formats_agree():
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
 
 
-def test_yacs_and_lazy_configs_build_the_same_model():
+@pytest.mark.parametrize("spatial_prior", [0, 16])
+def test_yacs_and_lazy_configs_build_the_same_model(spatial_prior):
     lazy = LazyConfig.load(os.path.join(ROOT, "configs/shapes.py"))
+    lazy.model.detector.spatial_prior = spatial_prior
     torch.manual_seed(123)
     m_lazy = instantiate(lazy.model)
     cfg = get_cfg()
     add_dinov2od_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
+    cfg.MODEL.DINOV2OD.SPATIAL_PRIOR = spatial_prior
     torch.manual_seed(123)
     m_yacs = DINOv2DETR(cfg)
     a, b = m_lazy.state_dict(), m_yacs.state_dict()
@@ -119,6 +122,7 @@ def test_yacs_and_lazy_configs_build_the_same_model():
         assert getattr(m_lazy.criterion, attr) == getattr(m_yacs.criterion, attr), attr
     assert m_lazy.criterion.class_loss == "quality_focal"  # what the demo trains with
     assert m_lazy.detector.decoder.two_stage_nms == m_yacs.detector.decoder.two_stage_nms
+    assert (m_yacs.detector.spatial_prior is not None) == bool(spatial_prior)
 
 
 def _train_inputs(with_boxes=True, cls=1):

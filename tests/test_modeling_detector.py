@@ -8,6 +8,8 @@ from dinov2od.modeling import (
     HungarianMatcher,
     SetCriterion,
 )
+from dinov2od.modeling.backbone import pad_to_multiple
+from dinov2od.modeling.neck import ConvSpatialPrior
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -31,8 +33,8 @@ def _targets():
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(cross_attn="standard"), dict(two_stage=True), dict(group_detr=3),
-     dict(num_encoder_layers=1, box_refine=False), dict(scale_factors=(1.0,))],
-    ids=["deformable", "standard", "two_stage", "group_detr", "encoder_norefine", "single_level"],
+     dict(num_encoder_layers=1, box_refine=False), dict(scale_factors=(1.0,)), dict(spatial_prior=8)],
+    ids=["deformable", "standard", "two_stage", "group_detr", "encoder_norefine", "single_level", "spatial_prior"],
 )
 def test_forward_shapes_and_loss_backward(options):
     torch.manual_seed(0)
@@ -87,8 +89,10 @@ def _padded_batch(images, garbage=True):
     "options,dtype,atol",
     [(dict(), torch.float64, 1e-10), (dict(cross_attn="standard"), torch.float64, 1e-10),
      (dict(two_stage=True), torch.float64, 1e-10), (dict(two_stage=True, two_stage_nms=0.5), torch.float64, 1e-10),
-     (dict(num_encoder_layers=1, registers=True), torch.float64, 1e-10), (dict(), torch.float32, 1e-4)],
-    ids=["deformable64", "standard64", "two_stage64", "two_stage_nms64", "encoder_registers64", "deformable32"],
+     (dict(num_encoder_layers=1, registers=True), torch.float64, 1e-10), (dict(), torch.float32, 1e-4),
+     (dict(spatial_prior=8), torch.float64, 1e-10)],
+    ids=["deformable64", "standard64", "two_stage64", "two_stage_nms64", "encoder_registers64", "deformable32",
+         "spatial_prior64"],
 )
 def test_padded_batch_equals_one_by_one(options, dtype, atol):
     torch.manual_seed(0)
@@ -125,6 +129,35 @@ def test_boxes_are_relative_to_the_unpadded_image():
     mask[:, :42, :56] = False
     with torch.no_grad():
         torch.testing.assert_close(model(big, mask)["pred_boxes"], model(image)["pred_boxes"])
+
+
+def test_spatial_prior_starts_as_a_no_op_then_changes_the_pyramid():
+    """Zero-initialized output convs: adding the prior to a (pretrained) model changes nothing
+    until it is trained; once its weights move, every level differs."""
+    torch.manual_seed(0)
+    model = tiny_detector(spatial_prior=8).double().eval()
+    images = torch.randn(2, 3, 45, 59, dtype=torch.float64)
+    with torch.no_grad():
+        with_prior = model(images)
+        prior, model.spatial_prior = model.spatial_prior, None
+        without = model(images)
+        model.spatial_prior = prior
+    torch.testing.assert_close(with_prior["pred_logits"], without["pred_logits"], rtol=0, atol=0)
+    maps = prior(*pad_to_multiple(images, None, 14))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 10), (4, 5), (2, 3), (1, 2)]  # strides 7/14/28/56
+    assert all(m.abs().max() == 0 for m in maps)
+    _perturb(prior)
+    with torch.no_grad():
+        maps = prior(*pad_to_multiple(images, None, 14))
+        assert all(m.abs().max() > 0 for m in maps)
+        assert (model(images)["pred_logits"] - without["pred_logits"]).abs().max() > 1e-3
+
+
+def test_spatial_prior_rejects_levels_finer_than_half_a_patch():
+    with pytest.raises(ValueError, match="finer level"):
+        tiny_detector(spatial_prior=8, scale_factors=(4.0, 1.0))
+    with pytest.raises(ValueError, match="even patch size"):
+        ConvSpatialPrior(32, (1.0,), patch_size=15)
 
 
 def test_frozen_detector_trains_lora_neck_decoder_only():

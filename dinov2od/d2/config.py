@@ -58,6 +58,7 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.TWO_STAGE = False
     d.TWO_STAGE_NMS = 0.0  # > 0: IoU threshold of NMS in the two-stage query selection
     d.GROUP_DETR = 1
+    d.SPATIAL_PRIOR = 0  # > 0: width of a conv stem on the image added to every pyramid level
 
     d.LOSS = CN()
     d.LOSS.CLASS_WEIGHT = 2.0
@@ -141,6 +142,7 @@ def build_detector_from_cfg(cfg):
         group_detr=d.GROUP_DETR,
         num_encoder_layers=d.ENC_LAYERS,
         two_stage_nms=d.TWO_STAGE_NMS,
+        spatial_prior=d.SPATIAL_PRIOR,
     )
 
 

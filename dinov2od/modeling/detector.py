@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .backbone import DINOv2Backbone, pad_to_multiple, valid_sizes_from_mask
 from .decoder import DeformableDecoder
-from .neck import SimpleFeaturePyramid
+from .neck import ConvSpatialPrior, SimpleFeaturePyramid
 
 logger = logging.getLogger("dinov2od")
 
@@ -33,6 +33,8 @@ class DINOv2ObjectDetector(nn.Module):
         num_queries, num_decoder_layers, num_heads, num_points, dim_feedforward, dropout,
         cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms: see
             :class:`DeformableDecoder`.
+        spatial_prior: width of a :class:`ConvSpatialPrior` (a small conv stem on the image whose
+            features are added to every pyramid level); 0 (default) = none.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class DINOv2ObjectDetector(nn.Module):
         group_detr: int = 1,
         num_encoder_layers: int = 0,
         two_stage_nms: float = 0.0,
+        spatial_prior: int = 0,
     ):
         super().__init__()
         if backbone is None or isinstance(backbone, dict):
@@ -64,6 +67,10 @@ class DINOv2ObjectDetector(nn.Module):
             neck = SimpleFeaturePyramid(backbone.embed_dim, backbone.num_taps, hidden_dim, scale_factors,
                                         backbone.patch_size)
         self.neck = neck
+        self.spatial_prior = None
+        if spatial_prior:
+            self.spatial_prior = ConvSpatialPrior(neck.out_channels, neck.scale_factors, backbone.patch_size,
+                                                  spatial_prior)
         if decoder is None:
             decoder = DeformableDecoder(
                 num_classes, hidden_dim, neck.num_levels, num_queries, num_decoder_layers, num_heads,
@@ -119,5 +126,6 @@ class DINOv2ObjectDetector(nn.Module):
         images, masks = pad_to_multiple(images, masks, self.backbone.patch_size)
         valid_hw = valid_sizes_from_mask(masks).to(images.dtype)
         features, patch_mask = self.backbone(images, masks)
-        maps, level_masks = self.neck(features, patch_mask)
+        prior = self.spatial_prior(images, masks) if self.spatial_prior is not None else None
+        maps, level_masks = self.neck(features, patch_mask, prior)
         return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw))

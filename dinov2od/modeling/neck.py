@@ -23,13 +23,13 @@ Single-level mode: ``scale_factors=(1.0,)``.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SimpleFeaturePyramid", "LayerNorm2d"]
+__all__ = ["SimpleFeaturePyramid", "LayerNorm2d", "ConvSpatialPrior"]
 
 
 class LayerNorm2d(nn.Module):
@@ -131,11 +131,14 @@ class SimpleFeaturePyramid(nn.Module):
     def num_levels(self) -> int:
         return len(self.scale_factors)
 
-    def forward(self, features: List[Tensor], mask: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+    def forward(self, features: List[Tensor], mask: Tensor,
+                prior: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
         """
         Args:
             features: K maps (B, D, Hp, Wp) from the backbone taps.
             mask: (B, Hp, Wp) bool, True at padded patches.
+            prior: optional L maps (B, C, H_l, W_l) added to each level before its 3x3 conv
+                (a :class:`ConvSpatialPrior`'s output).
 
         Returns:
             maps: L maps (B, C, H_l, W_l), zero at padded positions.
@@ -145,11 +148,78 @@ class SimpleFeaturePyramid(nn.Module):
             raise ValueError(f"the neck was built for {self.num_taps} taps, got {len(features)} feature maps")
         x = self.fuse(_zero_pad(torch.cat(features, 1), mask))
         maps, masks = [], []
-        for steps, conv, norm in zip(self.resample, self.output, self.output_norm):
+        for i, (steps, conv, norm) in enumerate(zip(self.resample, self.output, self.output_norm)):
             y, m = x, mask
             for step in steps:
                 y, m = step(y, m)
+            if prior is not None:
+                y = y + prior[i]
             y = norm(conv(_zero_pad(y, m)))
             maps.append(_zero_pad(y, m))
             masks.append(m)
         return maps, masks
+
+
+class ConvSpatialPrior(nn.Module):
+    """A small convolutional stem on the image, added to the pyramid levels.
+
+    The idea of ViT-Adapter's spatial prior module: convolutions give local (edge, corner)
+    features that a plain ViT, and above all a randomly initialized one, lacks. Layout:
+    a 3x3 conv at full resolution, average pooling over ``patch_size / 2`` px cells (the
+    pyramid's finest stride, aligned with the patch grid), a 1x1 conv to ``channels``, two
+    3x3 conv + LayerNorm + GELU blocks, then per level 2x2 average pooling down to the level's
+    stride and a zero-initialized 1x1 conv to the decoder width (so a pretrained model starts
+    unchanged). Padding is handled as in :class:`SimpleFeaturePyramid`: features are zeroed at
+    padded cells before every spatial conv, so a padded batch gives each image's own result.
+
+    Args:
+        out_channels: decoder width C.
+        scale_factors: the pyramid's factors; each must be <= 2 (stride >= patch_size / 2).
+        patch_size: the ViT patch size (even).
+        channels: width of the stem.
+    """
+
+    def __init__(self, out_channels: int, scale_factors: Sequence[float], patch_size: int = 14,
+                 channels: int = 64):
+        super().__init__()
+        if patch_size % 2:
+            raise ValueError(f"the spatial prior needs an even patch size, got {patch_size}")
+        if any(float(s) > 2.0 for s in scale_factors):
+            raise ValueError(f"the spatial prior's finest stride is patch_size / 2; scale_factors="
+                             f"{list(scale_factors)} asks for a finer level")
+        self.cell = patch_size // 2
+        self.halvings = tuple(int(round(math.log2(2.0 / float(s)))) for s in scale_factors)
+        self.pixel = nn.Conv2d(3, channels // 2, 3, padding=1)
+        self.proj = nn.Conv2d(channels // 2, channels, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+        self.norms = nn.ModuleList(LayerNorm2d(channels) for _ in range(2))
+        self.out = nn.ModuleList(nn.Conv2d(channels, out_channels, 1) for _ in scale_factors)
+        for conv in self.out:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, images: Tensor, masks: Tensor) -> List[Tensor]:
+        """
+        Args:
+            images: (B, 3, H, W), H and W multiples of the patch size, zero at padded pixels.
+            masks: (B, H, W) bool, True at padded pixels.
+
+        Returns:
+            one (B, C, H_l, W_l) map per level, zero at padded cells.
+        """
+        x = F.avg_pool2d(F.gelu(self.pixel(images)), self.cell)
+        m = F.max_pool2d((~masks).float()[:, None], self.cell)[:, 0] < 0.5
+        x = F.gelu(self.proj(x))
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.gelu(norm(conv(_zero_pad(x, m))))
+        x = _zero_pad(x, m)
+        outs, levels = [], {}
+        y, ym = x, m
+        for h in range(max(self.halvings) + 1):
+            levels[h] = (y, ym)
+            y = F.avg_pool2d(_pad_even(y), 2)
+            ym = downsample_mask(ym)
+        for h, out in zip(self.halvings, self.out):
+            y, ym = levels[h]
+            outs.append(_zero_pad(out(y), ym))
+        return outs

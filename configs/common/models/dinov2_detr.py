@@ -42,6 +42,7 @@ model = L(DINOv2DETR)(
         two_stage_nms=0.0,  # > 0: NMS IoU threshold of the two-stage query selection
         group_detr=1,
         num_encoder_layers=0,
+        spatial_prior=0,  # > 0: width of a conv stem on the image added to every pyramid level
     ),
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
