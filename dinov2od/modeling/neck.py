@@ -212,14 +212,8 @@ class ConvSpatialPrior(nn.Module):
         x = F.gelu(self.proj(x))
         for conv, norm in zip(self.convs, self.norms):
             x = F.gelu(norm(conv(_zero_pad(x, m))))
-        x = _zero_pad(x, m)
-        outs, levels = [], {}
-        y, ym = x, m
-        for h in range(max(self.halvings) + 1):
-            levels[h] = (y, ym)
-            y = F.avg_pool2d(_pad_even(y), 2)
-            ym = downsample_mask(ym)
-        for h, out in zip(self.halvings, self.out):
-            y, ym = levels[h]
-            outs.append(_zero_pad(out(y), ym))
-        return outs
+        levels = [(_zero_pad(x, m), m)]  # entry h: stride (patch_size / 2) * 2**h
+        while len(levels) <= max(self.halvings):
+            y, ym = levels[-1]
+            levels.append((F.avg_pool2d(_pad_even(y), 2), downsample_mask(ym)))
+        return [_zero_pad(out(levels[h][0]), levels[h][1]) for h, out in zip(self.halvings, self.out)]
