@@ -56,10 +56,12 @@ def _pad_even(x: Tensor, value=0.0) -> Tensor:
     return x
 
 
-def downsample_mask(mask: Tensor) -> Tensor:
-    """(B, H, W) -> (B, ceil(H/2), ceil(W/2)); a cell is padded iff all 4 inputs are."""
-    valid = _pad_even((~mask).float()[:, None])
-    return F.max_pool2d(valid, 2)[:, 0] < 0.5
+def downsample_mask(mask: Tensor, factor: int = 2) -> Tensor:
+    """(B, H, W) -> (B, ceil(H/f), ceil(W/f)); a cell is padded iff all f x f inputs are."""
+    valid = (~mask).float()[:, None]
+    h, w = valid.shape[-2:]
+    valid = F.pad(valid, (0, (-w) % factor, 0, (-h) % factor))
+    return F.max_pool2d(valid, factor)[:, 0] < 0.5
 
 
 class _Down(nn.Module):
@@ -208,7 +210,7 @@ class ConvSpatialPrior(nn.Module):
             one (B, C, H_l, W_l) map per level, zero at padded cells.
         """
         x = F.avg_pool2d(F.gelu(self.pixel(images)), self.cell)
-        m = F.max_pool2d((~masks).float()[:, None], self.cell)[:, 0] < 0.5
+        m = downsample_mask(masks, self.cell)
         x = F.gelu(self.proj(x))
         for conv, norm in zip(self.convs, self.norms):
             x = F.gelu(norm(conv(_zero_pad(x, m))))
