@@ -45,7 +45,9 @@ def assert_same_weights(backbone, model):
 def test_matches_hf_forward_without_padding(tmp_path, registers, size):
     model = hf_model(registers)
     model.save_pretrained(tmp_path)
-    backbone = DINOv2Backbone(pretrained=str(tmp_path), out_indices=(2,), lora_rank=0).eval()
+    # transformers resizes the position embeddings with size=(h, w); the default follows Meta
+    backbone = DINOv2Backbone(pretrained=str(tmp_path), out_indices=(2,), lora_rank=0,
+                              pos_interpolation="transformers").eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         (ours,), mask = backbone(x)

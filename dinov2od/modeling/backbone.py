@@ -179,6 +179,14 @@ class DINOv2Backbone(nn.Module):
             (fixed-frequency 2-D sine-cosine values, as MAE/ViTDet, still trained), which gives a
             from-scratch ViT a usable notion of where each patch is from the first step, or
             ``"random"`` (transformers' truncated normal). Ignored when weights are loaded.
+        pos_interpolation: how the position embeddings are resized to a patch grid other than
+            the stored one. ``"meta"`` (default) reproduces Meta's ``dinov2`` code, which the
+            released weights were trained with: the models without registers interpolate with
+            ``scale_factor=((h + 0.1) / M, (w + 0.1) / M)`` (``interpolate_offset=0.1``, bicubic,
+            no antialias), the register models with ``size=(h, w)`` and antialias.
+            ``"transformers"`` reproduces ``transformers``' ``Dinov2Model``, which uses
+            ``size=(h, w)`` for both (antialias for the register models only); the two agree for
+            the register models and whenever the grid is the stored ``M x M``.
     """
 
     def __init__(
@@ -200,12 +208,16 @@ class DINOv2Backbone(nn.Module):
         window_size: Optional[int] = None,
         window_blocks: Optional[Sequence[int]] = None,
         pos_embed_init: str = "sincos",
+        pos_interpolation: str = "meta",
     ):
         super().__init__()
         from .weights import is_random_init, load_vit
 
         if pos_embed_init not in ("sincos", "random"):
             raise ValueError(f"pos_embed_init={pos_embed_init!r} must be 'sincos' or 'random'")
+        if pos_interpolation not in ("meta", "transformers"):
+            raise ValueError(f"pos_interpolation={pos_interpolation!r} must be 'meta' or 'transformers'")
+        self.pos_interpolation = pos_interpolation
         overrides = dict(arch_overrides or {})
         if drop_path_rate:
             overrides["drop_path_rate"] = drop_path_rate
@@ -311,16 +323,26 @@ class DINOv2Backbone(nn.Module):
         return len(self.out_indices)
 
     def _pos_embed_grid(self, h: int, w: int, dtype) -> Tensor:
-        """Position embeddings of the patches interpolated to an (h, w) grid -> (h, w, D)."""
-        pos = self.vit.embeddings.position_embeddings[0, 1:]  # (N, D)
-        n = int(math.isqrt(pos.shape[0]))
-        grid = pos.reshape(n, n, -1)
-        if (h, w) != (n, n):
-            grid = F.interpolate(
-                grid.permute(2, 0, 1)[None].float(), size=(h, w), mode="bicubic", align_corners=False,
-                antialias=self.num_register_tokens > 0,  # as DINOv2 (and transformers) with registers
-            )[0].permute(1, 2, 0)
-        return grid.to(dtype)
+        """Position embeddings of the patches interpolated to an (h, w) grid -> (h, w, D).
+
+        Follows Meta's ``DinoVisionTransformer.interpolate_pos_encoding`` (or transformers', see
+        ``pos_interpolation``): bicubic in float32, no resize when the grid is the stored one.
+        """
+        pos = self.vit.embeddings.position_embeddings[0, 1:]  # (M * M, D)
+        m = int(math.isqrt(pos.shape[0]))
+        grid = pos.reshape(m, m, -1)
+        if (h, w) == (m, m):
+            return grid.to(dtype)
+        registers = self.num_register_tokens > 0
+        if registers or self.pos_interpolation == "transformers":
+            resize = dict(size=(h, w))
+        else:  # Meta's interpolate_offset=0.1: the scale, not only the size, sets the sampling grid
+            resize = dict(scale_factor=((h + 0.1) / m, (w + 0.1) / m))
+        grid = F.interpolate(grid.permute(2, 0, 1)[None].float(), mode="bicubic", align_corners=False,
+                             antialias=registers, **resize)
+        if grid.shape[-2:] != (h, w):  # pragma: no cover - floor((h + 0.1) / m * m) is h
+            raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(h, w)}")
+        return grid[0].permute(1, 2, 0).to(dtype)
 
     def _embed(self, images: Tensor, patch_valid_hw: Tensor) -> Tensor:
         """(B, 3, H, W) padded images -> (B, 1 + R + Hp*Wp, D) tokens with position embeddings."""
