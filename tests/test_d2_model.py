@@ -61,7 +61,7 @@ def test_default_predictor_returns_instances_in_image_coordinates():
     x = predictor.aug.get_transform(image).apply_image(image[:, :, ::-1])  # the predictor's resize
     images, masks = model.preprocess_image([{"image": torch.as_tensor(x.copy()).permute(2, 0, 1)}])
     with torch.no_grad():
-        out = model.detector(images.tensor, masks)
+        out = model.detector(images.tensor, masks, normalized=True)
     scores = out["pred_logits"].sigmoid().flatten(1)[0]
     top = scores.argsort(descending=True)[0]
     box = box_cxcywh_to_xyxy(out["pred_boxes"][0, top // 3]) * torch.tensor([640.0, 480, 640, 480])
@@ -140,7 +140,7 @@ def test_training_returns_weighted_losses_and_handles_empty_targets():
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     images, masks = model.preprocess_image(inputs)
-    raw = model.criterion(model.detector(images.tensor, masks), model.prepare_targets(inputs, images.image_sizes))
+    raw = model.criterion(model.detector(images.tensor, masks, normalized=True), model.prepare_targets(inputs, images.image_sizes))
     w = model.criterion.weight_dict
     for k, v in losses.items():
         assert torch.allclose(v, raw[k] * w[k]), k

@@ -39,7 +39,7 @@ def _targets():
 def test_forward_shapes_and_loss_backward(options):
     torch.manual_seed(0)
     model = tiny_detector(**options).train()
-    images = torch.randn(2, 3, 61, 75)  # odd sizes, not multiples of 14
+    images = torch.rand(2, 3, 61, 75)  # odd sizes, not multiples of 14
     out = model(images)
     groups = options.get("group_detr", 1)
     assert out["pred_logits"].shape == (2, 12 * groups, 3)
@@ -76,7 +76,7 @@ def _perturb(model, scale=0.2):
 def _padded_batch(images, garbage=True):
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
-    batch = torch.randn(len(images), 3, h, w, dtype=images[0].dtype) if garbage else \
+    batch = torch.rand(len(images), 3, h, w, dtype=images[0].dtype) if garbage else \
         torch.zeros(len(images), 3, h, w, dtype=images[0].dtype)
     mask = torch.ones(len(images), h, w, dtype=torch.bool)
     for i, im in enumerate(images):
@@ -99,7 +99,7 @@ def test_padded_batch_equals_one_by_one(options, dtype, atol):
     model = tiny_detector(**options).to(dtype).eval()
     _perturb(model)
     sizes = [(61, 75), (30, 44), (56, 28)]  # the padded batch is 61 x 75
-    images = [torch.randn(3, h, w, dtype=dtype) for h, w in sizes]
+    images = [torch.rand(3, h, w, dtype=dtype) for h, w in sizes]
     batch, mask = _padded_batch(images)  # random values under the padding: they must not matter
     with torch.no_grad():
         batched = model(batch, mask)
@@ -122,7 +122,7 @@ def test_boxes_are_relative_to_the_unpadded_image():
     torch.manual_seed(0)
     model = tiny_detector().double().eval()
     _perturb(model)
-    image = torch.randn(1, 3, 42, 56, dtype=torch.float64)
+    image = torch.rand(1, 3, 42, 56, dtype=torch.float64)
     big = torch.zeros(1, 3, 84, 98, dtype=torch.float64)
     big[..., :42, :56] = image
     mask = torch.ones(1, 84, 98, dtype=torch.bool)
@@ -136,7 +136,7 @@ def test_spatial_prior_starts_as_a_no_op_then_changes_the_pyramid():
     until it is trained; once its weights move, every level differs."""
     torch.manual_seed(0)
     model = tiny_detector(spatial_prior=8).double().eval()
-    images = torch.randn(2, 3, 45, 59, dtype=torch.float64)
+    images = torch.rand(2, 3, 45, 59, dtype=torch.float64)
     with torch.no_grad():
         with_prior = model(images)
         prior, model.spatial_prior = model.spatial_prior, None
@@ -166,7 +166,7 @@ def test_frozen_detector_trains_lora_neck_decoder_only():
     vit = [n for n in trainable if n.startswith("backbone.")]
     assert vit and all("lora_" in n for n in vit)
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("neck.", "decoder.")))
-    out = model(torch.randn(2, 3, 42, 42))
+    out = model(torch.rand(2, 3, 42, 42))
     criterion = SetCriterion(3, num_aux_layers=model.num_aux_outputs)
     losses = criterion(out, _targets())
     sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
@@ -177,14 +177,18 @@ def test_frozen_detector_trains_lora_neck_decoder_only():
 
 def test_bad_inputs_raise_clear_errors():
     model = tiny_detector().eval()
-    with pytest.raises(ValueError, match=r"images must be a float \(B, 3, H, W\)"):
-        model(torch.randn(3, 28, 28))
-    with pytest.raises(ValueError, match="images must be a float"):
+    with pytest.raises(ValueError, match=r"images must be float RGB: a \(B, 3, H, W\)"):
+        model(torch.rand(1, 28, 28))
+    with pytest.raises(ValueError, match="images must be float RGB"):
         model(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"RGB in \[0, 1\].*Divide 0-255 pixels by 255"):
+        model(torch.rand(1, 3, 28, 28) * 255)
+    with pytest.raises(ValueError, match="normalized=True"):
+        model(torch.randn(1, 3, 28, 28) * 2)  # ImageNet-normalized input without the flag
     with pytest.raises(ValueError, match="masks must be a bool"):
-        model(torch.randn(1, 3, 28, 28), torch.zeros(1, 28, 28))
+        model(torch.rand(1, 3, 28, 28), torch.zeros(1, 28, 28))
     with pytest.raises(ValueError, match="num_queries=12 pyramid tokens"):
-        tiny_detector(two_stage=True, scale_factors=(0.5,)).eval()(torch.randn(1, 3, 28, 28))
+        tiny_detector(two_stage=True, scale_factors=(0.5,)).eval()(torch.rand(1, 3, 28, 28))
     with pytest.raises(ValueError, match="cross_attn"):
         tiny_detector(cross_attn="dense")
 
@@ -221,3 +225,44 @@ def test_two_stage_nms_selects_non_overlapping_proposals():
     # too few survivors: the best suppressed proposals fill the remaining queries
     many = dec._nms_topk(boxes_unsig[:, :20], scores[:, :20])[0]
     assert many.tolist() == list(range(6))
+
+
+def test_input_is_rgb01_normalized_inside_like_torchvision():
+    """The plain API takes RGB in [0, 1] (ToTensor()) and normalizes with ImageNet statistics."""
+    from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD
+
+    model = tiny_detector().double().eval()
+    images = torch.rand(2, 3, 42, 56, dtype=torch.float64)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None]
+    with torch.no_grad():
+        raw = model(images)
+        pre = model((images - mean) / std, normalized=True)
+        wrong = model(images, normalized=True)  # skipping the normalization changes the outputs
+        one = model(images[0])  # a single (3, H, W) image
+        listed = model([images[0], images[1, :, :28, :42]])  # a list of sizes: padded inside
+        alone = model(images[1:, :, :28, :42])
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(raw[k], pre[k], rtol=1e-6, atol=1e-6)  # float32 statistics
+        torch.testing.assert_close(one[k], raw[k][:1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(listed[k][1:], alone[k], rtol=1e-8, atol=1e-8)
+    assert (wrong["pred_logits"] - raw["pred_logits"]).abs().max() > 1e-3
+
+
+def test_predict_returns_topk_boxes_in_pixels_of_each_image():
+    model = tiny_detector().double().eval()
+    a, b = torch.rand(3, 42, 56, dtype=torch.float64), torch.rand(3, 28, 70, dtype=torch.float64)
+    dets = model.predict([a, b], topk=7)
+    with torch.no_grad():
+        out = model(b)
+    logits, boxes = out["pred_logits"][0], out["pred_boxes"][0]
+    scores, idx = logits.sigmoid().flatten().topk(7)
+    q, c = idx // logits.shape[1], idx % logits.shape[1]
+    cx, cy, w, h = boxes[q].unbind(-1)
+    expected = torch.stack([(cx - w / 2) * 70, (cy - h / 2) * 28, (cx + w / 2) * 70, (cy + h / 2) * 28], -1)
+    assert [len(d["scores"]) for d in dets] == [7, 7]
+    torch.testing.assert_close(dets[1]["scores"], scores.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dets[1]["labels"], c)
+    torch.testing.assert_close(dets[1]["boxes"], expected.float(), rtol=1e-5, atol=1e-4)
+    kept = model.predict(b, topk=7, threshold=float(scores[3]))[0]
+    assert len(kept["scores"]) == 4

@@ -15,12 +15,13 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
-from dinov2od.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_xyxy_to_cxcywh
+from dinov2od.modeling import topk_detections
 
 __all__ = ["DINOv2DETR", "padding_masks"]
 
-IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # 0-255 space
-IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+IMAGENET_MEAN_RGB = tuple(255.0 * m for m in IMAGENET_MEAN)  # 0-255 space (Detectron2's convention)
+IMAGENET_STD_RGB = tuple(255.0 * s for s in IMAGENET_STD)
 
 
 def padding_masks(image_sizes: Sequence[Sequence[int]], padded_hw: Sequence[int], device) -> Tensor:
@@ -180,7 +181,7 @@ class DINOv2DETR(nn.Module):
             inference: list of ``{"instances": Instances}`` in the output size.
         """
         images, masks = self.preprocess_image(batched_inputs)
-        outputs = self.detector(images.tensor, masks)
+        outputs = self.detector(images.tensor, masks, normalized=True)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.weighted_losses(self.criterion(outputs, targets))
@@ -202,17 +203,13 @@ class DINOv2DETR(nn.Module):
         Returns:
             list of Instances in the (h, w) of each image.
         """
-        b, q, c = logits.shape
-        k = min(self.test_topk, q * c)
-        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)  # (B, k)
-        query, labels = idx // c, idx % c
-        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())  # (B, Q, 4) in [0, 1]
+        sizes = torch.tensor(image_sizes, device=boxes.device).view(-1, 2)
+        boxes_xyxy, scores, labels = topk_detections(logits, boxes, sizes, self.test_topk)
         results = []
         for i, (h, w) in enumerate(image_sizes):
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
             inst = Instances((h, w))
-            inst.pred_boxes = Boxes(boxes_xyxy[i, query[i]] * scale)  # (k, 4) absolute
-            inst.scores = scores[i].float()
+            inst.pred_boxes = Boxes(boxes_xyxy[i])  # (k, 4) absolute
+            inst.scores = scores[i]
             inst.pred_classes = labels[i]
             results.append(inst)
         return results

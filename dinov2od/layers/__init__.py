@@ -6,6 +6,7 @@ from .box_ops import (
     check_boxes_xyxy,
     generalized_box_iou,
 )
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .mlp import MLP
 from .ms_deform_attn import (
     MultiScaleDeformableAttention,
@@ -16,6 +17,8 @@ from .ms_deform_attn import (
 from .position_encoding import PositionEmbeddingSine, coordinate_to_sine_embedding
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MLP",
     "MultiScaleDeformableAttention",
     "PositionEmbeddingSine",

@@ -9,7 +9,8 @@ composing them. Constructing never downloads; weights load only when asked for::
     model = DINOv2ObjectDetector(num_classes=80)                 # ViT-S/14 arch, random init
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="dinov2_vitb14_pretrain.pth"))
-    out = model(images, masks)  # images (B,3,H,W) ImageNet-normalized RGB; masks (B,H,W) True=pad
+    out = model(images, masks)  # images (B,3,H,W) RGB in [0, 1]; masks (B,H,W) True=pad
+    dets = model.predict([img1, img2])  # per image: boxes (x0,y0,x1,y1 px), scores, labels
     out["pred_logits"]  # (B, Q, K) sigmoid logits
     out["pred_boxes"]   # (B, Q, 4) cxcywh in [0, 1] of each unpadded image
 
@@ -34,7 +35,7 @@ two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
 from .backbone import ARCHS, DINOv2Backbone, build_dinov2_config, pad_to_multiple, valid_sizes_from_mask
 from .criterion import SetCriterion
 from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
-from .detector import DINOv2ObjectDetector
+from .detector import DINOv2ObjectDetector, topk_detections
 from .matcher import HungarianMatcher, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
 from .weights import HUB_IDS, PretrainedWeightsUnavailable, official_to_hf_state_dict
@@ -57,5 +58,6 @@ __all__ = [
     "inverse_sigmoid",
     "official_to_hf_state_dict",
     "pad_to_multiple",
+    "topk_detections",
     "valid_sizes_from_mask",
 ]

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
 
 from .backbone import DINOv2Backbone, pad_to_multiple, valid_sizes_from_mask
 from .decoder import DeformableDecoder
@@ -13,7 +15,30 @@ from .neck import ConvSpatialPrior, SimpleFeaturePyramid
 
 logger = logging.getLogger("dinov2od")
 
-__all__ = ["DINOv2ObjectDetector"]
+__all__ = ["DINOv2ObjectDetector", "topk_detections"]
+
+ImagesLike = Union[Tensor, Sequence[Tensor]]
+
+
+def topk_detections(logits: Tensor, boxes: Tensor, image_sizes: Tensor, k: int = 100) -> Tuple[Tensor, Tensor, Tensor]:
+    """Top-k (query, class) pairs of each image, boxes in pixels.
+
+    Args:
+        logits: (B, Q, K) sigmoid logits; boxes: (B, Q, 4) normalized ``(cx, cy, w, h)``.
+        image_sizes: (B, 2) ``(height, width)`` the boxes are scaled to.
+        k: detections per image (at most Q * K).
+
+    Returns:
+        boxes (B, k, 4) absolute ``(x0, y0, x1, y1)``, scores (B, k), labels (B, k) int64.
+    """
+    b, q, c = logits.shape
+    k = min(k, q * c)
+    scores, idx = logits.float().sigmoid().flatten(1).topk(k, dim=1)  # (B, k)
+    query, labels = idx // c, idx % c
+    xyxy = box_cxcywh_to_xyxy(boxes.float()).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
+    hw = image_sizes.to(xyxy)
+    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # (B, 1, 4)
+    return xyxy * scale, scores, labels
 
 
 class DINOv2ObjectDetector(nn.Module):
@@ -35,6 +60,8 @@ class DINOv2ObjectDetector(nn.Module):
             :class:`DeformableDecoder`.
         spatial_prior: width of a :class:`ConvSpatialPrior` (a small conv stem on the image whose
             features are added to every pyramid level); 0 (default) = none.
+        pixel_mean, pixel_std: RGB statistics in [0, 1] that :meth:`forward` normalizes its input
+            with (ImageNet's, as DINOv2 was trained; torchvision's detection convention).
     """
 
     def __init__(
@@ -58,8 +85,12 @@ class DINOv2ObjectDetector(nn.Module):
         num_encoder_layers: int = 0,
         two_stage_nms: float = 0.0,
         spatial_prior: int = 0,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
     ):
         super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
         if backbone is None or isinstance(backbone, dict):
             backbone = DINOv2Backbone(**(backbone or {}))
         self.backbone = backbone
@@ -92,15 +123,49 @@ class DINOv2ObjectDetector(nn.Module):
         """Number of entries of ``aux_outputs`` (decoder layers - 1)."""
         return self.decoder.num_layers - 1
 
-    def _check_inputs(self, images: Tensor, masks: Optional[Tensor]) -> None:
+    def _batch(self, images: ImagesLike, masks: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Accept (B, 3, H, W), one (3, H, W) image, or a list of (3, H_i, W_i) images (padded here)."""
+        if isinstance(images, (list, tuple)):
+            if masks is not None:
+                raise ValueError("masks are built from the image sizes when images is a list; pass masks=None")
+            if not images or any(not torch.is_tensor(im) or im.dim() != 3 for im in images):
+                raise ValueError("images given as a list must be a non-empty list of (3, H, W) tensors")
+            h = max(im.shape[1] for im in images)
+            w = max(im.shape[2] for im in images)
+            batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+            masks = torch.ones(len(images), h, w, dtype=torch.bool, device=batch.device)
+            for i, im in enumerate(images):
+                batch[i, :, : im.shape[1], : im.shape[2]] = im
+                masks[i, : im.shape[1], : im.shape[2]] = False
+            images = batch
+        elif torch.is_tensor(images) and images.dim() == 3:
+            images = images[None]
+            masks = masks[None] if masks is not None and masks.dim() == 2 else masks
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(
-                "images must be a float (B, 3, H, W) tensor of ImageNet-normalized RGB, got "
-                f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
+                "images must be float RGB: a (B, 3, H, W) tensor, one (3, H, W) image or a list of them, "
+                f"got {type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
         if masks is not None and (masks.dtype != torch.bool or masks.shape != (images.shape[0], *images.shape[2:])):
             raise ValueError(
                 f"masks must be a bool (B, H, W) = {(images.shape[0], *images.shape[2:])} tensor (True at "
                 f"padded pixels), got {masks.dtype} {tuple(masks.shape)}")
+        return images, masks
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """RGB in [0, 1] -> normalized with ``pixel_mean``/``pixel_std``.
+
+        Raises:
+            ValueError: values far outside [0, 1] (0-255 pixels, or input normalized already).
+        """
+        tracing = torch.jit.is_tracing() or torch.jit.is_scripting()
+        if not tracing and images.numel():
+            lo, hi = images.detach().aminmax()
+            if lo < -0.5 or hi > 1.5:
+                raise ValueError(
+                    f"images must be RGB in [0, 1] (as torchvision's ToTensor() gives), got values in "
+                    f"[{lo.item():.3g}, {hi.item():.3g}]. Divide 0-255 pixels by 255, or pass "
+                    "normalized=True if the images are ImageNet-normalized already.")
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def valid_ratios(self, maps, valid_hw: Tensor) -> Tensor:
         """(B, L, 2) ``(x, y)``: image size over the pixel extent of each padded level."""
@@ -110,11 +175,14 @@ class DINOv2ObjectDetector(nn.Module):
             ratios.append(torch.stack([valid_hw[:, 1] / (stride * w_l), valid_hw[:, 0] / (stride * h_l)], -1))
         return torch.stack(ratios, 1).to(maps[0].dtype)
 
-    def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Dict:
+    def forward(self, images: ImagesLike, masks: Optional[Tensor] = None, *, normalized: bool = False) -> Dict:
         """
         Args:
-            images: (B, 3, H, W) float, ImageNet-normalized RGB, any H, W.
+            images: RGB in [0, 1], any H, W: a (B, 3, H, W) float tensor, one (3, H, W) image, or a
+                list of (3, H_i, W_i) images (padded to a batch here).
             masks: (B, H, W) bool, True at padded pixels (bottom/right); None = no padding.
+            normalized: the images are normalized already (``(x - pixel_mean) / pixel_std``, as
+                Detectron2's meta-architecture does); skip normalizing them here.
 
         Returns:
             ``pred_logits`` (B, Q, K) sigmoid logits, ``pred_boxes`` (B, Q, 4) normalized
@@ -122,10 +190,36 @@ class DINOv2ObjectDetector(nn.Module):
             the same per earlier decoder layer), ``enc_outputs`` if two-stage, ``num_groups`` when
             training with Group-DETR (then Q = groups * num_queries).
         """
-        self._check_inputs(images, masks)
+        images, masks = self._batch(images, masks)
+        if not normalized:
+            images = self.normalize(images)
         images, masks = pad_to_multiple(images, masks, self.backbone.patch_size)
         valid_hw = valid_sizes_from_mask(masks).to(images.dtype)
         features, patch_mask = self.backbone(images, masks)
         prior = self.spatial_prior(images, masks) if self.spatial_prior is not None else None
         maps, level_masks = self.neck(features, patch_mask, prior)
         return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw))
+
+    @torch.no_grad()
+    def predict(self, images: ImagesLike, topk: int = 100, threshold: float = 0.0,
+                normalized: bool = False) -> List[Dict[str, Tensor]]:
+        """Detections per image, like torchvision's detection models at inference.
+
+        Args:
+            images: as in :meth:`forward` (RGB in [0, 1] unless ``normalized``).
+            topk: detections kept per image (top-k over queries x classes).
+            threshold: drop detections scoring below it.
+
+        Returns:
+            one dict per image: ``boxes`` (n, 4) ``(x0, y0, x1, y1)`` in pixels of the input image,
+            ``scores`` (n,), ``labels`` (n,) int64.
+        """
+        images, masks = self._batch(images, None)
+        out = self(images, masks, normalized=normalized)
+        if masks is None:
+            sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=images.device)
+        else:
+            sizes = valid_sizes_from_mask(masks)
+        boxes, scores, labels = topk_detections(out["pred_logits"], out["pred_boxes"], sizes, topk)
+        keep = scores >= threshold
+        return [dict(boxes=b[k], scores=s[k], labels=lab[k]) for b, s, lab, k in zip(boxes, scores, labels, keep)]

@@ -7,6 +7,7 @@ interpolation. Experiment files override fields, e.g. ``model.num_classes = 3`` 
 from detectron2.config import LazyCall as L
 
 from dinov2od.d2 import DINOv2DETR
+from dinov2od.d2.meta_arch import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dinov2od.modeling import DINOv2Backbone, DINOv2ObjectDetector, HungarianMatcher, SetCriterion
 
 model = L(DINOv2DETR)(
@@ -58,8 +59,8 @@ model = L(DINOv2DETR)(
         enc_loss="hungarian",  # two-stage proposals: "dense" = task-aligned, every token
         dense_topk=9,
     ),
-    pixel_mean=[123.675, 116.28, 103.53],  # ImageNet, 0-255, in input_format order
-    pixel_std=[58.395, 57.12, 57.375],
+    pixel_mean=list(IMAGENET_MEAN_RGB),  # 0-255, in input_format order (Detectron2's convention)
+    pixel_std=list(IMAGENET_STD_RGB),
     input_format="RGB",
     size_divisibility=14,
     test_topk=100,
