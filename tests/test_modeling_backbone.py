@@ -328,3 +328,22 @@ def test_random_init_position_embeddings_are_sincos_and_loaded_ones_are_kept(tmp
     torch.testing.assert_close(loaded.vit.embeddings.position_embeddings, random.vit.embeddings.position_embeddings)
     with pytest.raises(ValueError, match="pos_embed_init"):
         DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, pos_embed_init="learned")
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(registers=True), dict(use_swiglu_ffn=True)],
+                         ids=["plain", "registers", "swiglu"])
+def test_hf_to_official_state_dict_is_the_inverse_of_the_loader(tmp_path, variant):
+    from dinov2od.modeling import hf_to_official_state_dict
+
+    registers = variant.pop("registers", False)
+    model = hf_model(registers, **variant)
+    ours, ref = hf_to_official_state_dict(model), to_official(model)
+    assert set(ours) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0, msg=k)
+    torch.save(ours, tmp_path / "w.pth")
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides={**TINY, **variant}, registers=registers,
+                              pretrained=str(tmp_path / "w.pth"), num_taps=3, lora_rank=0)
+    assert_same_weights(backbone, model)
+    with pytest.raises(ValueError, match="LoRA"):
+        hf_to_official_state_dict(DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_rank=2).vit)

@@ -266,3 +266,22 @@ def test_predict_returns_topk_boxes_in_pixels_of_each_image():
     torch.testing.assert_close(dets[1]["boxes"], expected.float(), rtol=1e-5, atol=1e-4)
     kept = model.predict(b, topk=7, threshold=float(scores[3]))[0]
     assert len(kept["scores"]) == 4
+
+
+def test_load_checkpoint_reads_plain_and_detectron2_checkpoints(tmp_path):
+    src = tiny_detector().eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    torch.save(src.state_dict(), tmp_path / "plain.pth")
+    d2 = {"model": {f"detector.{k}": v.numpy() for k, v in src.state_dict().items()}, "iteration": 7}
+    d2["model"]["criterion.empty_weight"] = torch.ones(4).numpy()  # other meta-arch parts are ignored
+    torch.save(d2, tmp_path / "d2.pth")
+    x = torch.rand(1, 3, 42, 56)
+    with torch.no_grad():
+        ref = src(x)["pred_boxes"]
+        for name in ("plain.pth", "d2.pth"):
+            out = tiny_detector().load_checkpoint(str(tmp_path / name)).eval()(x)["pred_boxes"]
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit this detector"):
+        tiny_detector(num_queries=7).load_checkpoint(str(tmp_path / "plain.pth"))

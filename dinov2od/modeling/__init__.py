@@ -38,7 +38,7 @@ from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigm
 from .detector import DINOv2ObjectDetector, topk_detections
 from .matcher import HungarianMatcher, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
-from .weights import HUB_IDS, PretrainedWeightsUnavailable, official_to_hf_state_dict
+from .weights import HUB_IDS, PretrainedWeightsUnavailable, hf_to_official_state_dict, official_to_hf_state_dict
 
 __all__ = [
     "ARCHS",
@@ -56,6 +56,7 @@ __all__ = [
     "build_dinov2_config",
     "focal_class_cost",
     "inverse_sigmoid",
+    "hf_to_official_state_dict",
     "official_to_hf_state_dict",
     "pad_to_multiple",
     "topk_detections",

@@ -200,6 +200,32 @@ class DINOv2ObjectDetector(nn.Module):
         maps, level_masks = self.neck(features, patch_mask, prior)
         return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw))
 
+    def load_checkpoint(self, path: str, strict: bool = True) -> "DINOv2ObjectDetector":
+        """Load weights saved by this project: a plain ``state_dict`` of this module, or a
+        Detectron2 checkpoint of the meta-architecture (``{"model": ...}``, keys ``detector.*``,
+        e.g. ``output/shapes/model_final_ema.pth``).
+
+        Raises:
+            ValueError: the checkpoint does not fit this architecture (lists the first differing keys).
+        """
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path} holds no state dict (found {type(sd).__name__})")
+        if any(k.startswith("detector.") for k in sd):
+            sd = {k[len("detector."):]: v for k, v in sd.items() if k.startswith("detector.")}
+        sd = {k: torch.as_tensor(v) for k, v in sd.items()}  # Detectron2 may store numpy arrays
+        fix = "Build the model with the config it was trained with."
+        try:
+            result = self.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # tensors of another shape
+            raise ValueError(f"{path} does not fit this detector: {str(e).splitlines()[-1].strip()} {fix}") from e
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise ValueError(
+                f"{path} does not fit this detector: missing {result.missing_keys[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}. {fix}")
+        return self
+
     @torch.no_grad()
     def predict(self, images: ImagesLike, topk: int = 100, threshold: float = 0.0,
                 normalized: bool = False) -> List[Dict[str, Tensor]]:

@@ -33,6 +33,7 @@ __all__ = [
     "PretrainedWeightsUnavailable",
     "load_vit",
     "official_to_hf_state_dict",
+    "hf_to_official_state_dict",
     "load_official_checkpoint",
 ]
 
@@ -259,6 +260,49 @@ def official_to_hf_state_dict(sd: Dict[str, Tensor], v5_layout: bool) -> Dict[st
         else:
             out[k] = v
     return out
+
+
+def hf_to_official_state_dict(model: nn.Module) -> Dict[str, Tensor]:
+    """The weights of a ``Dinov2Model`` (either transformers layout, LoRA-free) in Meta's layout.
+
+    The inverse of :func:`official_to_hf_state_dict`: the keys of Meta's ``DinoVisionTransformer``
+    (``vit_small(...)`` etc.), e.g. ``blocks.N.attn.qkv.weight`` (query, key, value fused),
+    ``blocks.N.ls1.gamma``, ``pos_embed``, ``mask_token`` of shape (1, D).
+
+    Raises:
+        ValueError: the model carries LoRA adapters (merge or drop them first).
+    """
+    sd = model.state_dict()
+    if any("lora_" in k for k in sd):
+        raise ValueError("the ViT carries LoRA adapters; merge them (peft) or export the base model")
+    top = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.register_tokens": "register_tokens", "embeddings.mask_token": "mask_token",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    out = {v: sd[k].reshape(1, -1) if v == "mask_token" else sd[k] for k, v in top.items() if k in sd}
+    v5 = hasattr(model.encoder.layer[0].attention, "q_proj")
+    qkv = ("attention.{}_proj", ("q", "k", "v")) if v5 else ("attention.attention.{}", ("query", "key", "value"))
+    block = {"norm1": "norm1", "norm2": "norm2", "ls1.gamma": "layer_scale1.lambda1",
+             "ls2.gamma": "layer_scale2.lambda1", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "attn.proj": "attention.o_proj" if v5 else "attention.output.dense",
+             "mlp.w3": "mlp.down_proj" if v5 else "mlp.weights_out"}
+    for i in range(len(model.encoder.layer)):
+        src = f"encoder.layer.{i}."
+        for suffix in (".weight", ".bias"):
+            parts = [sd.get(src + qkv[0].format(n) + suffix) for n in qkv[1]]
+            if all(p is not None for p in parts):
+                out[f"blocks.{i}.attn.qkv{suffix}"] = torch.cat(parts, 0)
+            gate_up = [sd.get(src + n + suffix) for n in ("mlp.gate_proj", "mlp.up_proj")]
+            if all(p is not None for p in gate_up):
+                out[f"blocks.{i}.mlp.w12{suffix}"] = torch.cat(gate_up, 0)
+            elif src + "mlp.weights_in" + suffix in sd:
+                out[f"blocks.{i}.mlp.w12{suffix}"] = sd[src + "mlp.weights_in" + suffix]
+        for official, hf in block.items():
+            for suffix in (("",) if official.endswith("gamma") else (".weight", ".bias")):
+                if src + hf + suffix in sd:
+                    out[f"blocks.{i}.{official}{suffix}"] = sd[src + hf + suffix]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
 def load_official_checkpoint(path: str, arch: Optional[str], registers: bool, overrides: dict) -> nn.Module:

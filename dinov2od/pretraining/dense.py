@@ -1,0 +1,170 @@
+"""Dense supervised pretraining of a DINOv2-architecture ViT on generated glyphs images.
+
+Every patch token is asked, through *linear* heads on the tapped features (the same features
+the detector's neck reads), three things about the image under it:
+
+* ``coverage``: the share of the patch's pixels that belong to each glyph class or to the
+  background (soft cross-entropy over K + 1);
+* ``box``: for a patch that holds a fair part of a glyph, that glyph's box as
+  ``(dx, dy, log w, log h)`` relative to the patch centre, in patch units (L1);
+* ``fine``: the foreground share of each of ``sub x sub`` cells of the patch (binary
+  cross-entropy), i.e. object boundaries finer than a patch.
+
+These are what a DETR decoder reads from a backbone: what is here, where its box is, and where
+its outline runs. Linear heads keep that information in the features themselves rather than in
+a head that is thrown away.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DenseHeads", "GlyphBatches", "cosine_lr", "dense_loss", "dense_metrics", "dense_targets", "glyph_batch"]
+
+
+def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patch: int,
+                  sub: int = 2) -> Dict[str, np.ndarray]:
+    """Per-patch targets of one image from its owner map.
+
+    Args:
+        owner: (H, W) int, the glyph index visible at each pixel, -1 for background; H and W are
+            multiples of ``patch``.
+        classes: (N,) class index of each glyph.
+        num_classes: K (the background is class K).
+        patch: patch size in pixels.
+        sub: fine-mask cells per patch side.
+
+    Returns:
+        ``coverage`` (Hp, Wp, K + 1) float32 summing to 1, ``box`` (Hp, Wp, 4) float32,
+        ``box_valid`` (Hp, Wp) bool, ``fine`` (Hp * sub, Wp * sub) float32.
+    """
+    h, w = owner.shape
+    hp, wp, n = h // patch, w // patch, len(classes)
+    per_pixel = np.where(owner >= 0, np.asarray(classes, dtype=np.int64)[np.maximum(owner, 0)], num_classes)
+    blocks = lambda a: a.reshape(hp, patch, wp, patch).transpose(0, 2, 1, 3).reshape(hp, wp, -1)  # noqa: E731
+    coverage = np.stack([(blocks(per_pixel) == c).mean(-1) for c in range(num_classes + 1)], -1)
+    cell = patch // sub
+    fg = (owner >= 0).astype(np.float32)
+    fine = fg[: hp * sub * cell, : wp * sub * cell].reshape(hp * sub, cell, wp * sub, cell).mean((1, 3))
+    box = np.zeros((hp, wp, 4), np.float32)
+    valid = np.zeros((hp, wp), bool)
+    if n:
+        counts = np.stack([(blocks(owner) == j).sum(-1) for j in range(n)], -1)  # (Hp, Wp, N)
+        area = np.bincount(owner[owner >= 0].ravel(), minlength=n)
+        ys, xs = np.nonzero(owner >= 0)
+        ids = owner[ys, xs]
+        x0 = np.full(n, np.inf); y0 = np.full(n, np.inf); x1 = np.full(n, -np.inf); y1 = np.full(n, -np.inf)
+        np.minimum.at(x0, ids, xs); np.minimum.at(y0, ids, ys)
+        np.maximum.at(x1, ids, xs + 1); np.maximum.at(y1, ids, ys + 1)
+        best = counts.argmax(-1)  # (Hp, Wp)
+        got = np.take_along_axis(counts, best[..., None], -1)[..., 0]
+        # a patch speaks for a glyph that fills a tenth of it, or half of the glyph is inside it
+        valid = (got >= 0.1 * patch * patch) | ((got > 0) & (got >= 0.5 * np.maximum(area[best], 1)))
+        cy = (np.arange(hp)[:, None] + 0.5) * patch
+        cx = (np.arange(wp)[None, :] + 0.5) * patch
+        bw, bh = x1[best] - x0[best], y1[best] - y0[best]
+        box[..., 0] = ((x0[best] + x1[best]) / 2 - cx) / patch
+        box[..., 1] = ((y0[best] + y1[best]) / 2 - cy) / patch
+        box[..., 2] = np.log(np.maximum(bw, 1) / patch)
+        box[..., 3] = np.log(np.maximum(bh, 1) / patch)
+        box[~valid] = 0
+    return dict(coverage=coverage.astype(np.float32), box=box, box_valid=valid, fine=fine.astype(np.float32))
+
+
+def glyph_batch(seeds: Sequence[int], height: int, width: int, num_classes: int, patch: int,
+                sub: int = 2) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Images (B, 3, H, W) RGB in [0, 1] and stacked :func:`dense_targets` for ``seeds``."""
+    from .glyphs import generate_glyphs_image
+
+    images, targets = [], []
+    for s in seeds:
+        img, owner, classes = generate_glyphs_image(int(s), height, width)
+        images.append(torch.from_numpy(img).permute(2, 0, 1))
+        targets.append(dense_targets(owner, classes, num_classes, patch, sub))
+    batch = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
+    return torch.stack(images).float().div_(255.0), batch
+
+
+class GlyphBatches(torch.utils.data.IterableDataset):
+    """Training batches ``step = start .. steps - 1`` of :func:`glyph_batch`, reproducible per step.
+
+    Step ``s`` draws its image height and width from ``sizes`` and its images from seeds
+    ``seed * 10**7 + s * batch ...``, so the batches are the same whether they are made in the
+    training process or in a ``DataLoader`` worker, and a run restarted at ``start`` continues the
+    same sequence.
+    """
+
+    def __init__(self, seed: int, batch: int, sizes: Sequence[int], num_classes: int, patch: int,
+                 steps: int, start: int = 0):
+        super().__init__()
+        self.seed, self.batch, self.sizes = seed, batch, list(sizes)
+        self.num_classes, self.patch, self.steps, self.start = num_classes, patch, steps, start
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            rng = np.random.default_rng([self.seed, step])
+            h, w = (int(v) for v in rng.choice(self.sizes, 2))
+            first = self.seed * 10_000_000 + step * self.batch
+            yield glyph_batch(range(first, first + self.batch), h, w, self.num_classes, self.patch)
+
+
+class DenseHeads(nn.Module):
+    """Linear heads on the concatenated taps: coverage (K + 1), box (4), fine mask (sub * sub).
+
+    Args:
+        in_dim: width of one tap; num_taps: taps concatenated; num_classes: K; sub: fine cells per side.
+    """
+
+    def __init__(self, in_dim: int, num_taps: int, num_classes: int, sub: int = 2):
+        super().__init__()
+        self.num_classes, self.sub = num_classes, sub
+        self.proj = nn.Linear(in_dim * num_taps, num_classes + 1 + 4 + sub * sub)
+
+    def forward(self, features: List[Tensor]) -> Dict[str, Tensor]:
+        """features: per tap (B, D, Hp, Wp) -> ``coverage`` (B, Hp, Wp, K+1) logits, ``box``
+        (B, Hp, Wp, 4), ``fine`` (B, Hp * sub, Wp * sub) logits."""
+        x = self.proj(torch.cat(features, 1).permute(0, 2, 3, 1))  # (B, Hp, Wp, out)
+        k1 = self.num_classes + 1
+        b, hp, wp, _ = x.shape
+        fine = x[..., k1 + 4:].reshape(b, hp, wp, self.sub, self.sub).permute(0, 1, 3, 2, 4)
+        return dict(coverage=x[..., :k1], box=x[..., k1:k1 + 4],
+                    fine=fine.reshape(b, hp * self.sub, wp * self.sub))
+
+
+def dense_loss(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Soft cross-entropy (coverage), L1 on valid patches (box), BCE (fine mask)."""
+    loss_cov = -(target["coverage"] * F.log_softmax(pred["coverage"], -1)).sum(-1).mean()
+    valid = target["box_valid"]
+    loss_box = (pred["box"][valid] - target["box"][valid]).abs().sum(-1).mean() if valid.any() \
+        else pred["box"].sum() * 0.0
+    loss_fine = F.binary_cross_entropy_with_logits(pred["fine"], target["fine"])
+    return dict(loss_coverage=loss_cov, loss_box=loss_box, loss_fine=loss_fine)
+
+
+@torch.no_grad()
+def dense_metrics(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Dict[str, float]:
+    """``class_acc``: arg-max class of patches at least half covered by one glyph class;
+    ``fg_iou``: IoU of the thresholded fine mask; ``box_l1``: mean L1 on valid patches."""
+    k = pred["coverage"].shape[-1] - 1
+    cov = target["coverage"]
+    major = cov[..., :k].max(-1)
+    sel = major.values >= 0.5
+    acc = (pred["coverage"][..., :k].argmax(-1)[sel] == major.indices[sel]).float().mean()
+    fg_pred, fg_true = pred["fine"] > 0, target["fine"] >= 0.5
+    iou = (fg_pred & fg_true).sum() / (fg_pred | fg_true).sum().clamp(min=1)
+    valid = target["box_valid"]
+    box = (pred["box"][valid] - target["box"][valid]).abs().mean()
+    return dict(class_acc=float(acc), fg_iou=float(iou), box_l1=float(box))
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, final: float = 0.0) -> float:
+    """Linear warmup to ``base`` over ``warmup`` steps, then a cosine down to ``final``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
