@@ -60,9 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[182, 196, 210, 224, 238, 252],
                    help="image sides in pixels; each batch draws its height and width from these")
     p.add_argument("--eval-images", type=int, default=64)
+    p.add_argument("--eval-size", type=int, default=224, help="side of the held-out images")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--workers", type=int, default=1, help="data workers drawing the images (0: in process)")
+    p.add_argument("--loss-weights", nargs="*", default=[], metavar="NAME=W",
+                   help="weights of the dense losses (coverage, box, fine, object; default 1 each)")
     return p.parse_args(argv)
 
 
@@ -78,7 +81,7 @@ def evaluate(backbone, heads, args) -> dict:
     totals, n = {}, 0
     for start in range(0, args.eval_images, 16):
         seeds = range(EVAL_SEED0 + start, EVAL_SEED0 + min(start + 16, args.eval_images))
-        images, target = glyph_batch(seeds, 224, 224, len(GLYPH_CLASSES), backbone.patch_size)
+        images, target = glyph_batch(seeds, args.eval_size, args.eval_size, len(GLYPH_CLASSES), backbone.patch_size)
         pred = heads(backbone(normalize(images))[0])
         for k, v in dense_metrics(pred, target).items():
             totals[k] = totals.get(k, 0.0) + v * len(seeds)
@@ -96,6 +99,7 @@ def normalize(images):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    weights = {k: float(v) for k, v in (w.split("=") for w in args.loss_weights)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +121,7 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         losses = dense_loss(heads(backbone(normalize(images))[0]), target)
-        loss = sum(losses.values())
+        loss = sum(weights.get(k[len("loss_"):], 1.0) * v for k, v in losses.items())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite pretraining loss at step {step}: "
                                      + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DenseHeads", "GlyphBatches", "cosine_lr", "dense_loss", "dense_metrics", "dense_targets", "glyph_batch"]
+__all__ = ["DenseHeads", "GlyphBatches", "cosine_lr", "dense_loss", "dense_metrics", "dense_targets", "glyph_batch",
+           "object_logits"]
 
 
 def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patch: int,
-                  sub: int = 2) -> Dict[str, np.ndarray]:
+                  sub: int = 2, max_objects: int = 10) -> Dict[str, np.ndarray]:
     """Per-patch targets of one image from its owner map.
 
     Args:
@@ -38,14 +39,18 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
         num_classes: K (the background is class K).
         patch: patch size in pixels.
         sub: fine-mask cells per patch side.
+        max_objects: glyphs per image the object targets have room for (padded with class -1).
 
     Returns:
         ``coverage`` (Hp, Wp, K + 1) float32 summing to 1, ``box`` (Hp, Wp, 4) float32,
-        ``box_valid`` (Hp, Wp) bool, ``fine`` (Hp * sub, Wp * sub) float32.
+        ``box_valid`` (Hp, Wp) bool, ``fine`` (Hp * sub, Wp * sub) float32, ``obj_weight``
+        (Hp, Wp, max_objects) float32: each glyph's share of each patch, ``obj_class``
+        (max_objects,) int64.
     """
     h, w = owner.shape
     hp, wp, n = h // patch, w // patch, len(classes)
-    per_pixel = np.where(owner >= 0, np.asarray(classes, dtype=np.int64)[np.maximum(owner, 0)], num_classes)
+    lookup = np.append(np.asarray(classes, dtype=np.int64), num_classes)  # owner -1 -> background
+    per_pixel = lookup[owner]
     blocks = lambda a: a.reshape(hp, patch, wp, patch).transpose(0, 2, 1, 3).reshape(hp, wp, -1)  # noqa: E731
     coverage = np.stack([(blocks(per_pixel) == c).mean(-1) for c in range(num_classes + 1)], -1)
     cell = patch // sub
@@ -53,8 +58,14 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
     fine = fg[: hp * sub * cell, : wp * sub * cell].reshape(hp * sub, cell, wp * sub, cell).mean((1, 3))
     box = np.zeros((hp, wp, 4), np.float32)
     valid = np.zeros((hp, wp), bool)
+    obj_weight = np.zeros((hp, wp, max_objects), np.float32)
+    obj_class = np.full(max_objects, -1, np.int64)
+    if n > max_objects:
+        raise ValueError(f"{n} glyphs in one image but max_objects={max_objects}")
     if n:
         counts = np.stack([(blocks(owner) == j).sum(-1) for j in range(n)], -1)  # (Hp, Wp, N)
+        obj_weight[..., :n] = counts / float(patch * patch)
+        obj_class[:n] = classes
         area = np.bincount(owner[owner >= 0].ravel(), minlength=n)
         ys, xs = np.nonzero(owner >= 0)
         ids = owner[ys, xs]
@@ -73,7 +84,8 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
         box[..., 2] = np.log(np.maximum(bw, 1) / patch)
         box[..., 3] = np.log(np.maximum(bh, 1) / patch)
         box[~valid] = 0
-    return dict(coverage=coverage.astype(np.float32), box=box, box_valid=valid, fine=fine.astype(np.float32))
+    return dict(coverage=coverage.astype(np.float32), box=box, box_valid=valid, fine=fine.astype(np.float32),
+                obj_weight=obj_weight, obj_class=obj_class)
 
 
 def glyph_batch(seeds: Sequence[int], height: int, width: int, num_classes: int, patch: int,
@@ -136,20 +148,37 @@ class DenseHeads(nn.Module):
                     fine=fine.reshape(b, hp * self.sub, wp * self.sub))
 
 
+def object_logits(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Tensor:
+    """Class logits of each glyph: its patches' logits averaged with its share of each patch.
+
+    Returns:
+        (B, max_objects, K); rows of absent objects are zeros.
+    """
+    k = pred["coverage"].shape[-1] - 1
+    w = target["obj_weight"]  # (B, Hp, Wp, N)
+    pooled = torch.einsum("bhwk,bhwn->bnk", pred["coverage"][..., :k], w)
+    return pooled / w.sum((1, 2)).clamp(min=1e-6)[..., None]
+
+
 def dense_loss(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Soft cross-entropy (coverage), L1 on valid patches (box), BCE (fine mask)."""
+    """Soft cross-entropy (coverage), L1 on valid patches (box), BCE (fine mask), and a
+    cross-entropy on each glyph's pooled class logits (:func:`object_logits`)."""
     loss_cov = -(target["coverage"] * F.log_softmax(pred["coverage"], -1)).sum(-1).mean()
     valid = target["box_valid"]
     loss_box = (pred["box"][valid] - target["box"][valid]).abs().sum(-1).mean() if valid.any() \
         else pred["box"].sum() * 0.0
     loss_fine = F.binary_cross_entropy_with_logits(pred["fine"], target["fine"])
-    return dict(loss_coverage=loss_cov, loss_box=loss_box, loss_fine=loss_fine)
+    obj = target["obj_class"] >= 0
+    loss_obj = F.cross_entropy(object_logits(pred, target)[obj], target["obj_class"][obj]) if obj.any() \
+        else pred["coverage"].sum() * 0.0
+    return dict(loss_coverage=loss_cov, loss_box=loss_box, loss_fine=loss_fine, loss_object=loss_obj)
 
 
 @torch.no_grad()
 def dense_metrics(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Dict[str, float]:
     """``class_acc``: arg-max class of patches at least half covered by one glyph class;
-    ``fg_iou``: IoU of the thresholded fine mask; ``box_l1``: mean L1 on valid patches."""
+    ``object_acc``: arg-max of each glyph's pooled logits; ``fg_iou``: IoU of the thresholded fine
+    mask; ``box_l1``: mean L1 on valid patches."""
     k = pred["coverage"].shape[-1] - 1
     cov = target["coverage"]
     major = cov[..., :k].max(-1)
@@ -159,7 +188,9 @@ def dense_metrics(pred: Dict[str, Tensor], target: Dict[str, Tensor]) -> Dict[st
     iou = (fg_pred & fg_true).sum() / (fg_pred | fg_true).sum().clamp(min=1)
     valid = target["box_valid"]
     box = (pred["box"][valid] - target["box"][valid]).abs().mean()
-    return dict(class_acc=float(acc), fg_iou=float(iou), box_l1=float(box))
+    obj = target["obj_class"] >= 0
+    obj_acc = (object_logits(pred, target)[obj].argmax(-1) == target["obj_class"][obj]).float().mean()
+    return dict(class_acc=float(acc), object_acc=float(obj_acc), fg_iou=float(iou), box_l1=float(box))
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, final: float = 0.0) -> float:

@@ -122,14 +122,17 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
-def generate_glyphs_image(seed: int, height: int = 224, width: int = 224,
-                          max_glyphs: int = 10) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_glyphs_image(seed: int, height: int = 224, width: int = 224, max_glyphs: int = 10,
+                          extent: Tuple[float, float] = (MIN_EXTENT, MAX_EXTENT),
+                          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one glyphs image.
 
     Args:
         seed: the image's seed (mixed with :data:`GLYPH_SEED_TAG`); the same seed gives the same image.
         height, width: image size in pixels.
         max_glyphs: at most this many glyphs (at least 1 is attempted).
+        extent: (smallest, largest) glyph size in pixels across, drawn log-uniformly (the largest is
+            also capped at 0.8 of the shorter image side).
 
     Returns:
         image: (H, W, 3) uint8 RGB.
@@ -148,7 +151,8 @@ def generate_glyphs_image(seed: int, height: int = 224, width: int = 224,
         if len(classes) == target:
             break
         cls = int(rng.integers(len(GLYPH_CLASSES)))
-        size = float(np.exp(rng.uniform(math.log(MIN_EXTENT), math.log(min(MAX_EXTENT, 0.8 * min(h, w))))))
+        lo, hi = extent[0], max(min(extent[1], 0.8 * min(h, w)), extent[0])
+        size = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
         stretch = float(np.exp(rng.uniform(-0.3, 0.3)))
         half = 0.6 * size * max(stretch, 1 / stretch)
         if 2 * half >= min(h, w):
