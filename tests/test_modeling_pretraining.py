@@ -64,7 +64,7 @@ def test_dense_heads_learn_the_targets():
     images, target = next(iter(GlyphBatches(0, 4, [56], len(GLYPH_CLASSES), 14, steps=1)))
     opt = torch.optim.AdamW(list(bb.parameters()) + list(heads.parameters()), lr=3e-3)
     first = None
-    for _ in range(40):
+    for _ in range(80):
         losses = dense_loss(heads(bb(images)[0]), target)
         first = first or {k: v.item() for k, v in losses.items()}
         opt.zero_grad()
