@@ -1,14 +1,22 @@
-"""AdamW over the trainable parameters (the frozen ViT's own weights are excluded)."""
+"""AdamW over the trainable parameters (the frozen ViT's own weights are excluded).
+
+``optimizer.params.lr_factor_func.decay=0.8``: layer-wise LR decay of a fine-tuned ViT backbone
+(``dinov2od.modeling.backbone_lr_decay``; 1.0 = off; LoRA adapters keep factor 1).
+"""
 import torch
 
 from detectron2.config import LazyCall as L
 from detectron2.solver.build import get_default_optimizer_params
+
+from dinov2od.modeling import backbone_lr_decay
 
 AdamW = L(torch.optim.AdamW)(
     params=L(get_default_optimizer_params)(
         # params.model is set to the model object by tools/train_net.py
         base_lr="${..lr}",
         weight_decay_norm=0.0,
+        # the ViT's depth is read from the model (params.model)
+        lr_factor_func=L(backbone_lr_decay)(decay=1.0, model="${..model}"),
     ),
     lr=1e-4,
     betas=(0.9, 0.999),

@@ -59,6 +59,12 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.TWO_STAGE_NMS = 0.0  # > 0: IoU threshold of NMS in the two-stage query selection
     d.GROUP_DETR = 1
     d.SPATIAL_PRIOR = 0  # > 0: width of a conv stem on the image added to every pyramid level
+    d.DN = CN()  # contrastive denoising queries, training only
+    d.DN.GROUPS = 0  # > 0: fixed number of groups
+    d.DN.QUERIES = 0  # > 0: DINO's budget instead (groups = QUERIES // (2 * most boxes per image))
+    d.DN.LABEL_NOISE = 0.25
+    d.DN.BOX_NOISE = 1.0
+    d.O2M_QUERIES = 0  # > 0: H-DETR's one-to-many queries, training only
 
     d.LOSS = CN()
     d.LOSS.CLASS_WEIGHT = 2.0
@@ -69,6 +75,8 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.LOSS.CLASS_LOSS = "focal"  # or "quality_focal" (IoU-aware target)
     d.LOSS.ENC_LOSS = "hungarian"  # two-stage proposals: "hungarian" (top-k) or "dense" (every token)
     d.LOSS.DENSE_TOPK = 9
+    d.LOSS.O2M_REPEATS = 6  # one-to-many queries: the targets repeated this many times
+    d.LOSS.O2M_WEIGHT = 1.0
     d.MATCHER = CN()
     d.MATCHER.COST_CLASS = 2.0
     d.MATCHER.COST_BBOX = 5.0
@@ -79,6 +87,7 @@ def add_dinov2od_config(cfg: CN) -> CN:
     s.BASE_LR = 1e-4
     s.WEIGHT_DECAY = 1e-4
     s.BETAS = (0.9, 0.999)
+    s.BACKBONE_LR_DECAY = 1.0  # layer-wise LR decay of a fine-tuned ViT (RF-DETR: 0.8); 1 = off
     s.ACCUMULATE_STEPS = 1
     s.LOG_PERIOD = 20
     s.CLIP_GRADIENTS.ENABLED = True
@@ -143,6 +152,11 @@ def build_detector_from_cfg(cfg):
         num_encoder_layers=d.ENC_LAYERS,
         two_stage_nms=d.TWO_STAGE_NMS,
         spatial_prior=d.SPATIAL_PRIOR,
+        dn_groups=d.DN.GROUPS,
+        dn_queries=d.DN.QUERIES,
+        dn_label_noise=d.DN.LABEL_NOISE,
+        dn_box_noise=d.DN.BOX_NOISE,
+        o2m_queries=d.O2M_QUERIES,
     )
 
 
@@ -172,4 +186,6 @@ def build_criterion_from_cfg(cfg):
         class_loss=d.LOSS.CLASS_LOSS,
         enc_loss=d.LOSS.ENC_LOSS,
         dense_topk=d.LOSS.DENSE_TOPK,
+        o2m_repeats=d.LOSS.O2M_REPEATS,
+        o2m_weight=d.LOSS.O2M_WEIGHT,
     )

@@ -181,9 +181,9 @@ class DINOv2DETR(nn.Module):
             inference: list of ``{"instances": Instances}`` in the output size.
         """
         images, masks = self.preprocess_image(batched_inputs)
-        outputs = self.detector(images.tensor, masks, normalized=True)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes) if self.training else None
+        outputs = self.detector(images.tensor, masks, normalized=True, targets=targets)  # targets: denoising
         if self.training:
-            targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.weighted_losses(self.criterion(outputs, targets))
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []

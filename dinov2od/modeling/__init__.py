@@ -30,14 +30,18 @@ kwargs, e.g. a tiny random-init ViT trained end to end::
 
 Loss: ``criterion = SetCriterion(num_classes, HungarianMatcher(), num_aux_layers=model.num_aux_outputs,
 two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
-``sum(losses[k] * criterion.weight_dict[k] for k in losses)``.
+``sum(losses[k] * criterion.weight_dict[k] for k in losses)``. In training, pass the targets to
+the model too (``model(images, targets=targets)``): the denoising queries (``dn_groups``) are
+built from them. Layer-wise LR decay of a fine-tuned ViT: :func:`backbone_lr_decay`.
 """
 from .backbone import ARCHS, DINOv2Backbone, build_dinov2_config, pad_to_multiple, valid_sizes_from_mask
 from .criterion import SetCriterion
 from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
 from .detector import DINOv2ObjectDetector, topk_detections
+from .lr_decay import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
 from .matcher import HungarianMatcher, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
+from .train_queries import DenoisingQueries, make_denoising_queries
 from .weights import HUB_IDS, PretrainedWeightsUnavailable, hf_to_official_state_dict, official_to_hf_state_dict
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "DINOv2Backbone",
     "DINOv2ObjectDetector",
     "DecoderLayer",
+    "DenoisingQueries",
     "DeformableDecoder",
     "EncoderLayer",
     "HungarianMatcher",
@@ -53,12 +58,16 @@ __all__ = [
     "PretrainedWeightsUnavailable",
     "SetCriterion",
     "SimpleFeaturePyramid",
+    "backbone_lr_decay",
     "build_dinov2_config",
     "focal_class_cost",
     "inverse_sigmoid",
     "hf_to_official_state_dict",
+    "make_denoising_queries",
+    "num_vit_layers",
     "official_to_hf_state_dict",
     "pad_to_multiple",
     "topk_detections",
     "valid_sizes_from_mask",
+    "vit_lr_decay_factor",
 ]

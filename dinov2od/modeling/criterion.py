@@ -22,6 +22,21 @@ only the first one measurably helped, see the README):
   claimed by several targets keeps the one it overlaps most). Losses are divided by the
   number of positives. With ``"hungarian"`` only the selected top-k proposals are matched
   one-to-one.
+
+Training-only query sets of the decoder (see :mod:`.train_queries`), each with the same three
+losses on its last layer and, with ``_{i}``, on each auxiliary layer:
+
+- ``dn_outputs`` (contrastive denoising): ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn``.
+  No matching: a positive query's target is the box it was noised from, a negative's is "no
+  object" (class target 0, no box loss); padding slots are ignored. The losses are divided by
+  ``num_boxes`` times the denoising groups and weighted like the main losses. With
+  ``class_loss="quality_focal"`` a positive's class target is the IoU of its predicted box with
+  its target box, as for a matched query: the class head is shared, and a target of 1 for
+  denoising queries would teach it to score badly placed boxes high, against the IoU ranking the
+  matching loss teaches it.
+- ``o2m_outputs`` (H-DETR's one-to-many set): ``loss_class_o2m``, ``loss_bbox_o2m``,
+  ``loss_giou_o2m``: the Hungarian loss against the targets repeated ``o2m_repeats`` times,
+  divided by ``num_boxes * o2m_repeats`` and weighted ``o2m_weight`` times the main losses.
 """
 from __future__ import annotations
 
@@ -32,11 +47,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dinov2od.layers import box_cxcywh_to_xyxy, generalized_box_iou
 
 from .matcher import HungarianMatcher
+from .train_queries import check_targets
 
 logger = logging.getLogger("dinov2od")
 
@@ -64,6 +81,8 @@ class SetCriterion(nn.Module):
             task-aligned one-to-many; needs ``enc_dense`` in the outputs).
         dense_topk, dense_alpha, dense_beta: the task-aligned assignment's positives per target
             and the exponents of score and IoU in its metric.
+        o2m_repeats: K, how many times the targets are repeated for the one-to-many queries.
+        o2m_weight: factor on the base weights for the ``_o2m`` losses (H-DETR: 1).
     """
 
     def __init__(
@@ -80,14 +99,17 @@ class SetCriterion(nn.Module):
         dense_topk: int = 9,
         dense_alpha: float = 1.0,
         dense_beta: float = 6.0,
+        o2m_repeats: int = 6,
+        o2m_weight: float = 1.0,
     ):
         super().__init__()
         if class_loss not in ("focal", "quality_focal"):
             raise ValueError(f"class_loss={class_loss!r} must be 'focal' or 'quality_focal'")
         if enc_loss not in ("hungarian", "dense"):
             raise ValueError(f"enc_loss={enc_loss!r} must be 'hungarian' or 'dense'")
-        if dense_topk < 1:
-            raise ValueError(f"dense_topk={dense_topk} must be >= 1")
+        if dense_topk < 1 or o2m_repeats < 1:
+            raise ValueError(f"dense_topk={dense_topk} and o2m_repeats={o2m_repeats} must be >= 1")
+        self.o2m_repeats, self.o2m_weight = int(o2m_repeats), float(o2m_weight)
         self.class_loss, self.enc_loss = class_loss, enc_loss
         self.dense_topk, self.dense_alpha, self.dense_beta = int(dense_topk), float(dense_alpha), float(dense_beta)
         self.num_classes = num_classes
@@ -98,24 +120,24 @@ class SetCriterion(nn.Module):
         self.base_weights.update({k: float(v) for k, v in user.items() if k in BASE_LOSSES})
         suffixes = [""] + [f"_{i}" for i in range(num_aux_layers)] + (["_enc"] if two_stage else [])
         self.weight_dict = {k + s: self.base_weights[k] for s in suffixes for k in BASE_LOSSES}
-        self.weight_dict.update({k: float(v) for k, v in user.items()})
+        self._user_weights = {k: float(v) for k, v in user.items()}
+        self.weight_dict.update(self._user_weights)
+
+    def weight_of(self, key: str) -> float:
+        """Weight of a loss key: ``weight_dict[key]`` if set, else (for ``_dn``/``_o2m`` keys) the
+        weight given for the key without its layer suffix, else the base weight (times
+        ``o2m_weight`` for ``_o2m`` keys)."""
+        if key in self.weight_dict:
+            return self.weight_dict[key]
+        base = "_".join(key.split("_")[:2])  # loss_class_dn_3 -> loss_class
+        part = next((p for p in ("_dn", "_o2m") if key[len(base):].startswith(p)), "")
+        if part and base + part in self._user_weights:
+            return self._user_weights[base + part]
+        return self.base_weights[base] * (self.o2m_weight if part == "_o2m" else 1.0)
 
     # ------------------------------------------------------------------ checks
     def _check_targets(self, targets: List[Dict[str, Tensor]], batch: int) -> None:
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} target dicts for a batch of {batch} images")
-        for i, t in enumerate(targets):
-            if "labels" not in t or "boxes" not in t:
-                raise ValueError(f"targets[{i}] needs 'labels' and 'boxes', has {sorted(t)}")
-            labels, boxes = t["labels"], t["boxes"]
-            if boxes.shape != (len(labels), 4):
-                raise ValueError(
-                    f"targets[{i}]: boxes must be ({len(labels)}, 4) cxcywh, got {tuple(boxes.shape)}")
-            bad = labels[(labels < 0) | (labels >= self.num_classes)]
-            if len(bad):
-                raise ValueError(
-                    f"targets[{i}] has class id {int(bad[0])} outside [0, num_classes={self.num_classes}); "
-                    "set num_classes to the dataset's number of classes or remap the labels to 0..K-1")
+        check_targets(targets, self.num_classes, batch)
 
     def _num_boxes(self, targets, groups: int, device) -> float:
         return self._global_mean(float(sum(len(t["labels"]) for t in targets) * groups), device)
@@ -229,16 +251,49 @@ class SetCriterion(nn.Module):
         return {"loss_class": loss_class / num_pos, "loss_bbox": loss_bbox / num_pos,
                 "loss_giou": loss_giou / num_pos}
 
+    # ------------------------------------------------------------------ training-only queries
+    def _dn_losses(self, out: Dict[str, Tensor], dn: Dict, targets, num_boxes: float) -> Dict[str, Tensor]:
+        """Denoising losses of one layer; ``dn`` holds ``valid``/``positive``/``target_index`` (B, D)."""
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        device = logits.device
+        bi, qi = dn["valid"].nonzero(as_tuple=True)  # (N,) image and slot of every non-padding query
+        rows = dn["positive"][bi, qi].nonzero().flatten()  # the positives among them
+        pb, pq = bi[rows], qi[rows]
+        ti = dn["target_index"][pb, pq]
+        labels = pad_sequence([t["labels"].to(device) for t in targets], batch_first=True)  # (B, n)
+        tgt_boxes_all = pad_sequence([t["boxes"].to(device, boxes.dtype) for t in targets], batch_first=True)
+        tgt_labels, tgt_boxes = labels[pb, ti], tgt_boxes_all[pb, ti]
+        matched = boxes[pb, pq]  # (P, 4)
+        loss_class = self._class_loss(logits[bi, qi], (rows, tgt_labels), matched, tgt_boxes)
+        loss_bbox = F.l1_loss(matched, tgt_boxes, reduction="sum")
+        loss_giou = generalized_box_iou_loss(box_cxcywh_to_xyxy(matched), box_cxcywh_to_xyxy(tgt_boxes),
+                                             reduction="sum")
+        return {"loss_class": loss_class / num_boxes, "loss_bbox": loss_bbox / num_boxes,
+                "loss_giou": loss_giou / num_boxes}
+
+    def _o2m_losses(self, out: Dict[str, Tensor], repeated, num_boxes: float) -> Dict[str, Tensor]:
+        """One-to-many losses of one layer against the repeated targets."""
+        return self._losses(out, repeated, self._match(out, repeated, 1), num_boxes)
+
+    @staticmethod
+    def _per_layer(outputs: Dict, suffix: str, layer_losses) -> Dict[str, Tensor]:
+        """``layer_losses(out)`` for the last layer (keys + ``suffix``) and every auxiliary layer
+        (keys + ``suffix`` + ``_{i}``)."""
+        losses = {f"{k}{suffix}": v for k, v in layer_losses(outputs).items()}
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}{suffix}_{i}": v for k, v in layer_losses(aux).items()})
+        return losses
+
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
         Args:
             outputs: the detector's dict (``pred_logits``, ``pred_boxes``, optional
-                ``aux_outputs``, ``enc_outputs``, ``num_groups``).
+                ``aux_outputs``, ``enc_outputs``, ``num_groups``, ``dn_outputs``, ``o2m_outputs``).
             targets: B dicts with ``labels`` (n,) int64 in [0, K) and ``boxes`` (n, 4)
                 normalized cxcywh relative to the unpadded image.
 
         Returns:
-            unweighted losses (see the module docstring).
+            unweighted losses (see the module docstring); ``weight_dict`` holds every key's weight.
         """
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes:
@@ -249,10 +304,8 @@ class SetCriterion(nn.Module):
         groups = int(outputs.get("num_groups", 1))
         num_boxes = self._num_boxes(targets, groups, logits.device)
 
-        losses = self._losses(outputs, targets, self._match(outputs, targets, groups), num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._losses(aux, targets, self._match(aux, targets, groups), num_boxes)
-            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        losses = self._per_layer(
+            outputs, "", lambda out: self._losses(out, targets, self._match(out, targets, groups), num_boxes))
         if self.enc_loss == "dense" and "enc_dense" in outputs:
             losses.update({f"{k}_enc": v for k, v in self._dense_losses(outputs["enc_dense"], targets).items()})
         elif "enc_outputs" in outputs:
@@ -260,7 +313,16 @@ class SetCriterion(nn.Module):
             n_enc = self._num_boxes(targets, 1, logits.device)
             enc_losses = self._losses(enc, targets, self._match(enc, targets, 1), n_enc)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
-        for k in losses:
-            if k not in self.weight_dict:
-                self.weight_dict[k] = self.base_weights[k.split("_", 2)[0] + "_" + k.split("_", 2)[1]]
+        if "o2m_outputs" in outputs:
+            k = self.o2m_repeats
+            repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            n_o2m = self._num_boxes(targets, k, logits.device)
+            losses.update(self._per_layer(outputs["o2m_outputs"], "_o2m",
+                                          lambda out: self._o2m_losses(out, repeated, n_o2m)))
+        if "dn_outputs" in outputs:
+            dn = outputs["dn_outputs"]
+            n_dn = self._num_boxes(targets, int(dn["num_groups"]), logits.device)
+            losses.update(self._per_layer(dn, "_dn", lambda out: self._dn_losses(out, dn, targets, n_dn)))
+        for key in losses:
+            self.weight_dict.setdefault(key, self.weight_of(key))
         return losses

@@ -19,7 +19,10 @@ content queries stay learned (DINO's mixed query selection); ``group_detr > 1`` 
 ``group_detr`` independent query groups (each matched one-to-one, self-attention blocked
 between groups) and keeps only the first group at inference; ``num_encoder_layers > 0``
 adds a light deformable encoder over the pyramid tokens (0 by default: the ViT is the
-encoder).
+encoder). Two more training-only query sets, dropped at inference (see :mod:`.train_queries`):
+``dn_groups``/``dn_queries`` add contrastive denoising queries built from the targets
+(DN-DETR/DINO), ``o2m_queries`` a one-to-many set (H-DETR). They share the layers and heads
+with the matching queries and come back as ``dn_outputs`` and ``o2m_outputs``.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ from dinov2od.layers import (
     coordinate_to_sine_embedding,
     level_start_index_from_shapes,
 )
+
+from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
 __all__ = ["DeformableDecoder", "DecoderLayer", "EncoderLayer", "inverse_sigmoid"]
 
@@ -156,6 +161,16 @@ class DeformableDecoder(nn.Module):
         two_stage_nms: if > 0, the two-stage selection skips proposals that overlap a better one
             by more than this IoU (class-agnostic NMS), so that a few large objects, covered by
             many confident tokens, cannot take all the queries.
+        dn_groups: contrastive denoising groups in training (0 = off unless ``dn_queries``); each
+            holds a positive and a negative noised copy of every target box.
+        dn_queries: instead of a fixed ``dn_groups``, DINO's budget of denoising queries per image:
+            groups = max(1, dn_queries // (2 * most targets of an image in the batch)).
+        dn_label_noise: probability that a denoising query's label is replaced by a random class.
+        dn_box_noise: box noise scale (corners move by up to this times half the box size for
+            positives, 1-2 times that for negatives; DINO: 1.0).
+        o2m_queries: one-to-many queries in training (H-DETR; 0 = off), trained against the
+            targets repeated (the criterion's ``o2m_repeats``); with two-stage their reference
+            boxes are the proposals ranked after the first ``num_queries``.
     """
 
     def __init__(
@@ -176,8 +191,14 @@ class DeformableDecoder(nn.Module):
         num_encoder_layers: int = 0,
         prior_prob: float = 0.01,
         two_stage_nms: float = 0.0,
+        dn_groups: int = 0,
+        dn_queries: int = 0,
+        dn_label_noise: float = 0.25,
+        dn_box_noise: float = 1.0,
+        o2m_queries: int = 0,
     ):
         super().__init__()
+        _check_train_query_args(dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries)
         if num_classes < 1 or num_queries < 1 or num_layers < 1 or group_detr < 1:
             raise ValueError(
                 f"num_classes={num_classes}, num_queries={num_queries}, num_layers={num_layers} and "
@@ -225,6 +246,28 @@ class DeformableDecoder(nn.Module):
             self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
             self.enc_class_head = copy.deepcopy(class_head)
             self.enc_box_head = copy.deepcopy(box_head)
+        self._init_train_queries(dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries)
+
+    def _init_train_queries(self, dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries) -> None:
+        """Training-only queries, created last so that the other parameters' random init does not
+        depend on them (same seed, same weights with the options on or off)."""
+        self.dn_groups, self.dn_queries = int(dn_groups), int(dn_queries)
+        self.dn_label_noise, self.dn_box_noise = float(dn_label_noise), float(dn_box_noise)
+        self.o2m_queries = int(o2m_queries)
+        if self.denoising:
+            self.dn_label_embed = nn.Embedding(self.num_classes, self.hidden_dim)
+        if self.o2m_queries:
+            self.o2m_query_embed = nn.Embedding(self.o2m_queries, self.hidden_dim)
+            if not self.two_stage:
+                self.o2m_refpoint_embed = nn.Embedding(self.o2m_queries, 4)
+                with torch.no_grad():
+                    xy = torch.rand(self.o2m_queries, 2)
+                    self.o2m_refpoint_embed.weight.copy_(inverse_sigmoid(torch.cat([xy, torch.full_like(xy, 0.1)], 1)))
+
+    @property
+    def denoising(self) -> bool:
+        """Whether training adds contrastive denoising queries."""
+        return self.dn_groups > 0 or self.dn_queries > 0
 
     # ------------------------------------------------------------------ helpers
     def _memory_pos(self, masks: List[Tensor], dtype) -> Tensor:
@@ -263,18 +306,20 @@ class DeformableDecoder(nn.Module):
             memory = layer(memory, memory_pos, ref, spatial_shapes, level_start, memory_mask)
         return memory
 
-    def _two_stage_queries(self, memory, memory_mask, spatial_shapes, valid_ratios):
-        """Top-k proposals -> (ref boxes (B, Q, 4), enc_outputs dict, enc_dense dict).
+    def _two_stage_queries(self, memory, memory_mask, spatial_shapes, valid_ratios, num_select: int):
+        """Top-k proposals -> (ref boxes (B, k, 4), enc_outputs dict, enc_dense dict), k = ``num_select``.
 
-        ``enc_outputs`` holds the selected top-k proposals; ``enc_dense`` every token's
+        ``enc_outputs`` holds the first ``num_queries`` selected proposals; ``enc_dense`` every token's
         ``pred_logits`` (B, S, K), ``pred_boxes`` (B, S, 4), ``valid`` (B, S) (inside the image,
         away from its border) and ``centers`` (B, S, 2), for a dense proposal loss.
         """
         b, s, _ = memory.shape
-        if s < self.num_queries:
+        if s < num_select:
+            need = f"num_queries={self.num_queries}" if num_select == self.num_queries else \
+                f"num_queries + o2m_queries = {num_select}"
             raise ValueError(
-                f"two-stage selection needs at least num_queries={self.num_queries} pyramid tokens, the "
-                f"input gives {s}; use larger images or fewer queries"
+                f"two-stage selection needs at least {need} pyramid tokens, the input gives {s}; use larger "
+                "images or fewer queries"
             )
         centers, levels = self._token_centers(spatial_shapes, valid_ratios, memory.dtype)
         wh = (0.05 * 2.0 ** levels.to(memory.dtype))[None, :, None].expand(b, s, 2)
@@ -286,20 +331,22 @@ class DeformableDecoder(nn.Module):
         boxes_unsig = self.enc_box_head(out_memory) + proposals_unsig  # (B, S, 4)
         scores = logits.max(-1)[0].masked_fill(~valid, float("-inf"))
         if self.two_stage_nms > 0:
-            topk = self._nms_topk(boxes_unsig.detach(), scores.detach())
+            topk = self._nms_topk(boxes_unsig.detach(), scores.detach(), num_select)
         else:
-            topk = scores.topk(self.num_queries, dim=1)[1]  # (B, Q)
+            topk = scores.topk(num_select, dim=1)[1]  # (B, k)
         idx4 = topk[..., None].expand(-1, -1, 4)
         sel_boxes = boxes_unsig.gather(1, idx4).sigmoid()
-        sel_logits = logits.gather(1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        sel_logits = logits.gather(1, topk[:, : self.num_queries, None].expand(-1, -1, logits.shape[-1]))
         dense = {"pred_logits": logits, "pred_boxes": boxes_unsig.sigmoid(), "valid": valid, "centers": centers}
-        return sel_boxes.detach(), {"pred_logits": sel_logits, "pred_boxes": sel_boxes}, dense
+        enc = {"pred_logits": sel_logits, "pred_boxes": sel_boxes[:, : self.num_queries]}
+        return sel_boxes.detach(), enc, dense
 
-    def _nms_topk(self, boxes_unsig: Tensor, scores: Tensor) -> Tensor:
-        """Per image: the ``num_queries`` best proposals after class-agnostic NMS (the best
-        suppressed ones fill up if too few survive) -> (B, Q) token indices."""
+    def _nms_topk(self, boxes_unsig: Tensor, scores: Tensor, k: Optional[int] = None) -> Tensor:
+        """Per image: the ``k`` (default ``num_queries``) best proposals after class-agnostic NMS
+        (the best suppressed ones fill up if too few survive) -> (B, k) token indices."""
         from torchvision.ops import nms
 
+        k = self.num_queries if k is None else k
         picks = []
         for b_boxes, b_scores in zip(boxes_unsig, scores):
             order = b_scores.argsort(descending=True)
@@ -307,28 +354,64 @@ class DeformableDecoder(nn.Module):
             xyxy = box_cxcywh_to_xyxy(b_boxes[finite].sigmoid().float())
             keep = finite[nms(xyxy, b_scores[finite].float(), self.two_stage_nms)]
             rest = order[~torch.isin(order, keep)]
-            picks.append(torch.cat([keep, rest])[: self.num_queries])
+            picks.append(torch.cat([keep, rest])[:k])
         return torch.stack(picks)
 
-    def _group_mask(self, num_groups: int, device) -> Optional[Tensor]:
-        if num_groups == 1:
-            return None
-        g = torch.arange(num_groups * self.num_queries, device=device) // self.num_queries
-        return g[:, None] != g[None, :]  # (Q_all, Q_all) True = blocked
-
     # ------------------------------------------------------------------ forward
-    def forward(self, maps: List[Tensor], masks: List[Tensor], valid_ratios: Tensor) -> Dict:
+    def _initial_queries(self, b: int, dtype, memory, memory_mask, spatial_shapes, valid_ratios,
+                         groups: int, num_o2m: int) -> Tuple[Tensor, Tensor, Dict]:
+        """Content (B, Q', C) and reference boxes (B, Q', 4) of the matching groups then the
+        one-to-many set (Q' = groups * Q + num_o2m), and the two-stage outputs."""
+        total = groups * self.num_queries
+        tgt = self.query_embed.weight[:total].to(dtype)[None].expand(b, -1, -1)
+        outputs: Dict = {}
+        if self.two_stage:
+            ref, outputs["enc_outputs"], dense = self._two_stage_queries(
+                memory, memory_mask, spatial_shapes, valid_ratios, self.num_queries + num_o2m)
+            if self.training:
+                outputs["enc_dense"] = dense
+            ref_o2m, ref = ref[:, self.num_queries:], ref[:, : self.num_queries].repeat(1, groups, 1)
+        else:
+            ref = self.refpoint_embed.weight[:total].to(dtype).sigmoid()[None].expand(b, -1, -1)
+            if num_o2m:
+                ref_o2m = self.o2m_refpoint_embed.weight.to(dtype).sigmoid()[None].expand(b, -1, -1)
+        if num_o2m:
+            tgt = torch.cat([tgt, self.o2m_query_embed.weight.to(dtype)[None].expand(b, -1, -1)], 1)
+            ref = torch.cat([ref, ref_o2m], 1)
+        return tgt, ref, outputs
+
+    def _denoising_queries(self, targets, b: int, dtype):
+        """The denoising part: (DenoisingQueries, content (B, D, C)), or (None, None)."""
+        if not (self.training and self.denoising):
+            return None, None
+        if targets is None:
+            raise ValueError(
+                "dn_groups/dn_queries > 0: training builds denoising queries from the targets; pass them "
+                "(model(images, targets=targets)) or call model.eval() for inference")
+        check_targets(targets, self.num_classes, b)
+        dn = make_denoising_queries(targets, self.num_classes, self.dn_groups, self.dn_queries,
+                                    self.dn_label_noise, self.dn_box_noise, dtype)
+        return dn, self.dn_label_embed(dn.labels).to(dtype)
+
+    def forward(self, maps: List[Tensor], masks: List[Tensor], valid_ratios: Tensor,
+                targets: Optional[List[Dict[str, Tensor]]] = None) -> Dict:
         """
         Args:
             maps: L feature maps (B, C, H_l, W_l).
             masks: L bool masks (B, H_l, W_l), True at padding.
             valid_ratios: (B, L, 2) ``(x, y)`` share of each padded map covered by the image.
+            targets: B dicts with ``labels`` (n_i,) and ``boxes`` (n_i, 4) cxcywh of the unpadded
+                image; read only in training with denoising (required then).
 
         Returns:
             dict with ``pred_logits`` (B, Q', K), ``pred_boxes`` (B, Q', 4), ``aux_outputs``
             (list, one dict per earlier layer), ``enc_outputs`` (two-stage only; plus
             ``enc_dense``, every token's proposal, when training) and
-            ``num_groups`` (only when > 1: training with Group-DETR, Q' = groups * Q).
+            ``num_groups`` (only when > 1: training with Group-DETR, Q' = groups * Q). In training
+            also ``o2m_outputs`` (``pred_logits`` (B, Q_o2m, K), ``pred_boxes``, ``aux_outputs``)
+            with ``o2m_queries``, and ``dn_outputs`` (``pred_logits`` (B, D, K), ``pred_boxes``,
+            ``aux_outputs``, plus ``valid``/``positive``/``target_index`` (B, D) and
+            ``num_groups``, see :class:`.train_queries.DenoisingQueries`) with denoising.
         """
         if len(maps) != self.num_levels:
             raise ValueError(f"decoder built for {self.num_levels} levels, got {len(maps)} feature maps")
@@ -342,18 +425,14 @@ class DeformableDecoder(nn.Module):
         memory = self._encode(memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios)
 
         groups = self.group_detr if self.training else 1
-        total = groups * self.num_queries
-        tgt = self.query_embed.weight[:total].to(dtype)[None].expand(b, -1, -1)
-        outputs: Dict = {}
-        if self.two_stage:
-            ref, outputs["enc_outputs"], dense = self._two_stage_queries(
-                memory, memory_mask, spatial_shapes, valid_ratios)
-            if self.training:
-                outputs["enc_dense"] = dense
-            ref = ref.repeat(1, groups, 1)
-        else:
-            ref = self.refpoint_embed.weight[:total].to(dtype).sigmoid()[None].expand(b, -1, -1)
-        attn_mask = self._group_mask(groups, memory.device)
+        num_o2m = self.o2m_queries if self.training else 0
+        tgt, ref, outputs = self._initial_queries(b, dtype, memory, memory_mask, spatial_shapes, valid_ratios,
+                                                  groups, num_o2m)
+        dn, dn_tgt = self._denoising_queries(targets, b, dtype)
+        if dn is not None:
+            tgt, ref = torch.cat([tgt, dn_tgt], 1), torch.cat([ref, dn.boxes.to(dtype)], 1)
+        attn_mask = self_attn_mask(groups, self.num_queries, num_o2m, dn, self.layers[0].self_attn.num_heads,
+                                   memory.device)
         vr4 = torch.cat([valid_ratios, valid_ratios], -1).to(dtype)[:, None]  # (B, 1, L, 4)
 
         per_layer = []
@@ -368,8 +447,32 @@ class DeformableDecoder(nn.Module):
             per_layer.append({"pred_logits": self.class_heads[h](tgt), "pred_boxes": boxes})
             if self.box_refine:
                 ref = boxes.detach()
-        outputs.update(per_layer[-1])
-        outputs["aux_outputs"] = per_layer[:-1]
+        n_match = groups * self.num_queries
+        outputs.update(_layers_output(per_layer, 0, n_match if num_o2m or dn is not None else None))
+        if num_o2m:
+            outputs["o2m_outputs"] = _layers_output(per_layer, n_match, n_match + num_o2m)
+        if dn is not None:
+            outputs["dn_outputs"] = {**_layers_output(per_layer, n_match + num_o2m, None), **dn.as_dict()}
         if groups > 1:
             outputs["num_groups"] = groups
         return outputs
+
+
+def _layers_output(per_layer: List[Dict[str, Tensor]], start: int, stop: Optional[int]) -> Dict:
+    """Queries ``start:stop`` of every layer: the last layer's ``pred_logits``/``pred_boxes``
+    and ``aux_outputs`` (the earlier layers)."""
+    if start == 0 and stop is None:  # nothing to split off (inference): the layers' own tensors
+        parts = per_layer
+    else:
+        parts = [{k: v[:, start:stop] for k, v in out.items()} for out in per_layer]
+    return {**parts[-1], "aux_outputs": parts[:-1]}
+
+
+def _check_train_query_args(dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries) -> None:
+    if dn_groups < 0 or dn_queries < 0 or o2m_queries < 0:
+        raise ValueError(f"dn_groups={dn_groups}, dn_queries={dn_queries} and o2m_queries={o2m_queries} must be >= 0")
+    if dn_groups > 0 and dn_queries > 0:
+        raise ValueError(f"set dn_groups={dn_groups} (fixed groups) or dn_queries={dn_queries} (DINO's budget), "
+                         "not both")
+    if not 0.0 <= dn_label_noise <= 1.0 or dn_box_noise < 0:
+        raise ValueError(f"dn_label_noise={dn_label_noise} must be in [0, 1] and dn_box_noise={dn_box_noise} >= 0")

@@ -56,8 +56,9 @@ class DINOv2ObjectDetector(nn.Module):
         scale_factors: pyramid levels relative to the 14-px patch grid; the default gives strides
             7/14/28/56 px; ``(1.0,)`` is single-level.
         num_queries, num_decoder_layers, num_heads, num_points, dim_feedforward, dropout,
-        cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms: see
-            :class:`DeformableDecoder`.
+        cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms, dn_groups,
+        dn_queries, dn_label_noise, dn_box_noise, o2m_queries: see :class:`DeformableDecoder`
+            (denoising and one-to-many queries exist only in training).
         spatial_prior: width of a :class:`ConvSpatialPrior` (a small conv stem on the image whose
             features are added to every pyramid level); 0 (default) = none.
         pixel_mean, pixel_std: RGB statistics in [0, 1] that :meth:`forward` normalizes its input
@@ -84,6 +85,11 @@ class DINOv2ObjectDetector(nn.Module):
         group_detr: int = 1,
         num_encoder_layers: int = 0,
         two_stage_nms: float = 0.0,
+        dn_groups: int = 0,
+        dn_queries: int = 0,
+        dn_label_noise: float = 0.25,
+        dn_box_noise: float = 1.0,
+        o2m_queries: int = 0,
         spatial_prior: int = 0,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
@@ -106,7 +112,8 @@ class DINOv2ObjectDetector(nn.Module):
             decoder = DeformableDecoder(
                 num_classes, hidden_dim, neck.num_levels, num_queries, num_decoder_layers, num_heads,
                 num_points, dim_feedforward, dropout, cross_attn, box_refine, two_stage, group_detr,
-                num_encoder_layers, two_stage_nms=two_stage_nms)
+                num_encoder_layers, two_stage_nms=two_stage_nms, dn_groups=dn_groups, dn_queries=dn_queries,
+                dn_label_noise=dn_label_noise, dn_box_noise=dn_box_noise, o2m_queries=o2m_queries)
         self.decoder = decoder
         if decoder.num_levels != neck.num_levels or decoder.hidden_dim != neck.out_channels:
             raise ValueError(
@@ -175,7 +182,8 @@ class DINOv2ObjectDetector(nn.Module):
             ratios.append(torch.stack([valid_hw[:, 1] / (stride * w_l), valid_hw[:, 0] / (stride * h_l)], -1))
         return torch.stack(ratios, 1).to(maps[0].dtype)
 
-    def forward(self, images: ImagesLike, masks: Optional[Tensor] = None, *, normalized: bool = False) -> Dict:
+    def forward(self, images: ImagesLike, masks: Optional[Tensor] = None, *, normalized: bool = False,
+                targets: Optional[List[Dict[str, Tensor]]] = None) -> Dict:
         """
         Args:
             images: RGB in [0, 1], any H, W: a (B, 3, H, W) float tensor, one (3, H, W) image, or a
@@ -183,12 +191,15 @@ class DINOv2ObjectDetector(nn.Module):
             masks: (B, H, W) bool, True at padded pixels (bottom/right); None = no padding.
             normalized: the images are normalized already (``(x - pixel_mean) / pixel_std``, as
                 Detectron2's meta-architecture does); skip normalizing them here.
+            targets: the criterion's targets (B dicts of ``labels`` (n_i,), ``boxes`` (n_i, 4)
+                cxcywh of the unpadded image); needed in training with denoising queries.
 
         Returns:
             ``pred_logits`` (B, Q, K) sigmoid logits, ``pred_boxes`` (B, Q, 4) normalized
             ``(cx, cy, w, h)`` relative to each image's unpadded size, ``aux_outputs`` (list of
             the same per earlier decoder layer), ``enc_outputs`` if two-stage, ``num_groups`` when
-            training with Group-DETR (then Q = groups * num_queries).
+            training with Group-DETR (then Q = groups * num_queries); in training also
+            ``dn_outputs``/``o2m_outputs`` when those queries are on (see :class:`DeformableDecoder`).
         """
         images, masks = self._batch(images, masks)
         if not normalized:
@@ -198,7 +209,7 @@ class DINOv2ObjectDetector(nn.Module):
         features, patch_mask = self.backbone(images, masks)
         prior = self.spatial_prior(images, masks) if self.spatial_prior is not None else None
         maps, level_masks = self.neck(features, patch_mask, prior)
-        return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw))
+        return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw), targets=targets)
 
     def load_checkpoint(self, path: str, strict: bool = True) -> "DINOv2ObjectDetector":
         """Load weights saved by this project: a plain ``state_dict`` of this module, or a

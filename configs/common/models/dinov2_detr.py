@@ -44,6 +44,12 @@ model = L(DINOv2DETR)(
         group_detr=1,
         num_encoder_layers=0,
         spatial_prior=0,  # > 0: width of a conv stem on the image added to every pyramid level
+        # training-only queries (inference unchanged): contrastive denoising (DINO: dn_queries=200)
+        dn_groups=0,  # > 0: fixed number of denoising groups (a positive + a negative per box each)
+        dn_queries=0,  # > 0: DINO's budget instead, groups = dn_queries // (2 * most boxes per image)
+        dn_label_noise=0.25,  # probability of a random label
+        dn_box_noise=1.0,  # corner noise in half box sizes (positives < 1x, negatives 1-2x)
+        o2m_queries=0,  # > 0: H-DETR's one-to-many queries (criterion.o2m_repeats, o2m_weight)
     ),
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
@@ -58,6 +64,8 @@ model = L(DINOv2DETR)(
         class_loss="focal",  # "quality_focal": the target of a matched query is its box's IoU
         enc_loss="hungarian",  # two-stage proposals: "dense" = task-aligned, every token
         dense_topk=9,
+        o2m_repeats=6,  # one-to-many queries: the targets repeated this many times (H-DETR: 6)
+        o2m_weight=1.0,  # the _o2m losses' weight relative to the main ones
     ),
     pixel_mean=list(IMAGENET_MEAN_RGB),  # 0-255, in input_format order (Detectron2's convention)
     pixel_std=list(IMAGENET_STD_RGB),
