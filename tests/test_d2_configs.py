@@ -67,3 +67,46 @@ def test_shapes_demo_is_a_cpu_config():
     assert sum(p.numel() for p in model.parameters()) < 5e6
     assert isinstance(model.detector.backbone.vit.config.hidden_size, int)
     assert torch.is_tensor(model.pixel_mean)
+
+
+def _lrs(optimizer, model):
+    """Parameter name -> learning rate of a built optimizer."""
+    lr = {p: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    return {n: lr[p] for n, p in model.named_parameters() if p in lr}
+
+
+def test_backbone_lr_decay_on_both_config_routes():
+    """``optimizer.params.lr_factor_func.decay`` (lazy) and ``SOLVER.BACKBONE_LR_DECAY`` (yacs) give
+    every ViT parameter decay ** (depth + 1 - layer) times the base LR, the rest the base LR."""
+    from detectron2.config import get_cfg
+
+    from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
+    from dinov2od.d2.training import Trainer
+
+    cfg = load("shapes.py", "optimizer.params.lr_factor_func.decay=0.8")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)  # a random-init 4-block ViT, all trained
+    cfg.optimizer.params.model = model
+    lazy = _lrs(instantiate(cfg.optimizer), model)
+    yacs_cfg = get_cfg()
+    add_dinov2od_config(yacs_cfg)
+    yacs_cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
+    yacs_cfg.SOLVER.BACKBONE_LR_DECAY = 0.8
+    yacs_model = DINOv2DETR(yacs_cfg)
+    yacs = _lrs(Trainer.build_optimizer(yacs_cfg, yacs_model), yacs_model)
+    base = cfg.optimizer.lr
+    assert base == yacs_cfg.SOLVER.BASE_LR
+    expected = {
+        "detector.backbone.vit.embeddings.patch_embeddings.projection.weight": base * 0.8 ** 5,
+        "detector.backbone.vit.encoder.layer.0.mlp.fc1.weight": base * 0.8 ** 4,
+        "detector.backbone.vit.encoder.layer.3.attention.attention.query.weight": base * 0.8,
+        "detector.backbone.vit.layernorm.weight": base,
+        "detector.decoder.class_heads.0.weight": base,
+    }
+    for name, lr in expected.items():
+        assert lazy[name] == pytest.approx(lr), name
+    assert list(yacs) == list(lazy) and list(yacs.values()) == pytest.approx(list(lazy.values()))
+    # the default (1.0) leaves every learning rate at the base LR
+    cfg = load("shapes.py")
+    cfg.optimizer.params.model = model
+    assert set(_lrs(instantiate(cfg.optimizer), model).values()) == {base}

@@ -99,16 +99,27 @@ def test_bgr_and_rgb_input_formats_agree():
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("spatial_prior", [0, 16])
-def test_yacs_and_lazy_configs_build_the_same_model(spatial_prior):
+LEVERS = (  # (lazy key, yacs key, value): the training levers, all away from their defaults
+    ("detector.dn_groups", "DN.GROUPS", 3), ("detector.dn_label_noise", "DN.LABEL_NOISE", 0.3),
+    ("detector.dn_box_noise", "DN.BOX_NOISE", 0.5), ("detector.o2m_queries", "O2M_QUERIES", 20),
+    ("criterion.o2m_repeats", "LOSS.O2M_REPEATS", 4), ("criterion.o2m_weight", "LOSS.O2M_WEIGHT", 0.5),
+)
+
+
+@pytest.mark.parametrize("options", ["default", "spatial_prior", "levers"])
+def test_yacs_and_lazy_configs_build_the_same_model(options):
+    spatial_prior = 16 if options == "spatial_prior" else 0
     lazy = LazyConfig.load(os.path.join(ROOT, "configs/shapes.py"))
     lazy.model.detector.spatial_prior = spatial_prior
-    torch.manual_seed(123)
-    m_lazy = instantiate(lazy.model)
     cfg = get_cfg()
     add_dinov2od_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
     cfg.MODEL.DINOV2OD.SPATIAL_PRIOR = spatial_prior
+    if options == "levers":
+        lazy = LazyConfig.apply_overrides(lazy, [f"model.{k}={v}" for k, _, v in LEVERS])
+        cfg.merge_from_list([x for _, k, v in LEVERS for x in (f"MODEL.DINOV2OD.{k}", v)])
+    torch.manual_seed(123)
+    m_lazy = instantiate(lazy.model)
     torch.manual_seed(123)
     m_yacs = DINOv2DETR(cfg)
     a, b = m_lazy.state_dict(), m_yacs.state_dict()
@@ -118,11 +129,16 @@ def test_yacs_and_lazy_configs_build_the_same_model(spatial_prior):
         assert torch.equal(a[k], b[k]), k
     assert m_lazy.test_topk == m_yacs.test_topk and m_lazy.input_format == m_yacs.input_format
     assert m_lazy.criterion.weight_dict["loss_giou"] == m_yacs.criterion.weight_dict["loss_giou"]
-    for attr in ("class_loss", "enc_loss", "dense_topk"):
+    for attr in ("class_loss", "enc_loss", "dense_topk", "o2m_repeats", "o2m_weight"):
         assert getattr(m_lazy.criterion, attr) == getattr(m_yacs.criterion, attr), attr
     assert m_lazy.criterion.class_loss == "quality_focal"  # what the demo trains with
-    assert m_lazy.detector.decoder.two_stage_nms == m_yacs.detector.decoder.two_stage_nms
+    dec_lazy, dec_yacs = m_lazy.detector.decoder, m_yacs.detector.decoder
+    for attr in ("two_stage_nms", "dn_groups", "dn_queries", "dn_label_noise", "dn_box_noise", "o2m_queries"):
+        assert getattr(dec_lazy, attr) == getattr(dec_yacs, attr), attr
     assert (m_yacs.detector.spatial_prior is not None) == bool(spatial_prior)
+    if options == "levers":
+        assert (dec_yacs.dn_groups, dec_yacs.o2m_queries, m_yacs.criterion.o2m_weight) == (3, 20, 0.5)
+        assert "detector.decoder.dn_label_embed.weight" in b and "detector.decoder.o2m_query_embed.weight" in b
 
 
 def _train_inputs(with_boxes=True, cls=1):
@@ -145,6 +161,28 @@ def test_training_returns_weighted_losses_and_handles_empty_targets():
     for k, v in losses.items():
         assert torch.allclose(v, raw[k] * w[k]), k
     assert w["loss_bbox"] == 5.0 and w["loss_giou_0"] == 2.0
+
+
+def test_training_with_denoising_and_one_to_many_queries():
+    """The meta-arch hands the targets to the detector (denoising queries are built from them) and
+    weights the ``_dn``/``_o2m`` losses; inference is unchanged."""
+    cfg = tiny_yacs_cfg(**{"MODEL.DINOV2OD.DN.GROUPS": 2, "MODEL.DINOV2OD.O2M_QUERIES": 6,
+                           "MODEL.DINOV2OD.LOSS.O2M_WEIGHT": 0.5})
+    torch.manual_seed(0)
+    model = DINOv2DETR(cfg).train()
+    inputs = _train_inputs() + _train_inputs(with_boxes=False)
+    losses = model(inputs)
+    assert {"loss_class_dn", "loss_bbox_dn_0", "loss_giou_o2m", "loss_class_o2m_0"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    w = model.criterion.weight_dict
+    assert (w["loss_bbox_dn_0"], w["loss_bbox_o2m"], w["loss_class_o2m_0"]) == (5.0, 2.5, 1.0)
+    sum(losses.values()).backward()
+    torch.manual_seed(0)
+    plain = DINOv2DETR(tiny_yacs_cfg()).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        a, b = model.eval()(inputs[:1])[0]["instances"], plain(inputs[:1])[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
 
 
 def test_class_id_outside_model_is_a_clear_error():
