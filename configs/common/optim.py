@@ -12,7 +12,7 @@ from dinov2od.modeling import backbone_lr_decay
 
 AdamW = L(torch.optim.AdamW)(
     params=L(get_default_optimizer_params)(
-        # params.model is set to the model object by tools/train_net.py
+        model=None,  # set to the model object by tools/train_net.py
         base_lr="${..lr}",
         weight_decay_norm=0.0,
         # the ViT's depth is read from the model (params.model)
