@@ -165,7 +165,8 @@ class DeformableDecoder(nn.Module):
             holds a positive and a negative noised copy of every target box.
         dn_queries: instead of a fixed ``dn_groups``, DINO's budget of denoising queries per image:
             groups = max(1, dn_queries // (2 * most targets of an image in the batch)).
-        dn_label_noise: probability that a denoising query's label is replaced by a random class.
+        dn_label_noise: probability that a denoising query's label is replaced by a random class
+            (DINO's ``label_noise_ratio=0.5`` flips with probability 0.25, the default here).
         dn_box_noise: box noise scale (corners move by up to this times half the box size for
             positives, 1-2 times that for negatives; DINO: 1.0).
         o2m_queries: one-to-many queries in training (H-DETR; 0 = off), trained against the
