@@ -16,7 +16,8 @@ ON = dict(dn_groups=2, o2m_queries=6)
 def _targets3(dtype=torch.float32):
     """Targets of 3 images with 2, 0 and 3 boxes."""
     return [
-        dict(labels=torch.tensor([0, 2]), boxes=torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]], dtype=dtype)),
+        dict(labels=torch.tensor([0, 2]),
+             boxes=torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]], dtype=dtype)),
         dict(labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4, dtype=dtype)),
         dict(labels=torch.tensor([1, 1, 0]),
              boxes=torch.tensor([[0.2, 0.7, 0.3, 0.2], [0.6, 0.4, 0.4, 0.5], [0.8, 0.8, 0.2, 0.2]], dtype=dtype)),
@@ -93,7 +94,8 @@ def test_self_attention_mask_blocks():
         assert not a[d0, d1].any() and not a[d1, d0].any() and not a[13:, o].any()
         valid0 = dn.valid[img, :6]
         assert a[d0, m0].all() and not a[d0, m1].any()  # DN sees the first matching group only
-        assert torch.equal(a[d0, d0] & ~torch.eye(6, dtype=torch.bool), valid0[None].expand(6, 6) & ~torch.eye(6, dtype=torch.bool))
+        off_diag = ~torch.eye(6, dtype=torch.bool)
+        assert torch.equal(a[d0, d0] & off_diag, valid0[None].expand(6, 6) & off_diag)  # padding hidden
     assert self_attn_mask(1, q) is None and self_attn_mask(2, q).shape == (8, 8)
     assert self_attn_mask(1, q, o2m).shape == (9, 9)
 

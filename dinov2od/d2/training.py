@@ -286,8 +286,9 @@ class Trainer(DefaultTrainer):
         from dinov2od.modeling import backbone_lr_decay
 
         s = cfg.SOLVER
-        params = get_default_optimizer_params(model, base_lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY, weight_decay_norm=0.0,
-                                              lr_factor_func=backbone_lr_decay(s.BACKBONE_LR_DECAY, model=model))
+        params = get_default_optimizer_params(
+            model, base_lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY, weight_decay_norm=0.0,
+            lr_factor_func=backbone_lr_decay(s.BACKBONE_LR_DECAY, model=model))
         if s.OPTIMIZER.upper() != "ADAMW":
             raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not supported; use 'ADAMW'.")
         return torch.optim.AdamW(params, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY)
