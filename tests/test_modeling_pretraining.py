@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dinov2od.modeling import DINOv2Backbone
-from dinov2od.pretraining.dense import DenseHeads, GlyphBatches, dense_loss, dense_targets
+from dinov2od.pretraining.dense import DenseHeads, GlyphBatches, Stage, dense_loss, dense_targets
 from dinov2od.pretraining.glyphs import GLYPH_CLASSES, generate_glyphs_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +45,18 @@ def test_dense_targets_on_a_hand_made_owner_map():
 
 
 def test_batches_are_the_same_in_a_worker_and_restartable():
-    ds = GlyphBatches(seed=3, batch=2, sizes=[56, 70], num_classes=len(GLYPH_CLASSES), patch=14, steps=3)
+    stages = [Stage(2, 3, [28, 42], max_glyphs=1, extent=(0.5, 0.9)), Stage(2, 2, [56, 70])]
+    ds = GlyphBatches(seed=3, stages=stages, num_classes=len(GLYPH_CLASSES), patch=14)
     direct = list(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
-    resumed = list(GlyphBatches(3, 2, [56, 70], len(GLYPH_CLASSES), 14, steps=3, start=1))
+    resumed = list(GlyphBatches(3, stages, len(GLYPH_CLASSES), 14, start=1))
+    assert len(ds) == 4 and len(resumed) == 3
+    assert [len(b[0]) for b in direct] == [3, 3, 2, 2] and direct[0][0].shape[-1] in (28, 42)
+    assert (direct[0][1]["obj_class"] >= 0).sum(1).max() <= 1  # stage 1: one glyph per image
     for (img, tgt), (img_w, tgt_w) in zip(direct, loader):
         assert torch.equal(img, img_w) and all(torch.equal(tgt[k], tgt_w[k]) for k in tgt)
     assert torch.equal(direct[2][0], resumed[1][0])
+    assert not torch.equal(direct[2][0][0], direct[3][0][0])  # no seed is drawn twice
     assert direct[0][0].min() >= 0 and direct[0][0].max() <= 1
 
 
@@ -61,7 +66,7 @@ def test_dense_heads_learn_the_targets():
     bb = DINOv2Backbone(arch="tiny", arch_overrides=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                          intermediate_size=64), num_taps=2, lora_rank=0, freeze=False)
     heads = DenseHeads(bb.embed_dim, bb.num_taps, len(GLYPH_CLASSES))
-    images, target = next(iter(GlyphBatches(0, 4, [56], len(GLYPH_CLASSES), 14, steps=1)))
+    images, target = next(iter(GlyphBatches(0, [Stage(1, 4, [56])], len(GLYPH_CLASSES), 14)))
     opt = torch.optim.AdamW(list(bb.parameters()) + list(heads.parameters()), lr=3e-3)
     first = None
     for _ in range(80):
@@ -76,8 +81,8 @@ def test_dense_heads_learn_the_targets():
 
 def test_pretrain_tool_writes_a_meta_format_checkpoint_that_the_backbone_loads(tmp_path):
     out = tmp_path / "tiny.pth"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain_backbone.py"), "--out", str(out), "--iters", "3",
-           "--batch", "2", "--sizes", "56", "--hidden", "32", "--depth", "2", "--heads", "2", "--mlp", "64",
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain_backbone.py"), "--out", str(out), "--iters", "2",
+           "--batch", "2", "--sizes", "56", "--small-iters", "1", "--small-batch", "2", "--small-sizes", "28", "--hidden", "32", "--depth", "2", "--heads", "2", "--mlp", "64",
            "--eval-images", "2", "--eval-every", "3", "--workers", "0", "--warmup", "1"]
     subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     sd = torch.load(out, map_location="cpu", weights_only=True)

@@ -36,7 +36,7 @@ from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2od.modeling import DINOv2Backbone  # noqa: E402
 from dinov2od.modeling.weights import hf_to_official_state_dict  # noqa: E402
 from dinov2od.pretraining.dense import (  # noqa: E402
-    DenseHeads, GlyphBatches, cosine_lr, dense_loss, dense_metrics, glyph_batch)
+    DenseHeads, GlyphBatches, Stage, cosine_lr, dense_loss, dense_metrics, glyph_batch)
 from dinov2od.pretraining.glyphs import GLYPH_CLASSES  # noqa: E402
 
 logger = logging.getLogger("pretrain")
@@ -46,11 +46,16 @@ EVAL_SEED0 = 1_000_000_000  # held-out images; training seeds are < EVAL_SEED0
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="weights/dinov2od_tiny_glyphs.pth")
-    p.add_argument("--iters", type=int, default=2000)
+    # stage 1: small images holding 1-3 large glyphs (cheap per image: the ViT learns shapes)
+    p.add_argument("--small-iters", type=int, default=3000)
+    p.add_argument("--small-batch", type=int, default=64)
+    p.add_argument("--small-sizes", type=int, nargs="+", default=[56, 70, 84, 98, 112])
+    # stage 2: scenes like the detector's (many glyphs from 10 to 150 px, images ~180-250 px)
+    p.add_argument("--iters", type=int, default=800, help="stage-2 iterations")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--depth", type=int, default=4)
@@ -111,13 +116,16 @@ def main(argv=None) -> dict:
     no_decay = [p for p in params if p.dim() <= 1]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                              dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
-    batches = GlyphBatches(args.seed, args.batch, args.sizes, len(GLYPH_CLASSES), backbone.patch_size, args.iters)
+    stages = [Stage(args.small_iters, args.small_batch, args.small_sizes, max_glyphs=3, extent=(0.3, 0.9)),
+              Stage(args.iters, args.batch, args.sizes)]
+    batches = GlyphBatches(args.seed, [st for st in stages if st.steps], len(GLYPH_CLASSES), backbone.patch_size)
+    total = len(batches)
     # one worker draws the next batches while the main process trains on the current one
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=2 if args.workers else None)
     start, log = time.time(), []
     for step, (images, target) in enumerate(loader):
-        lr = cosine_lr(step, args.iters, args.warmup, args.lr)
+        lr = cosine_lr(step, total, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         losses = dense_loss(heads(backbone(normalize(images))[0]), target)
@@ -129,11 +137,11 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 20 == 0 or step == args.iters - 1:
-            logger.info("step %d/%d  lr %.2e  %s  %.2f s/it", step, args.iters, lr,
+        if step % 20 == 0 or step == total - 1:
+            logger.info("step %d/%d  lr %.2e  %s  %.2f s/it", step, total, lr,
                         "  ".join(f"{k}={v.item():.4f}" for k, v in losses.items()),
                         (time.time() - start) / (step + 1))
-        if (step + 1) % args.eval_every == 0 or step == args.iters - 1:
+        if (step + 1) % args.eval_every == 0 or step == total - 1:
             metrics = evaluate(backbone, heads, args)
             log.append(dict(step=step + 1, seconds=round(time.time() - start, 1), **metrics))
             logger.info("eval @ %d: %s", step + 1, metrics)

@@ -17,6 +17,7 @@ a head that is thrown away.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DenseHeads", "GlyphBatches", "cosine_lr", "dense_loss", "dense_metrics", "dense_targets", "glyph_batch",
+__all__ = ["DenseHeads", "GlyphBatches", "Stage", "cosine_lr", "dense_loss", "dense_metrics", "dense_targets", "glyph_batch",
            "object_logits"]
 
 
@@ -89,40 +90,64 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
 
 
 def glyph_batch(seeds: Sequence[int], height: int, width: int, num_classes: int, patch: int,
-                sub: int = 2) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Images (B, 3, H, W) RGB in [0, 1] and stacked :func:`dense_targets` for ``seeds``."""
+                sub: int = 2, max_glyphs: int = 10, extent: Tuple[float, float] = (10.0, 150.0),
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Images (B, 3, H, W) RGB in [0, 1] and stacked :func:`dense_targets` for ``seeds``.
+
+    ``max_glyphs`` and ``extent`` (glyph size range in pixels) go to :func:`generate_glyphs_image`.
+    """
     from .glyphs import generate_glyphs_image
 
     images, targets = [], []
     for s in seeds:
-        img, owner, classes = generate_glyphs_image(int(s), height, width)
+        img, owner, classes = generate_glyphs_image(int(s), height, width, max_glyphs, extent)
         images.append(torch.from_numpy(img).permute(2, 0, 1))
         targets.append(dense_targets(owner, classes, num_classes, patch, sub))
     batch = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
     return torch.stack(images).float().div_(255.0), batch
 
 
-class GlyphBatches(torch.utils.data.IterableDataset):
-    """Training batches ``step = start .. steps - 1`` of :func:`glyph_batch`, reproducible per step.
+@dataclass
+class Stage:
+    """A part of the pretraining curriculum: ``steps`` batches of ``batch`` images whose sides are
+    drawn from ``sizes``, with up to ``max_glyphs`` glyphs of ``extent`` pixels across; an extent
+    of at most 1 is a fraction of the image's shorter side."""
 
-    Step ``s`` draws its image height and width from ``sizes`` and its images from seeds
-    ``seed * 10**7 + s * batch ...``, so the batches are the same whether they are made in the
-    training process or in a ``DataLoader`` worker, and a run restarted at ``start`` continues the
-    same sequence.
+    steps: int
+    batch: int
+    sizes: Sequence[int]
+    max_glyphs: int = 10
+    extent: Tuple[float, float] = (10.0, 150.0)
+
+
+class GlyphBatches(torch.utils.data.IterableDataset):
+    """The training batches of a curriculum of :class:`Stage` s, from step ``start`` on.
+
+    Each step draws its image height and width from its stage's ``sizes`` (seeded by the step) and
+    its images from seeds that no other step uses, so the batches are the same whether they are
+    made in the training process or in a ``DataLoader`` worker, and a run restarted at ``start``
+    continues the same sequence.
     """
 
-    def __init__(self, seed: int, batch: int, sizes: Sequence[int], num_classes: int, patch: int,
-                 steps: int, start: int = 0):
+    def __init__(self, seed: int, stages: Sequence[Stage], num_classes: int, patch: int, start: int = 0):
         super().__init__()
-        self.seed, self.batch, self.sizes = seed, batch, list(sizes)
-        self.num_classes, self.patch, self.steps, self.start = num_classes, patch, steps, start
+        self.seed, self.stages, self.start = seed, list(stages), start
+        self.num_classes, self.patch = num_classes, patch
+
+    def __len__(self) -> int:
+        return sum(st.steps for st in self.stages) - self.start
 
     def __iter__(self):
-        for step in range(self.start, self.steps):
-            rng = np.random.default_rng([self.seed, step])
-            h, w = (int(v) for v in rng.choice(self.sizes, 2))
-            first = self.seed * 10_000_000 + step * self.batch
-            yield glyph_batch(range(first, first + self.batch), h, w, self.num_classes, self.patch)
+        step, first = 0, self.seed * 100_000_000
+        for st in self.stages:
+            for _ in range(st.steps):
+                if step >= self.start:
+                    rng = np.random.default_rng([self.seed, step])
+                    h, w = (int(v) for v in rng.choice(st.sizes, 2))
+                    lo, hi = (e * min(h, w) if e <= 1 else e for e in st.extent)
+                    yield glyph_batch(range(first, first + st.batch), h, w, self.num_classes, self.patch,
+                                      max_glyphs=st.max_glyphs, extent=(lo, hi))
+                step, first = step + 1, first + st.batch
 
 
 class DenseHeads(nn.Module):
