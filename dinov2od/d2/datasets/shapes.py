@@ -184,6 +184,13 @@ def generate_shapes_image(seed: int) -> Tuple[np.ndarray, List[dict]]:
     return np.clip(img, 0, 255).astype(np.uint8), annotations
 
 
+def _write_image(job: Tuple[int, str]) -> Tuple[Tuple[int, int], List[dict]]:
+    """Generate the image of seed ``job[0]``, save it as JPEG at ``job[1]``; return (h, w), annotations."""
+    image, annos = generate_shapes_image(job[0])
+    Image.fromarray(image).save(job[1], quality=92)
+    return image.shape[:2], annos
+
+
 def _split_dir(root: str, split: str) -> str:
     return os.path.join(root, "shapes", split)
 
@@ -219,12 +226,18 @@ def ensure_shapes_split(
             return json_file, out_dir
     logger.info("Generating the shapes '%s' split (%d images) into %s ...", split, num_images, out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    jobs = [(seed + i, os.path.join(out_dir, f"{i:06d}.jpg")) for i in range(num_images)]
+    workers = min(os.cpu_count() or 1, 4, max(1, num_images // 64))
+    if workers > 1:  # each image depends on its seed only, so the files are the same either way
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_write_image, jobs, chunksize=32)
+    else:
+        results = [_write_image(job) for job in jobs]
     images, annotations = [], []
-    for i in range(num_images):
-        image, annos = generate_shapes_image(seed + i)
-        file_name = f"{i:06d}.jpg"
-        Image.fromarray(image).save(os.path.join(out_dir, file_name), quality=92)
-        images.append({"id": i + 1, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
+    for i, ((h, w), annos) in enumerate(results):
+        images.append({"id": i + 1, "file_name": f"{i:06d}.jpg", "height": h, "width": w})
         for anno in annos:
             annotations.append(dict(anno, id=len(annotations) + 1, image_id=i + 1))
     coco = {
