@@ -1,6 +1,10 @@
-"""DINOv2 ViT backbone (Hugging Face ``transformers``) with LoRA adapters (``peft``).
+"""ViT backbones (Hugging Face ``transformers``) with LoRA adapters (``peft``).
 
-The ViT itself is ``transformers.Dinov2Model`` or ``Dinov2WithRegistersModel``; this
+:class:`ViTBackbone` is the one backbone interface the neck, decoder and detector see; it holds
+what every family shares (block loop, masks, taps, windows, LoRA, freezing).
+:class:`DINOv2Backbone` is the DINOv2 family.
+
+The DINOv2 ViT itself is ``transformers.Dinov2Model`` or ``Dinov2WithRegistersModel``; this
 module only runs its blocks in a loop of its own so that it can
 
 * pad any input to a multiple of the patch size and carry a padding mask,
@@ -26,7 +30,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger("dinov2od")
 
-__all__ = ["ARCHS", "DINOv2Backbone", "pad_to_multiple", "build_dinov2_config", "sincos_pos_embed_2d"]
+__all__ = ["ARCHS", "DINOv2Backbone", "ViTBackbone", "apply_rope", "pad_to_multiple", "build_dinov2_config",
+           "sincos_pos_embed_2d"]
 
 PATCH_SIZE = 14
 
@@ -103,6 +108,33 @@ def build_dinov2_config(arch: str = "small", registers: bool = False, **override
     return Dinov2Config(**fields)
 
 
+def apply_rope(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rotate the last N tokens of queries and keys (rotary position embedding, "rotate half").
+
+    Channel ``c`` of the first half pairs with channel ``c`` of the second half:
+    ``x * cos + [-x2, x1] * sin``. The leading (class/register) tokens are left as they are. The
+    rotation runs in at least float32 (as Meta's DINOv3 does under mixed precision).
+
+    Args:
+        q, k: (B, heads, T, Dh).
+        sin, cos: (B, N, Dh) with N <= T.
+
+    Returns:
+        q, k rotated, in their own dtype.
+    """
+    n = sin.shape[1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    sin, cos = sin[:, None].to(dtype), cos[:, None].to(dtype)
+
+    def rotate(x: Tensor) -> Tensor:
+        head, tail = x[:, :, :-n], x[:, :, -n:].to(dtype)
+        x1, x2 = tail.chunk(2, dim=-1)
+        tail = tail * cos + torch.cat([-x2, x1], -1) * sin
+        return torch.cat([head, tail.to(x.dtype)], 2)
+
+    return rotate(q), rotate(k)
+
+
 def pad_to_multiple(images: Tensor, masks: Optional[Tensor], multiple: int) -> Tuple[Tensor, Tensor]:
     """Pad images (bottom/right) to a multiple of ``multiple``; zero every padded pixel.
 
@@ -146,7 +178,231 @@ def valid_sizes_from_mask(masks: Tensor) -> Tensor:
     return torch.stack([heights, widths], 1)
 
 
-class DINOv2Backbone(nn.Module):
+class ViTBackbone(nn.Module):
+    """The one backbone interface: a ViT run block by block, tapped, masked and LoRA-adapted.
+
+    Every family (e.g. :class:`DINOv2Backbone`) gives
+    the neck, decoder, detector and Detectron2 layer the same attributes and call:
+    ``embed_dim``, ``num_taps``, ``patch_size``, ``out_indices`` and
+    ``forward(images, masks) -> (features, patch_mask)``. This class holds what the families
+    share: the block loop (padding masks as attention keys, taps, stop after the last tap,
+    windowed attention), peft LoRA injection, freezing and parameter logging. A family holds
+    its ViT in ``self.vit``, sets ``patch_size``, ``embed_dim``, ``num_heads`` and
+    ``num_register_tokens``, calls :meth:`_finish_init`, and implements:
+
+    * ``_layers`` (the blocks) and ``_final_norm`` (the norm applied to taps);
+    * ``_embed(images, patch_valid_hw)`` -> (B, 1 + R + Hp*Wp, D) tokens;
+    * ``_attention_parts(attention)`` -> its q/k/v/output projections and dropout;
+    * ``_lora_layout()`` -> block sub-module path(s) per LoRA target name;
+    * optionally ``_rope(patch_valid_hw, hp, wp)`` -> per-image rotary ``(sin, cos)``.
+    """
+
+    family = "vit"  # the name used in log messages
+
+    def _finish_init(self, *, out_indices, num_taps, apply_layernorm, window_size, window_blocks,
+                     lora_targets, lora_rank, lora_alpha, lora_dropout, lora_blocks, freeze) -> None:
+        """Taps, windows, LoRA and trainability, once ``self.vit`` and its sizes are set."""
+        depth = len(self._layers)
+        self.out_indices = self._resolve_out_indices(out_indices, num_taps, depth)
+        self.apply_layernorm = apply_layernorm
+        self.window_size, self.window_blocks = self._resolve_windows(window_size, window_blocks, depth)
+        self.lora_targets = tuple(_canonical_target(t) for t in lora_targets)
+        if lora_rank > 0:
+            self._inject_lora(lora_rank, lora_alpha, lora_dropout, lora_blocks, depth)
+        self._set_trainable(freeze)
+        self._log_parameter_counts()
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _resolve_out_indices(out_indices, num_taps: int, depth: int) -> Tuple[int, ...]:
+        if out_indices is None:
+            if not 1 <= num_taps <= depth:
+                raise ValueError(f"num_taps={num_taps} must be in [1, {depth}] (the ViT has {depth} blocks)")
+            return tuple((i + 1) * depth // num_taps - 1 for i in range(num_taps))
+        idx = tuple(int(i) for i in out_indices)
+        if not idx or any(not 0 <= i < depth for i in idx) or list(idx) != sorted(set(idx)):
+            raise ValueError(
+                f"out_indices={list(out_indices)} must be distinct increasing 0-based block "
+                f"indices in [0, {depth - 1}]"
+            )
+        return idx
+
+    def _resolve_windows(self, window_size, window_blocks, depth: int) -> Tuple[Optional[int], Tuple[int, ...]]:
+        if window_size is None:
+            if window_blocks:
+                raise ValueError("window_blocks needs window_size (patches per window side)")
+            return None, ()
+        if int(window_size) < 1:
+            raise ValueError(f"window_size={window_size} must be >= 1 patch")
+        if window_blocks is None:
+            blocks = tuple(i for i in range(depth) if i not in self.out_indices)
+        else:
+            blocks = tuple(int(i) for i in window_blocks)
+            if any(not 0 <= i < depth for i in blocks):
+                raise ValueError(f"window_blocks={list(window_blocks)} must be block indices in [0, {depth - 1}]")
+        return int(window_size), blocks
+
+    def _layers_path(self) -> str:
+        """Module path of the block list inside ``self.vit`` (``encoder.layer``, ``model.layer`` ...)."""
+        return next(name for name, m in self.vit.named_modules() if m is self._layers)
+
+    def _inject_lora(self, rank, alpha, dropout, blocks, depth) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        layout = self._lora_layout()
+        blocks = list(range(depth)) if blocks is None else [int(b) for b in blocks]
+        if any(not 0 <= b < depth for b in blocks):
+            raise ValueError(f"lora_blocks={blocks} must be 0-based block indices in [0, {depth - 1}]")
+        paths = [p for t in self.lora_targets for p in layout[t]]
+        regex = r"%s\.(%s)\.(%s)" % (
+            self._layers_path().replace(".", r"\."),
+            "|".join(str(b) for b in blocks),
+            "|".join(p.replace(".", r"\.") for p in paths),
+        )
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex)
+        inject_adapter_in_model(config, self.vit)
+        self.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=self.lora_targets,
+                                blocks=blocks)
+
+    def _set_trainable(self, freeze: bool) -> None:
+        for name, p in self.vit.named_parameters():
+            p.requires_grad_(not freeze or "lora_" in name)
+        # Parameters that forward never reads stay frozen, so every trainable parameter gets a
+        # gradient (DDP without find_unused_parameters): the mask token, the blocks after the
+        # last tap (never run), and the final norm when it is not applied.
+        unused = [p for p in (getattr(self.vit.embeddings, "mask_token", None),) if isinstance(p, nn.Parameter)]
+        unused += [p for layer in self._layers[self.out_indices[-1] + 1:] for p in layer.parameters()]
+        if not self.apply_layernorm:
+            unused += list(self._final_norm.parameters())
+        for p in unused:
+            p.requires_grad_(False)
+        if self.out_indices[-1] + 1 < len(self._layers):
+            logger.info("%s backbone: blocks %d-%d come after the last tap and are not run",
+                        self.family, self.out_indices[-1] + 1, len(self._layers) - 1)
+
+    def _log_parameter_counts(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info(
+            "%s backbone: %s parameters, %s trainable (%.2f%%)",
+            self.family, f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1),
+        )
+
+    # ------------------------------------------------------------------ forward pieces
+    @property
+    def num_taps(self) -> int:
+        return len(self.out_indices)
+
+    def _rope(self, patch_valid_hw: Tensor, hp: int, wp: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """Rotary ``(sin, cos)`` per patch, each (B, Hp*Wp, head_dim); None: the family has no RoPE."""
+        return None
+
+    def _attention(self, layer: nn.Module, x: Tensor, key_valid: Tensor,
+                   rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Multi-head self-attention of one block with padded keys masked.
+
+        Args:
+            x: (B, T, D) normed tokens; key_valid: (B, T) bool.
+            rope: rotary ``(sin, cos)``, each (B, N, head_dim), for the last N (patch) tokens.
+        """
+        att = layer.attention
+        q_proj, k_proj, v_proj, o_proj, p_drop = self._attention_parts(att)
+        b, t, _ = x.shape
+        heads = self.num_heads
+        q, k, v = (proj(x).view(b, t, heads, -1).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_valid[:, None, None, :], dropout_p=p_drop if self.training else 0.0
+        )  # (B, heads, T, Dh)
+        out = o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if hasattr(att, "output"):
+            out = att.output.dropout(out)
+        return out
+
+    def _block(self, layer: nn.Module, x: Tensor, key_valid: Tensor,
+               rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
+        x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid, rope)))
+        return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+
+    def _windowed_block(self, layer: nn.Module, x: Tensor, patch_valid: Tensor,
+                        rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """One block with attention inside windows (see ``window_size``).
+
+        Args:
+            x: (B, P + Hp*Wp, D) tokens (P prefix tokens); patch_valid: (B, Hp, Wp) bool.
+            rope: rotary ``(sin, cos)``, each (B, Hp*Wp, head_dim), windowed like the patches
+                (each patch keeps its position in the whole image).
+        """
+        ws, (b, hp, wp), d = self.window_size, patch_valid.shape, x.shape[-1]
+        num_prefix = x.shape[1] - hp * wp
+        ph, pw = (-hp) % ws, (-wp) % ws
+        valid = F.pad(patch_valid, (0, pw, 0, ph), value=False)
+        nh, nw = (hp + ph) // ws, (wp + pw) // ws
+        n = nh * nw
+
+        def windows(t: Tensor) -> Tensor:  # (B, Hp*Wp, C) -> (B * n, ws * ws, C)
+            c = t.shape[-1]
+            grid = F.pad(t.reshape(b, hp, wp, c), (0, 0, 0, pw, 0, ph))
+            return grid.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * n, ws * ws, c)
+
+        win = windows(x[:, num_prefix:])
+        win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
+        tokens = torch.cat([x[:, :num_prefix].repeat_interleave(n, 0), win], 1)
+        key_valid = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)
+        rope = None if rope is None else tuple(windows(r) for r in rope)
+        out = self._block(layer, tokens, key_valid, rope)  # (B * n, P + ws*ws, D)
+        # prefix tokens: mean over the windows that hold at least one image patch
+        used = win_valid.view(b, n, -1).any(-1).to(out.dtype)  # (B, n)
+        prefix = (out[:, :num_prefix].view(b, n, num_prefix, d) * used[..., None, None]).sum(1)
+        prefix = prefix / used.sum(1).clamp(min=1)[:, None, None]
+        grid = out[:, num_prefix:].view(b, nh, nw, ws, ws, d).permute(0, 1, 3, 2, 4, 5)
+        grid = grid.reshape(b, nh * ws, nw * ws, d)[:, :hp, :wp]
+        return torch.cat([prefix, grid.reshape(b, hp * wp, d)], 1)
+
+    def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
+        """
+        Args:
+            images: (B, 3, H, W) ImageNet-normalized RGB, any H, W.
+            masks: (B, H, W) bool, True at padded pixels; None = no padding.
+
+        Returns:
+            features: one (B, D, Hp, Wp) map per tap (Hp = ceil(H / patch_size)), zero at padded
+                patches.
+            patch_mask: (B, Hp, Wp) bool, True at patches that hold no valid pixel.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+        images, masks = pad_to_multiple(images, masks, self.patch_size)
+        valid_hw = valid_sizes_from_mask(masks)
+        patch_valid_hw = (valid_hw + self.patch_size - 1) // self.patch_size  # ceil
+        b, _, h, w = images.shape
+        hp, wp = h // self.patch_size, w // self.patch_size
+        ys = torch.arange(hp, device=images.device)
+        xs = torch.arange(wp, device=images.device)
+        patch_valid = (ys[None, :, None] < patch_valid_hw[:, 0, None, None]) & (
+            xs[None, None, :] < patch_valid_hw[:, 1, None, None]
+        )  # (B, Hp, Wp)
+
+        x = self._embed(images, patch_valid_hw)
+        rope = self._rope(patch_valid_hw, hp, wp)
+        num_prefix = 1 + self.num_register_tokens
+        key_valid = torch.cat([patch_valid.new_ones(b, num_prefix), patch_valid.flatten(1)], 1)
+        features = []
+        for i, layer in enumerate(self._layers[: self.out_indices[-1] + 1]):
+            if i in self.window_blocks:
+                x = self._windowed_block(layer, x, patch_valid, rope)
+            else:
+                x = self._block(layer, x, key_valid, rope)
+            if i in self.out_indices:
+                f = self._final_norm(x) if self.apply_layernorm else x
+                f = f[:, num_prefix:].reshape(b, hp, wp, -1).permute(0, 3, 1, 2)
+                features.append(f * patch_valid[:, None].to(f.dtype))
+        return features, ~patch_valid
+
+
+class DINOv2Backbone(ViTBackbone):
     """DINOv2 ViT with LoRA adapters, returning feature maps tapped from several blocks.
 
     Args:
@@ -188,6 +444,8 @@ class DINOv2Backbone(nn.Module):
             ``size=(h, w)`` for both (antialias for the register models only); the two agree for
             the register models and whenever the grid is the stored ``M x M``.
     """
+
+    family = "DINOv2"
 
     def __init__(
         self,
@@ -233,95 +491,37 @@ class DINOv2Backbone(nn.Module):
         self.embed_dim = int(cfg.hidden_size)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_register_tokens = int(getattr(cfg, "num_register_tokens", 0) or 0)
-        depth = int(cfg.num_hidden_layers)
-        self.out_indices = self._resolve_out_indices(out_indices, num_taps, depth)
-        self.apply_layernorm = apply_layernorm
-        self.window_size, self.window_blocks = self._resolve_windows(window_size, window_blocks, depth)
-        self.lora_targets = tuple(_canonical_target(t) for t in lora_targets)
-        if lora_rank > 0:
-            self._inject_lora(lora_rank, lora_alpha, lora_dropout, lora_blocks, depth)
-        self._set_trainable(freeze)
-        self._log_parameter_counts()
+        self._finish_init(
+            out_indices=out_indices, num_taps=num_taps, apply_layernorm=apply_layernorm,
+            window_size=window_size, window_blocks=window_blocks, lora_targets=lora_targets,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_blocks=lora_blocks,
+            freeze=freeze)
 
-    # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _resolve_out_indices(out_indices, num_taps: int, depth: int) -> Tuple[int, ...]:
-        if out_indices is None:
-            if not 1 <= num_taps <= depth:
-                raise ValueError(f"num_taps={num_taps} must be in [1, {depth}] (the ViT has {depth} blocks)")
-            return tuple((i + 1) * depth // num_taps - 1 for i in range(num_taps))
-        idx = tuple(int(i) for i in out_indices)
-        if not idx or any(not 0 <= i < depth for i in idx) or list(idx) != sorted(set(idx)):
-            raise ValueError(
-                f"out_indices={list(out_indices)} must be distinct increasing 0-based block "
-                f"indices in [0, {depth - 1}]"
-            )
-        return idx
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return self.vit.encoder.layer
 
-    def _resolve_windows(self, window_size, window_blocks, depth: int) -> Tuple[Optional[int], Tuple[int, ...]]:
-        if window_size is None:
-            if window_blocks:
-                raise ValueError("window_blocks needs window_size (patches per window side)")
-            return None, ()
-        if int(window_size) < 1:
-            raise ValueError(f"window_size={window_size} must be >= 1 patch")
-        if window_blocks is None:
-            blocks = tuple(i for i in range(depth) if i not in self.out_indices)
-        else:
-            blocks = tuple(int(i) for i in window_blocks)
-            if any(not 0 <= i < depth for i in blocks):
-                raise ValueError(f"window_blocks={list(window_blocks)} must be block indices in [0, {depth - 1}]")
-        return int(window_size), blocks
+    @property
+    def _final_norm(self) -> nn.Module:
+        return self.vit.layernorm
 
-    def _inject_lora(self, rank, alpha, dropout, blocks, depth) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        layout = _TARGETS_V5 if hasattr(self.vit.encoder.layer[0].attention, "q_proj") else _TARGETS_V4
-        blocks = list(range(depth)) if blocks is None else [int(b) for b in blocks]
-        if any(not 0 <= b < depth for b in blocks):
-            raise ValueError(f"lora_blocks={blocks} must be 0-based block indices in [0, {depth - 1}]")
-        paths = [layout[t] for t in self.lora_targets]
+    def _lora_layout(self) -> Dict[str, Tuple[str, ...]]:
+        layout = _TARGETS_V5 if hasattr(self._layers[0].attention, "q_proj") else _TARGETS_V4
         if "fc1" in self.lora_targets or "fc2" in self.lora_targets:
-            if not hasattr(self.vit.encoder.layer[0].mlp, "fc1"):
+            if not hasattr(self._layers[0].mlp, "fc1"):
                 raise ValueError("lora_targets fc1/fc2 need the plain MLP; the giant arch uses SwiGLU")
-        regex = r"encoder\.layer\.(%s)\.(%s)" % (
-            "|".join(str(b) for b in blocks),
-            "|".join(p.replace(".", r"\.") for p in paths),
-        )
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex)
-        inject_adapter_in_model(config, self.vit)
-        self.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=self.lora_targets,
-                                blocks=blocks)
+        return {k: (v,) for k, v in layout.items()}
 
-    def _set_trainable(self, freeze: bool) -> None:
-        for name, p in self.vit.named_parameters():
-            p.requires_grad_(not freeze or "lora_" in name)
-        # Parameters that forward never reads stay frozen, so every trainable parameter gets a
-        # gradient (DDP without find_unused_parameters): the mask token, the blocks after the
-        # last tap (never run), and the final norm when it is not applied.
-        unused = [p for p in (getattr(self.vit.embeddings, "mask_token", None),) if isinstance(p, nn.Parameter)]
-        unused += [p for layer in self.vit.encoder.layer[self.out_indices[-1] + 1:] for p in layer.parameters()]
-        if not self.apply_layernorm:
-            unused += list(self.vit.layernorm.parameters())
-        for p in unused:
-            p.requires_grad_(False)
-        if self.out_indices[-1] + 1 < len(self.vit.encoder.layer):
-            logger.info("DINOv2 backbone: blocks %d-%d come after the last tap and are not run",
-                        self.out_indices[-1] + 1, len(self.vit.encoder.layer) - 1)
-
-    def _log_parameter_counts(self) -> None:
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        logger.info(
-            "DINOv2 backbone: %s parameters, %s trainable (%.2f%%)",
-            f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1),
-        )
+    @staticmethod
+    def _attention_parts(att: nn.Module):
+        """(q, k, v, output) projections and attention dropout of a block, in either layout."""
+        if hasattr(att, "q_proj"):  # transformers >= 5
+            return att.q_proj, att.k_proj, att.v_proj, att.o_proj, att.attention_dropout
+        sa = att.attention  # transformers 4.x
+        p_drop = sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p
+        return sa.query, sa.key, sa.value, att.output.dense, p_drop
 
     # ------------------------------------------------------------------ forward pieces
-    @property
-    def num_taps(self) -> int:
-        return len(self.out_indices)
-
     def _pos_embed_grid(self, h: int, w: int, dtype) -> Tensor:
         """Position embeddings of the patches interpolated to an (h, w) grid -> (h, w, D).
 
@@ -361,100 +561,6 @@ class DINOv2Backbone(nn.Module):
             tokens.append(emb.register_tokens.to(x.dtype).expand(b, -1, -1))
         return emb.dropout(torch.cat(tokens + [x], 1))
 
-    def _attention(self, layer: nn.Module, x: Tensor, key_valid: Tensor) -> Tensor:
-        """Multi-head self-attention of one block with padded keys masked.
-
-        Args:
-            x: (B, T, D) normed tokens; key_valid: (B, T) bool.
-        """
-        att = layer.attention
-        if hasattr(att, "q_proj"):  # transformers >= 5
-            q_proj, k_proj, v_proj, o_proj = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-            p_drop = att.attention_dropout
-        else:  # transformers 4.x
-            sa = att.attention
-            q_proj, k_proj, v_proj, o_proj = sa.query, sa.key, sa.value, att.output.dense
-            p_drop = sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p
-        b, t, _ = x.shape
-        heads = self.num_heads
-        q, k, v = (proj(x).view(b, t, heads, -1).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_valid[:, None, None, :], dropout_p=p_drop if self.training else 0.0
-        )  # (B, heads, T, Dh)
-        out = o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        if hasattr(att, "output"):
-            out = att.output.dropout(out)
-        return out
-
-    def _block(self, layer: nn.Module, x: Tensor, key_valid: Tensor) -> Tensor:
-        """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
-        x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid)))
-        return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
-
-    def _windowed_block(self, layer: nn.Module, x: Tensor, patch_valid: Tensor) -> Tensor:
-        """One block with attention inside windows (see ``window_size``).
-
-        Args:
-            x: (B, P + Hp*Wp, D) tokens (P prefix tokens); patch_valid: (B, Hp, Wp) bool.
-        """
-        ws, (b, hp, wp), d = self.window_size, patch_valid.shape, x.shape[-1]
-        num_prefix = x.shape[1] - hp * wp
-        ph, pw = (-hp) % ws, (-wp) % ws
-        grid = F.pad(x[:, num_prefix:].reshape(b, hp, wp, d), (0, 0, 0, pw, 0, ph))
-        valid = F.pad(patch_valid, (0, pw, 0, ph), value=False)
-        nh, nw = (hp + ph) // ws, (wp + pw) // ws
-        n = nh * nw
-        # (B, nh, ws, nw, ws, D) -> (B * n, ws * ws, D)
-        win = grid.view(b, nh, ws, nw, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(b * n, ws * ws, d)
-        win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
-        tokens = torch.cat([x[:, :num_prefix].repeat_interleave(n, 0), win], 1)
-        key_valid = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)
-        out = self._block(layer, tokens, key_valid)  # (B * n, P + ws*ws, D)
-        # prefix tokens: mean over the windows that hold at least one image patch
-        used = win_valid.view(b, n, -1).any(-1).to(out.dtype)  # (B, n)
-        prefix = (out[:, :num_prefix].view(b, n, num_prefix, d) * used[..., None, None]).sum(1)
-        prefix = prefix / used.sum(1).clamp(min=1)[:, None, None]
-        grid = out[:, num_prefix:].view(b, nh, nw, ws, ws, d).permute(0, 1, 3, 2, 4, 5)
-        grid = grid.reshape(b, nh * ws, nw * ws, d)[:, :hp, :wp]
-        return torch.cat([prefix, grid.reshape(b, hp * wp, d)], 1)
-
-    def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
-        """
-        Args:
-            images: (B, 3, H, W) ImageNet-normalized RGB, any H, W.
-            masks: (B, H, W) bool, True at padded pixels; None = no padding.
-
-        Returns:
-            features: one (B, D, Hp, Wp) map per tap (Hp = ceil(H / 14)), zero at padded patches.
-            patch_mask: (B, Hp, Wp) bool, True at patches that hold no valid pixel.
-        """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
-        images, masks = pad_to_multiple(images, masks, self.patch_size)
-        valid_hw = valid_sizes_from_mask(masks)
-        patch_valid_hw = (valid_hw + self.patch_size - 1) // self.patch_size  # ceil
-        b, _, h, w = images.shape
-        hp, wp = h // self.patch_size, w // self.patch_size
-        ys = torch.arange(hp, device=images.device)
-        xs = torch.arange(wp, device=images.device)
-        patch_valid = (ys[None, :, None] < patch_valid_hw[:, 0, None, None]) & (
-            xs[None, None, :] < patch_valid_hw[:, 1, None, None]
-        )  # (B, Hp, Wp)
-
-        x = self._embed(images, patch_valid_hw)
-        num_prefix = 1 + self.num_register_tokens
-        key_valid = torch.cat([patch_valid.new_ones(b, num_prefix), patch_valid.flatten(1)], 1)
-        features = []
-        for i, layer in enumerate(self.vit.encoder.layer[: self.out_indices[-1] + 1]):
-            if i in self.window_blocks:
-                x = self._windowed_block(layer, x, patch_valid)
-            else:
-                x = self._block(layer, x, key_valid)
-            if i in self.out_indices:
-                f = self.vit.layernorm(x) if self.apply_layernorm else x
-                f = f[:, num_prefix:].reshape(b, hp, wp, -1).permute(0, 3, 1, 2)
-                features.append(f * patch_valid[:, None].to(f.dtype))
-        return features, ~patch_valid
 
 
 def _canonical_target(name: str) -> str:
