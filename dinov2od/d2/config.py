@@ -30,8 +30,9 @@ def add_dinov2od_config(cfg: CN) -> CN:
     d.TEST_TOPK = 100  # detections per image (top-k over queries x classes)
 
     b = d.BACKBONE = CN()
-    b.ARCH = "base"  # tiny | small | base | large | giant
-    b.REGISTERS = False
+    b.FAMILY = "dinov2"  # dinov2 | dinov3 (then also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
+    b.ARCH = "base"  # dinov2: tiny | small | base | large | giant; dinov3: small | small_plus | base | large | huge_plus | 7b
+    b.REGISTERS = False  # dinov2 only
     b.PRETRAINED = ""  # "" = random init; HF id, local folder or official .pth
     b.ARCH_OVERRIDES = CN(new_allowed=True)  # e.g. hidden_size: 48
     b.OUT_INDICES = []  # [] = NUM_TAPS evenly spaced blocks
@@ -42,7 +43,8 @@ def add_dinov2od_config(cfg: CN) -> CN:
     b.LORA_TARGETS = ["query", "value"]
     b.FREEZE = True
     b.DROP_PATH_RATE = 0.0
-    b.POS_EMBED_INIT = "sincos"  # random-init ViT only: "sincos" | "random"
+    b.POS_EMBED_INIT = "sincos"  # dinov2, random-init ViT only: "sincos" | "random"
+    b.ROPE_TRAIN_AUGMENT = True  # dinov3: the released RoPE coordinate augmentation in training mode
 
     d.HIDDEN_DIM = 256
     d.SCALE_FACTORS = [2.0, 1.0, 0.5, 0.25]
@@ -108,11 +110,12 @@ def add_dinov2od_config(cfg: CN) -> CN:
 
 
 def build_backbone_from_cfg(cfg):
-    """``DINOv2Backbone`` from ``cfg.MODEL.DINOV2OD.BACKBONE``."""
-    from dinov2od.modeling import DINOv2Backbone
+    """The backbone of ``cfg.MODEL.DINOV2OD.BACKBONE`` (``FAMILY`` picks DINOv2 or DINOv3)."""
+    from dinov2od.modeling import build_backbone
 
     b = cfg.MODEL.DINOV2OD.BACKBONE
-    return DINOv2Backbone(
+    return build_backbone(
+        family=b.FAMILY,
         arch=b.ARCH,
         registers=b.REGISTERS,
         arch_overrides=dict(b.ARCH_OVERRIDES),
@@ -126,6 +129,7 @@ def build_backbone_from_cfg(cfg):
         freeze=b.FREEZE,
         drop_path_rate=b.DROP_PATH_RATE,
         pos_embed_init=b.POS_EMBED_INIT,
+        rope_train_augment=b.ROPE_TRAIN_AUGMENT,
     )
 
 

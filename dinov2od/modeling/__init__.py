@@ -1,6 +1,8 @@
 """The detector in plain PyTorch + transformers + peft + scipy (no Detectron2 import).
 
-Pieces: :class:`DINOv2Backbone` (DINOv2 ViT with LoRA, taps from several blocks),
+Pieces: :class:`DINOv2Backbone` / :class:`DINOv3Backbone` (a DINOv2 or DINOv3 ViT with LoRA, taps
+from several blocks, behind one interface, :class:`ViTBackbone`; :func:`build_backbone` picks one by
+``family``),
 :class:`SimpleFeaturePyramid` (neck), :class:`DeformableDecoder` (decoder + heads),
 :class:`HungarianMatcher`, :class:`SetCriterion`, and :class:`DINOv2ObjectDetector`
 composing them. Constructing never downloads; weights load only when asked for::
@@ -9,13 +11,17 @@ composing them. Constructing never downloads; weights load only when asked for::
     model = DINOv2ObjectDetector(num_classes=80)                 # ViT-S/14 arch, random init
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="dinov2_vitb14_pretrain.pth"))
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(family="dinov3", arch="small"))  # ViT-S/16
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(
+        family="dinov3", pretrained="facebook/dinov3-vitb16-pretrain-lvd1689m"))  # or a folder / Meta's .pth
     out = model(images, masks)  # images (B,3,H,W) RGB in [0, 1]; masks (B,H,W) True=pad
     dets = model.predict([img1, img2])  # per image: boxes (x0,y0,x1,y1 px), scores, labels
     out["pred_logits"]  # (B, Q, K) sigmoid logits
     out["pred_boxes"]   # (B, Q, 4) cxcywh in [0, 1] of each unpadded image
 
 Architectures: ``arch="small"|"base"|"large"|"giant"`` (+ ``registers=True``) are the
-released DINOv2 ViTs; ``arch="tiny"`` (width 96, 4 blocks, 3 heads, MLP ratio 2) has no
+released DINOv2 ViTs; with ``family="dinov3"``, ``arch="small"|"small_plus"|"base"|"large"|
+"huge_plus"|"7b"`` are the released DINOv3 ViTs (:data:`DINOV3_ARCHS`). ``arch="tiny"`` (width 96, 4 blocks, 3 heads, MLP ratio 2) has no
 released weights and is for CPU tests and demos. Any field can be overridden with plain
 kwargs, e.g. a tiny random-init ViT trained end to end::
 
@@ -34,20 +40,41 @@ two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
 the model too (``model(images, targets=targets)``): the denoising queries (``dn_groups``) are
 built from them. Layer-wise LR decay of a fine-tuned ViT: :func:`backbone_lr_decay`.
 """
-from .backbone import ARCHS, DINOv2Backbone, build_dinov2_config, pad_to_multiple, valid_sizes_from_mask
+from .backbone import (
+    ARCHS,
+    BACKBONE_FAMILIES,
+    DINOv2Backbone,
+    ViTBackbone,
+    build_backbone,
+    build_dinov2_config,
+    pad_to_multiple,
+    valid_sizes_from_mask,
+)
 from .criterion import SetCriterion
 from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
 from .detector import DINOv2ObjectDetector, topk_detections
+from .dinov3 import DINOV3_ARCHS, DINOv3Backbone, build_dinov3_config
 from .lr_decay import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
 from .matcher import HungarianMatcher, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
 from .train_queries import DenoisingQueries, make_denoising_queries
-from .weights import HUB_IDS, PretrainedWeightsUnavailable, hf_to_official_state_dict, official_to_hf_state_dict
+from .weights import (
+    DINOV3_HUB_IDS,
+    HUB_IDS,
+    PretrainedWeightsUnavailable,
+    dinov3_official_to_hf_state_dict,
+    hf_to_official_state_dict,
+    official_to_hf_state_dict,
+)
 
 __all__ = [
     "ARCHS",
+    "BACKBONE_FAMILIES",
+    "DINOV3_ARCHS",
+    "DINOV3_HUB_IDS",
     "HUB_IDS",
     "DINOv2Backbone",
+    "DINOv3Backbone",
     "DINOv2ObjectDetector",
     "DecoderLayer",
     "DenoisingQueries",
@@ -58,8 +85,12 @@ __all__ = [
     "PretrainedWeightsUnavailable",
     "SetCriterion",
     "SimpleFeaturePyramid",
+    "ViTBackbone",
     "backbone_lr_decay",
+    "build_backbone",
     "build_dinov2_config",
+    "build_dinov3_config",
+    "dinov3_official_to_hf_state_dict",
     "focal_class_cost",
     "inverse_sigmoid",
     "hf_to_official_state_dict",

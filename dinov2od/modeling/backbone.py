@@ -2,7 +2,8 @@
 
 :class:`ViTBackbone` is the one backbone interface the neck, decoder and detector see; it holds
 what every family shares (block loop, masks, taps, windows, LoRA, freezing).
-:class:`DINOv2Backbone` is the DINOv2 family.
+:class:`DINOv2Backbone` is the DINOv2 family, :class:`~dinov2od.modeling.dinov3.DINOv3Backbone`
+the DINOv3 one; :func:`build_backbone` picks one by ``family`` (the one config field).
 
 The DINOv2 ViT itself is ``transformers.Dinov2Model`` or ``Dinov2WithRegistersModel``; this
 module only runs its blocks in a loop of its own so that it can
@@ -30,8 +31,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger("dinov2od")
 
-__all__ = ["ARCHS", "DINOv2Backbone", "ViTBackbone", "apply_rope", "pad_to_multiple", "build_dinov2_config",
-           "sincos_pos_embed_2d"]
+__all__ = ["ARCHS", "BACKBONE_FAMILIES", "DINOv2Backbone", "ViTBackbone", "apply_rope", "build_backbone",
+           "build_dinov2_config", "pad_to_multiple", "sincos_pos_embed_2d"]
 
 PATCH_SIZE = 14
 
@@ -181,7 +182,7 @@ def valid_sizes_from_mask(masks: Tensor) -> Tensor:
 class ViTBackbone(nn.Module):
     """The one backbone interface: a ViT run block by block, tapped, masked and LoRA-adapted.
 
-    Every family (e.g. :class:`DINOv2Backbone`) gives
+    Every family (:class:`DINOv2Backbone`, :class:`~dinov2od.modeling.dinov3.DINOv3Backbone`) gives
     the neck, decoder, detector and Detectron2 layer the same attributes and call:
     ``embed_dim``, ``num_taps``, ``patch_size``, ``out_indices`` and
     ``forward(images, masks) -> (features, patch_mask)``. This class holds what the families
@@ -561,6 +562,43 @@ class DINOv2Backbone(ViTBackbone):
             tokens.append(emb.register_tokens.to(x.dtype).expand(b, -1, -1))
         return emb.dropout(torch.cat(tokens + [x], 1))
 
+
+
+# Keyword arguments only one family has, with their defaults: a config written for one family
+# (the lazy config lists every field) builds the other as long as these stay at their defaults.
+_FAMILY_ONLY_KWARGS = {
+    "dinov2": dict(registers=False, pos_embed_init="sincos", pos_interpolation="meta"),
+    "dinov3": dict(rope_train_augment=True),
+}
+BACKBONE_FAMILIES = tuple(_FAMILY_ONLY_KWARGS)
+
+
+def build_backbone(family: str = "dinov2", **kwargs) -> ViTBackbone:
+    """The backbone of a family: ``"dinov2"`` (:class:`DINOv2Backbone`) or ``"dinov3"`` (``DINOv3Backbone``).
+
+    Args:
+        family: ``"dinov2"`` or ``"dinov3"`` (case-insensitive).
+        **kwargs: the family's keyword arguments. Those of the *other* family (``registers``,
+            ``pos_embed_init``, ``pos_interpolation`` for DINOv2; ``rope_train_augment`` for
+            DINOv3) are dropped when they hold their defaults and refused otherwise.
+    """
+    name = str(family).lower()
+    if name not in _FAMILY_ONLY_KWARGS:
+        raise ValueError(f"backbone family={family!r} is unknown; choose one of {list(BACKBONE_FAMILIES)}")
+    for other, defaults in _FAMILY_ONLY_KWARGS.items():
+        if other == name:
+            continue
+        for key, default in defaults.items():
+            if key in kwargs and kwargs.pop(key) != default:
+                raise ValueError(
+                    f"backbone option {key}= applies to family='{other}' only, not family='{name}'; "
+                    f"remove it (or leave it at {default!r})"
+                )
+    if name == "dinov3":
+        from .dinov3 import DINOv3Backbone
+
+        return DINOv3Backbone(**kwargs)
+    return DINOv2Backbone(**kwargs)
 
 
 def _canonical_target(name: str) -> str:

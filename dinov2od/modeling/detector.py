@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
 
-from .backbone import DINOv2Backbone, pad_to_multiple, valid_sizes_from_mask
+from .backbone import build_backbone, pad_to_multiple, valid_sizes_from_mask
 from .decoder import DeformableDecoder
 from .neck import ConvSpatialPrior, SimpleFeaturePyramid
 
@@ -48,13 +48,16 @@ class DINOv2ObjectDetector(nn.Module):
 
     Args:
         num_classes: number of object classes K.
-        backbone: a :class:`DINOv2Backbone`, or a dict of its keyword arguments, or None for
-            ``DINOv2Backbone()`` (ViT-S/14 architecture, random init, LoRA on query/value).
+        backbone: a backbone (:class:`~dinov2od.modeling.backbone.ViTBackbone`: ``DINOv2Backbone``
+            or ``DINOv3Backbone``), or a dict of :func:`~dinov2od.modeling.backbone.build_backbone`
+            keyword arguments (``family="dinov2"`` by default, ``"dinov3"`` for DINOv3), or None for
+            the DINOv2 ViT-S/14 architecture (random init, LoRA on query/value).
         neck: a :class:`SimpleFeaturePyramid` (None: built from ``hidden_dim``/``scale_factors``).
         decoder: a :class:`DeformableDecoder` (None: built from the arguments below).
         hidden_dim: decoder width C.
-        scale_factors: pyramid levels relative to the 14-px patch grid; the default gives strides
-            7/14/28/56 px; ``(1.0,)`` is single-level.
+        scale_factors: pyramid levels relative to the patch grid; the default gives strides
+            7/14/28/56 px with DINOv2's 14-px patches (8/16/32/64 with DINOv3's 16-px ones);
+            ``(1.0,)`` is single-level.
         num_queries, num_decoder_layers, num_heads, num_points, dim_feedforward, dropout,
         cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms, dn_groups,
         dn_queries, dn_label_noise, dn_box_noise, o2m_queries: see :class:`DeformableDecoder`
@@ -98,7 +101,7 @@ class DINOv2ObjectDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
         if backbone is None or isinstance(backbone, dict):
-            backbone = DINOv2Backbone(**(backbone or {}))
+            backbone = build_backbone(**(backbone or {}))
         self.backbone = backbone
         if neck is None:
             neck = SimpleFeaturePyramid(backbone.embed_dim, backbone.num_taps, hidden_dim, scale_factors,

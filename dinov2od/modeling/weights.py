@@ -1,6 +1,6 @@
-"""Building the DINOv2 ViT and loading its weights.
+"""Building the DINOv2 and DINOv3 ViTs and loading their weights.
 
-Three sources, only when asked for (``pretrained=``):
+Three sources per family, only when asked for (``pretrained=``):
 
 * a Hugging Face hub id (``facebook/dinov2-small|base|large|giant``,
   ``facebook/dinov2-with-registers-*``) — from the local cache, or downloaded by
@@ -12,7 +12,17 @@ Three sources, only when asked for (``pretrained=``):
   ``layer_scale1.lambda1``, ``mlp.w12``/``mlp.w3`` (SwiGLU) -> the SwiGLU projections,
   ``pos_embed`` -> ``embeddings.position_embeddings``, ``norm`` -> ``layernorm``.
 
-A checkpoint of another architecture is refused with a message saying which arch it is.
+DINOv3 (``load_dinov3_vit``): the hub ids of :data:`DINOV3_HUB_IDS`, ``save_pretrained`` folders of
+``DINOv3ViTModel``, and Meta's official ``.pth`` files (``dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth``
+...), remapped: ``storage_tokens`` -> ``embeddings.register_tokens``, ``blocks.N.attn.qkv`` (fused,
+its bias multiplied by ``bias_mask``, which zeroes the key bias: Meta's ``mask_k_bias``) ->
+``q_proj``/``k_proj``/``v_proj``, ``attn.proj`` -> ``o_proj``, ``ls1.gamma`` -> ``layer_scale1.lambda1``,
+``mlp.fc1``/``fc2`` -> ``up_proj``/``down_proj``, SwiGLU ``mlp.w1``/``w2``/``w3`` ->
+``gate_proj``/``up_proj``/``down_proj``. ``rope_embed.periods`` is checked against the config's RoPE
+base, and ``cls_norm``/``local_cls_norm`` (they normalize only the class and storage tokens) are
+dropped.
+
+A checkpoint of another architecture (or family) is refused with a message saying which it is.
 """
 from __future__ import annotations
 
@@ -25,21 +35,37 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import ARCHS, build_dinov2_config
+from .dinov3 import DINOV3_ARCHS, build_dinov3_config, rope_periods
 
 logger = logging.getLogger("dinov2od")
 
 __all__ = [
+    "DINOV3_HUB_IDS",
     "HUB_IDS",
     "PretrainedWeightsUnavailable",
     "load_vit",
     "official_to_hf_state_dict",
     "hf_to_official_state_dict",
     "load_official_checkpoint",
+    "load_dinov3_vit",
+    "dinov3_official_to_hf_state_dict",
 ]
 
 HUB_IDS = {
     **{f"facebook/dinov2-{a}": (a, False) for a in ("small", "base", "large", "giant")},
     **{f"facebook/dinov2-with-registers-{a}": (a, True) for a in ("small", "base", "large", "giant")},
+}
+
+# The released DINOv3 ViTs on the Hugging Face hub (LVD-1689M web images; SAT-493M satellite images).
+DINOV3_HUB_IDS = {
+    "facebook/dinov3-vits16-pretrain-lvd1689m": "small",
+    "facebook/dinov3-vits16plus-pretrain-lvd1689m": "small_plus",
+    "facebook/dinov3-vitb16-pretrain-lvd1689m": "base",
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": "large",
+    "facebook/dinov3-vith16plus-pretrain-lvd1689m": "huge_plus",
+    "facebook/dinov3-vit7b16-pretrain-lvd1689m": "7b",
+    "facebook/dinov3-vitl16-pretrain-sat493m": "large",
+    "facebook/dinov3-vit7b16-pretrain-sat493m": "7b",
 }
 
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size", "use_swiglu_ffn")
@@ -108,7 +134,7 @@ def _guess_arch(config) -> str:
     return "unknown"
 
 
-def _download_hub(repo_id: str) -> str:
+def _download_hub(repo_id: str, family: str = "DINOv2", known=HUB_IDS) -> str:
     """Local folder of a hub repo (cache, or download when the hub is reachable)."""
     from huggingface_hub import snapshot_download
 
@@ -118,12 +144,12 @@ def _download_hub(repo_id: str) -> str:
     except Exception as e:  # offline, unreachable, unknown repo, auth ...
         first = str(e).splitlines()[0] if str(e) else ""
         raise PretrainedWeightsUnavailable(
-            f"could not load DINOv2 weights {repo_id!r} from the Hugging Face hub or its local "
+            f"could not load {family} weights {repo_id!r} from the Hugging Face hub or its local "
             f"cache ({type(e).__name__}: {first}). The hub is unreachable (or HF_HUB_OFFLINE=1) "
             "or the id is wrong, and the weights are not cached. Fix: on a machine with internet run "
             f"`huggingface-cli download {repo_id} --local-dir <folder>` (or `hf download`), copy the "
-            "folder here and pass pretrained='<folder>'; or pass an official DINOv2 .pth checkpoint "
-            f"path; or pretrained=None for random init. Known ids: {sorted(HUB_IDS)}."
+            f"folder here and pass pretrained='<folder>'; or pass an official {family} .pth checkpoint "
+            f"path; or pretrained=None for random init. Known ids: {sorted(known)}."
         ) from e
 
 
@@ -151,6 +177,7 @@ def _load_hf(pretrained: str, arch: Optional[str], registers: bool, overrides: d
             raise ValueError(
                 f"pretrained={pretrained!r} holds a {config.model_type!r} model, not a DINOv2 ViT "
                 "(model_type 'dinov2' or 'dinov2_with_registers')"
+                + ("; load DINOv3 weights with family='dinov3'" if config.model_type == "dinov3_vit" else "")
             )
         model = _model_class(config.model_type == "dinov2_with_registers").from_pretrained(folder)
     except OSError as e:
@@ -194,6 +221,11 @@ def _unwrap_official(obj) -> Dict[str, Tensor]:
 
 
 def _infer_official_config(sd: Dict[str, Tensor]) -> dict:
+    if "storage_tokens" in sd or "rope_embed.periods" in sd:
+        raise ValueError(
+            "the .pth file is an official DINOv3 checkpoint (RoPE, storage tokens), not DINOv2; load it "
+            "with family='dinov3' (DINOv3Backbone)"
+        )
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(
             "the .pth file is not an official DINOv2 ViT checkpoint (no cls_token / patch_embed.proj.weight); "
@@ -362,4 +394,236 @@ def load_official_checkpoint(path: str, arch: Optional[str], registers: bool, ov
         logger.warning("%s: %d unexpected key(s) ignored: %s", path, len(result.unexpected_keys),
                        result.unexpected_keys[:10])
     logger.info("Loaded official DINOv2 checkpoint %s (arch=%s, registers=%s)", path, arch, registers)
+    return model
+
+
+# ---------------------------------------------------------------------- DINOv3
+_DINOV3_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                       "intermediate_size", "use_gated_mlp", "num_register_tokens")
+
+
+def _dinov3_model_class():
+    from transformers import DINOv3ViTModel
+
+    return DINOv3ViTModel
+
+
+def load_dinov3_vit(arch: Optional[str], overrides: dict, pretrained: Optional[str]) -> nn.Module:
+    """Build a ``DINOv3ViTModel`` (random init) or load it from ``pretrained`` (module docstring)."""
+    if is_random_init(pretrained):
+        return _dinov3_model_class()(build_dinov3_config(arch or "small", **overrides))
+    pretrained = os.fspath(pretrained)
+    if pretrained.endswith((".pth", ".pt", ".bin")) and not os.path.isdir(pretrained):
+        return load_official_dinov3_checkpoint(pretrained, arch, overrides)
+    return _load_hf_dinov3(pretrained, arch, overrides)
+
+
+def _dinov3_mismatch(config, expected) -> Dict[str, Tuple]:
+    return {f: (getattr(config, f), getattr(expected, f)) for f in _DINOV3_ARCH_FIELDS
+            if getattr(config, f) != getattr(expected, f)}
+
+
+def _guess_dinov3_arch(fields: dict) -> Optional[str]:
+    gated = bool(fields.get("use_gated_mlp"))
+    for name, preset in DINOV3_ARCHS.items():
+        if name != "tiny" and (preset["hidden_size"], preset["num_hidden_layers"], bool(preset.get("use_gated_mlp"))) \
+                == (fields["hidden_size"], fields["num_hidden_layers"], gated):
+            return name
+    return None
+
+
+def _load_hf_dinov3(pretrained: str, arch: Optional[str], overrides: dict) -> nn.Module:
+    """Load a Hugging Face id or ``save_pretrained`` folder of a DINOv3 ViT; refuse anything else."""
+    from transformers import AutoConfig
+
+    is_dir = os.path.isdir(pretrained)
+    if os.path.isfile(pretrained) or (not is_dir and pretrained.startswith((".", os.sep))):
+        raise PretrainedWeightsUnavailable(
+            f"pretrained={pretrained!r} is neither a save_pretrained folder, an official DINOv3 .pth "
+            "file, nor a Hugging Face id (like 'facebook/dinov3-vitb16-pretrain-lvd1689m')"
+        )
+    if not is_dir and arch is None and pretrained in DINOV3_HUB_IDS:
+        arch = DINOV3_HUB_IDS[pretrained]
+    folder = pretrained if is_dir else _download_hub(pretrained, "DINOv3", DINOV3_HUB_IDS)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise PretrainedWeightsUnavailable(
+            f"could not load DINOv3 weights from the folder {folder!r}: it has no config.json. The "
+            "folder must hold a DINOv3ViTModel saved with save_pretrained (config.json + model.safetensors)."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "dinov3_vit":
+        hint = "; load DINOv2 weights with family='dinov2'" if config.model_type.startswith("dinov2") else ""
+        raise ValueError(
+            f"pretrained={pretrained!r} holds a {config.model_type!r} model, not a DINOv3 ViT "
+            f"(model_type 'dinov3_vit'){hint}"
+        )
+    extra = {k: overrides[k] for k in ("drop_path_rate",) if overrides.get(k)}
+    if arch is not None:
+        diff = _dinov3_mismatch(config, build_dinov3_config(arch, **overrides))
+        if diff:
+            found = _guess_dinov3_arch(config.to_dict()) or "unknown"
+            raise ValueError(
+                f"pretrained={pretrained!r} is a DINOv3 {found!r} but the backbone asks for arch={arch!r}; "
+                f"differing fields (checkpoint, requested): {diff}. Pass the matching arch, or arch=None "
+                "to take the checkpoint's."
+            )
+    try:
+        model = _dinov3_model_class().from_pretrained(folder, **extra)
+    except OSError as e:
+        raise PretrainedWeightsUnavailable(
+            f"could not load DINOv3 weights from the folder {folder!r}: {e}. The folder must "
+            "hold a DINOv3ViTModel saved with save_pretrained (config.json + model.safetensors)."
+        ) from e
+    logger.info("Loaded DINOv3 weights from %s", pretrained)
+    return model
+
+
+def _infer_official_dinov3(sd: Dict[str, Tensor]) -> dict:
+    """DINOv3ViTConfig fields an official state dict determines (the head count only via its RoPE periods)."""
+    if "pos_embed" in sd:
+        raise ValueError(
+            "the .pth file is an official DINOv2 checkpoint (learned position embeddings), not DINOv3; "
+            "load it with family='dinov2' (DINOv2Backbone)"
+        )
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+        raise ValueError(
+            "the .pth file is not an official DINOv3 ViT checkpoint (no cls_token / patch_embed.proj.weight "
+            f"/ blocks.0.attn.qkv.weight); first keys: {list(sd)[:8]}"
+        )
+    dim = sd["cls_token"].shape[-1]
+    gated = "blocks.0.mlp.w1.weight" in sd
+    has_bias = "blocks.0.attn.qkv.bias" in sd
+    mask = sd.get("blocks.0.attn.qkv.bias_mask")
+    fields = dict(
+        hidden_size=dim,
+        num_hidden_layers=1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m),
+        patch_size=sd["patch_embed.proj.weight"].shape[-1],
+        use_gated_mlp=gated,
+        intermediate_size=sd["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0],
+        num_register_tokens=int(sd["storage_tokens"].shape[1]) if "storage_tokens" in sd else 0,
+        query_bias=has_bias, value_bias=has_bias,
+        key_bias=has_bias and (mask is None or bool(mask[dim:2 * dim].any())),
+        proj_bias="blocks.0.attn.proj.bias" in sd,
+        mlp_bias=("blocks.0.mlp.w1.bias" if gated else "blocks.0.mlp.fc1.bias") in sd,
+    )
+    if "rope_embed.periods" in sd:
+        fields["num_attention_heads"] = dim // (4 * sd["rope_embed.periods"].numel())
+    return fields
+
+
+def dinov3_official_to_hf_state_dict(sd: Dict[str, Tensor], v5_layout: bool, key_bias: bool) -> Dict[str, Tensor]:
+    """Rename an official DINOv3 state dict to the ``DINOv3ViTModel`` layout.
+
+    Args:
+        sd: official keys (``blocks.N.attn.qkv.weight`` ...), already unwrapped.
+        v5_layout: the transformers >= 5 block path (``model.layer.N``; 4.x: ``layer.N``).
+        key_bias: keep the key bias (False: it is masked to zero, Meta's ``mask_k_bias``).
+
+    Returns:
+        the renamed dict; ``rope_embed.periods``, ``bias_mask`` and the class-token norms are
+        dropped, other unknown keys are kept under their own names (then reported as unexpected).
+
+    Raises:
+        ValueError: a ``bias_mask`` that is not 0/1 (an uninitialized Meta model).
+    """
+    top = {"cls_token": "embeddings.cls_token", "storage_tokens": "embeddings.register_tokens",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.bias",
+           "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    block = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "ls1.gamma": "layer_scale1.lambda1",
+             "ls2.gamma": "layer_scale2.lambda1", "mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj",
+             "mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.up_proj", "mlp.w3": "mlp.down_proj"}
+    layers = "model.layer" if v5_layout else "layer"
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+        elif k == "mask_token":
+            out["embeddings.mask_token"] = v.reshape(1, 1, -1)
+        elif k == "rope_embed.periods" or k.startswith(("cls_norm.", "local_cls_norm.")) or k.endswith(".bias_mask"):
+            continue
+        elif not (m := re.match(r"blocks\.(\d+)\.(.+?)(\.weight|\.bias)?$", k)):
+            out[k] = v
+        elif m.group(2) == "attn.qkv":
+            prefix, suffix = f"{layers}.{m.group(1)}.attention.", m.group(3)
+            if suffix == ".bias":
+                mask = sd.get(k + "_mask")
+                if mask is not None:
+                    if not torch.isin(mask, torch.tensor([0.0, 1.0], dtype=mask.dtype)).all():
+                        raise ValueError(f"{k}_mask holds values other than 0 and 1: {mask.unique()[:6].tolist()}")
+                    v = v * mask.to(v.dtype)
+            for part, chunk in zip("qkv", v.chunk(3, dim=0)):
+                if part != "k" or suffix == ".weight" or key_bias:
+                    out[f"{prefix}{part}_proj{suffix}"] = chunk
+        elif m.group(2) in block:
+            out[f"{layers}.{m.group(1)}.{block[m.group(2)]}{m.group(3) or ''}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_official_dinov3_config(path: str, found: dict, arch: Optional[str], overrides: dict):
+    """The config to load ``found`` (fields read off a checkpoint) into; refuse another architecture."""
+    guessed = _guess_dinov3_arch(found)
+    if arch is None:
+        if guessed is None:
+            raise ValueError(
+                f"{path}: a DINOv3 of width {found['hidden_size']}, depth {found['num_hidden_layers']} "
+                f"(SwiGLU={found['use_gated_mlp']}) matches no released arch; pass arch=... with "
+                "arch_overrides describing it"
+            )
+        arch = guessed
+    bias_fields = ("query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias")
+    config = build_dinov3_config(arch, **{**overrides, **{f: found[f] for f in bias_fields}})
+    want = {f: getattr(config, f) for f in _DINOV3_ARCH_FIELDS if f in found}
+    diff = {f: (found[f], v) for f, v in want.items() if found[f] != v}
+    if diff:
+        raise ValueError(
+            f"{path} is a DINOv3 checkpoint of another architecture ({guessed or 'unknown'!r}) than "
+            f"arch={arch!r}; differing (checkpoint, requested): {diff}. Pass the arch that matches the "
+            "checkpoint, or arch=None to infer it."
+        )
+    return arch, config
+
+
+def load_official_dinov3_checkpoint(path: str, arch: Optional[str], overrides: dict) -> nn.Module:
+    """Build a ``DINOv3ViTModel`` and load one of Meta's official DINOv3 ``.pth`` files into it.
+
+    Raises:
+        PretrainedWeightsUnavailable: the file does not exist.
+        ValueError: the checkpoint is not a DINOv3 ViT, is another architecture than ``arch``, uses
+            RoPE periods the config does not give, or lacks weights the model needs.
+    """
+    if not os.path.isfile(path):
+        raise PretrainedWeightsUnavailable(f"official DINOv3 checkpoint {path!r} does not exist")
+    sd = _unwrap_official(torch.load(path, map_location="cpu", weights_only=True))
+    found = _infer_official_dinov3(sd)
+    arch, config = _resolve_official_dinov3_config(path, found, arch, overrides)
+    if "rope_embed.periods" in sd:
+        stored = sd["rope_embed.periods"].float()
+        expected = rope_periods(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        if not torch.allclose(stored, expected, rtol=1e-2, atol=0):
+            raise ValueError(
+                f"{path}: its RoPE periods {stored[:4].tolist()}... are not base**(4i/head_dim) with "
+                f"base={config.rope_theta} (transformers' DINOv3ViTModel has only rope_theta); pass "
+                "arch_overrides=dict(rope_theta=...) if the base differs"
+            )
+    model = _dinov3_model_class()(config)
+    hf_sd = dinov3_official_to_hf_state_dict(sd, v5_layout=hasattr(model, "model"), key_bias=config.key_bias)
+    own = model.state_dict()
+    shape_bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in hf_sd.items()
+                 if k in own and v.shape != own[k].shape}
+    if shape_bad:
+        raise ValueError(f"{path}: tensors of the wrong shape (checkpoint, model): {shape_bad}")
+    result = model.load_state_dict(hf_sd, strict=False)
+    missing = [k for k in result.missing_keys if k != "embeddings.mask_token"]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} weight(s) the DINOv3 model needs: {missing[:10]}"
+            + (" ..." if len(missing) > 10 else "")
+        )
+    if result.unexpected_keys:
+        logger.warning("%s: %d unexpected key(s) ignored: %s", path, len(result.unexpected_keys),
+                       result.unexpected_keys[:10])
+    logger.info("Loaded official DINOv3 checkpoint %s (arch=%s)", path, arch)
     return model

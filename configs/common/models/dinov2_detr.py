@@ -1,22 +1,24 @@
-"""The dinov2od model: DINOv2 ViT (+ LoRA) -> feature pyramid -> deformable DETR decoder.
+"""The dinov2od model: DINOv2 or DINOv3 ViT (+ LoRA) -> feature pyramid -> deformable DETR decoder.
 
 ``num_classes`` is set once, at ``model.num_classes``; the detector and the loss read it by
-interpolation. Experiment files override fields, e.g. ``model.num_classes = 3`` or
-``model.detector.backbone.arch = "large"``.
+interpolation. Experiment files override fields, e.g. ``model.num_classes = 3``,
+``model.detector.backbone.arch = "large"`` or ``model.detector.backbone.family = "dinov3"``
+(see ``configs/coco_dinov3.py``).
 """
 from detectron2.config import LazyCall as L
 
 from dinov2od.d2 import DINOv2DETR
 from dinov2od.d2.meta_arch import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from dinov2od.modeling import DINOv2Backbone, DINOv2ObjectDetector, HungarianMatcher, SetCriterion
+from dinov2od.modeling import DINOv2ObjectDetector, HungarianMatcher, SetCriterion, build_backbone
 
 model = L(DINOv2DETR)(
     num_classes=80,
     detector=L(DINOv2ObjectDetector)(
         num_classes="${..num_classes}",
-        backbone=L(DINOv2Backbone)(
-            arch="base",  # "small" | "base" | "large" | "giant"
-            registers=False,  # True: the "with registers" ViT
+        backbone=L(build_backbone)(
+            family="dinov2",  # "dinov2" | "dinov3" (16-px patches: set model.size_divisibility = 16)
+            arch="base",  # dinov2: "small" | "base" | "large" | "giant"; dinov3: + "small_plus" | "huge_plus" | "7b"
+            registers=False,  # dinov2 only. True: the "with registers" ViT
             arch_overrides={},
             pretrained="facebook/dinov2-base",  # HF id, local folder, official .pth, or None
             out_indices=None,
@@ -27,7 +29,8 @@ model = L(DINOv2DETR)(
             lora_targets=("query", "value"),
             freeze=True,
             drop_path_rate=0.0,
-            pos_embed_init="sincos",  # random-init ViTs only ("random": transformers' init)
+            pos_embed_init="sincos",  # dinov2, random-init ViTs only ("random": transformers' init)
+            rope_train_augment=True,  # dinov3: the released RoPE coordinate augmentation in training mode
         ),
         hidden_dim=256,
         scale_factors=(2.0, 1.0, 0.5, 0.25),
