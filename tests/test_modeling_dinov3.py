@@ -24,7 +24,7 @@ from dinov2od.modeling import (
 )
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
-SIZES = [(64, 64), (48, 80), (80, 112), (32, 144)]  # multiples of the 16-px patch
+SIZES = [(64, 64), (48, 80), (112, 48), (80, 112), (32, 144)]  # multiples of the 16-px patch, wide and tall
 
 
 def hf_dinov3(**overrides):
