@@ -2,7 +2,8 @@
 backbone family switched.
 
     python tools/train_net.py --config-file configs/coco_dinov3.py --num-gpus 8
-    python tools/train_net.py --config-file configs/coco_dinov3.py --eval-only train.init_checkpoint=output/coco_dinov3/model_final.pth
+    python tools/train_net.py --config-file configs/coco_dinov3.py --eval-only \
+        train.init_checkpoint=output/coco_dinov3/model_final.pth
 
 The DINOv3 weights come under Meta's DINOv3 License (accept it on the Hugging Face model page or
 Meta's download page); this recipe does not change their terms. Other sizes: ``VIT`` below and

@@ -88,7 +88,8 @@ def test_coco_dinov3_recipe():
     assert cfg.model.size_divisibility == 16 and cfg.train.output_dir == "./output/coco_dinov3"
     assert cfg.train.max_iter == coco.train.max_iter and cfg.optimizer.lr == coco.optimizer.lr
     assert cfg.dataloader.train.dataset.names == "coco_2017_train" and cfg.model.num_classes == 80
-    cfg = LazyConfig.apply_overrides(cfg, ["model.detector.backbone.pretrained=null", "model.detector.backbone.arch=small"])
+    cfg = LazyConfig.apply_overrides(
+        cfg, ["model.detector.backbone.pretrained=null", "model.detector.backbone.arch=small"])
     model = instantiate(cfg.model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and ".vit." in n]
     assert trainable and all("lora_" in n for n in trainable)

@@ -31,7 +31,8 @@ def add_dinov2od_config(cfg: CN) -> CN:
 
     b = d.BACKBONE = CN()
     b.FAMILY = "dinov2"  # dinov2 | dinov3 (then also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
-    b.ARCH = "base"  # dinov2: tiny | small | base | large | giant; dinov3: small | small_plus | base | large | huge_plus | 7b
+    # dinov2: tiny | small | base | large | giant; dinov3: tiny | small | small_plus | base | large | huge_plus | 7b
+    b.ARCH = "base"
     b.REGISTERS = False  # dinov2 only
     b.PRETRAINED = ""  # "" = random init; HF id, local folder or official .pth
     b.ARCH_OVERRIDES = CN(new_allowed=True)  # e.g. hidden_size: 48

@@ -11,7 +11,7 @@ composing them. Constructing never downloads; weights load only when asked for::
     model = DINOv2ObjectDetector(num_classes=80)                 # ViT-S/14 arch, random init
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="dinov2_vitb14_pretrain.pth"))
-    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(family="dinov3", arch="small"))  # ViT-S/16
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(family="dinov3", arch="small"))  # S/16
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(
         family="dinov3", pretrained="facebook/dinov3-vitb16-pretrain-lvd1689m"))  # or a folder / Meta's .pth
     out = model(images, masks)  # images (B,3,H,W) RGB in [0, 1]; masks (B,H,W) True=pad
@@ -21,9 +21,9 @@ composing them. Constructing never downloads; weights load only when asked for::
 
 Architectures: ``arch="small"|"base"|"large"|"giant"`` (+ ``registers=True``) are the
 released DINOv2 ViTs; with ``family="dinov3"``, ``arch="small"|"small_plus"|"base"|"large"|
-"huge_plus"|"7b"`` are the released DINOv3 ViTs (:data:`DINOV3_ARCHS`). ``arch="tiny"`` (width 96, 4 blocks, 3 heads, MLP ratio 2) has no
-released weights and is for CPU tests and demos. Any field can be overridden with plain
-kwargs, e.g. a tiny random-init ViT trained end to end::
+"huge_plus"|"7b"`` are the released DINOv3 ViTs (:data:`DINOV3_ARCHS`). ``arch="tiny"`` (width
+96, 4 blocks, 3 heads, MLP ratio 2) has no released weights and is for CPU tests and demos. Any
+field can be overridden with plain kwargs, e.g. a tiny random-init ViT trained end to end::
 
     backbone = DINOv2Backbone(
         arch="tiny",
