@@ -386,8 +386,10 @@ def test_bfloat16_autocast_forward_and_backward_on_cpu():
 def test_family_field_selects_the_backbone_and_refuses_foreign_options(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     kw = dict(arch="tiny", arch_overrides=TINY, num_taps=2, lora_rank=0)
-    assert isinstance(build_backbone(family="DINOv3", registers=False, pos_embed_init="sincos", **kw), DINOv3Backbone)
-    assert isinstance(build_backbone(**{**kw, "arch_overrides": {}}), DINOv2Backbone)
+    v3 = build_backbone(family="DINOv3", registers=False, pos_embed_init="sincos", **kw)
+    assert isinstance(v3, DINOv3Backbone) and v3.family == "dinov3"
+    v2 = build_backbone(**{**kw, "arch_overrides": {}})
+    assert isinstance(v2, DINOv2Backbone) and v2.family == "dinov2"
     with pytest.raises(ValueError, match="registers= applies to family='dinov2' only"):
         build_backbone(family="dinov3", registers=True, **kw)
     with pytest.raises(ValueError, match="rope_train_augment= applies to family='dinov3' only"):

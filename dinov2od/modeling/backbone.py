@@ -184,8 +184,8 @@ class ViTBackbone(nn.Module):
 
     Every family (:class:`DINOv2Backbone`, :class:`~dinov2od.modeling.dinov3.DINOv3Backbone`) gives
     the neck, decoder, detector and Detectron2 layer the same attributes and call:
-    ``embed_dim``, ``num_taps``, ``patch_size``, ``out_indices`` and
-    ``forward(images, masks) -> (features, patch_mask)``. This class holds what the families
+    ``embed_dim``, ``num_taps``, ``patch_size``, ``out_indices``, ``family`` (``"dinov2"``,
+    ``"dinov3"``) and ``forward(images, masks) -> (features, patch_mask)``. This class holds what the families
     share: the block loop (padding masks as attention keys, taps, stop after the last tap,
     windowed attention), peft LoRA injection, freezing and parameter logging. A family holds
     its ViT in ``self.vit``, sets ``patch_size``, ``embed_dim``, ``num_heads`` and
@@ -198,7 +198,8 @@ class ViTBackbone(nn.Module):
     * optionally ``_rope(patch_valid_hw, hp, wp)`` -> per-image rotary ``(sin, cos)``.
     """
 
-    family = "vit"  # the name used in log messages
+    family = "vit"  # the family key of build_backbone
+    display_name = "ViT"  # the name used in log messages
 
     def _finish_init(self, *, out_indices, num_taps, apply_layernorm, window_size, window_blocks,
                      lora_targets, lora_rank, lora_alpha, lora_dropout, lora_blocks, freeze) -> None:
@@ -279,14 +280,14 @@ class ViTBackbone(nn.Module):
             p.requires_grad_(False)
         if self.out_indices[-1] + 1 < len(self._layers):
             logger.info("%s backbone: blocks %d-%d come after the last tap and are not run",
-                        self.family, self.out_indices[-1] + 1, len(self._layers) - 1)
+                        self.display_name, self.out_indices[-1] + 1, len(self._layers) - 1)
 
     def _log_parameter_counts(self) -> None:
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         logger.info(
             "%s backbone: %s parameters, %s trainable (%.2f%%)",
-            self.family, f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1),
+            self.display_name, f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1),
         )
 
     # ------------------------------------------------------------------ forward pieces
@@ -446,7 +447,7 @@ class DINOv2Backbone(ViTBackbone):
             the register models and whenever the grid is the stored ``M x M``.
     """
 
-    family = "DINOv2"
+    family, display_name = "dinov2", "DINOv2"
 
     def __init__(
         self,

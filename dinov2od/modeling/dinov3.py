@@ -133,7 +133,7 @@ class DINOv3Backbone(ViTBackbone):
             in SwiGLU models), ``fc2`` its output projection (``down_proj``).
     """
 
-    family = "DINOv3"
+    family, display_name = "dinov3", "DINOv3"
 
     def __init__(
         self,
