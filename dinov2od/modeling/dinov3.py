@@ -28,7 +28,6 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import ViTBackbone
@@ -88,25 +87,35 @@ def rope_periods(head_dim: int, base: float) -> Tensor:
     return float(base) ** exponents
 
 
-def rope_sincos(h: int, w: int, periods: Tensor, scale: Optional[Tensor] = None,
+def rope_sincos(grid_hw: Tensor, hp: int, wp: int, periods: Tensor, scale: Optional[Tensor] = None,
                 shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """RoPE ``(sin, cos)`` of an ``h x w`` patch grid, each (h * w, head_dim), float32, row-major.
+    """RoPE ``(sin, cos)`` of each image's patch grid, laid on a common (Hp, Wp) grid, float32.
+
+    Image ``i``'s coordinates are normalized by its own grid ``grid_hw[i] = (h_i, w_i)``; patches
+    beyond it (padding) get coordinates past 1, which nothing reads (they are masked keys).
 
     Args:
+        grid_hw: (B, 2) ``(h_i, w_i)`` in patches, each <= (Hp, Wp).
+        hp, wp: the common grid.
         periods: (head_dim / 4,) float32.
         scale, shift: (2,) multipliers and offsets of the (y, x) coordinates (training augmentation);
             None = none.
+
+    Returns:
+        sin, cos: each (B, Hp * Wp, head_dim), row-major.
     """
-    ys = (torch.arange(h, dtype=torch.float32, device=periods.device) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32, device=periods.device) + 0.5) / w
-    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2)  # (y, x) in (0, 1)
-    coords = 2.0 * coords - 1.0
+    hw = grid_hw.to(device=periods.device, dtype=torch.float32)
+    ys = (torch.arange(hp, dtype=torch.float32, device=periods.device) + 0.5)[None] / hw[:, :1]  # (B, Hp)
+    xs = (torch.arange(wp, dtype=torch.float32, device=periods.device) + 0.5)[None] / hw[:, 1:]  # (B, Wp)
+    b = hw.shape[0]
+    coords = torch.stack([ys[:, :, None].expand(b, hp, wp), xs[:, None, :].expand(b, hp, wp)], -1)  # (y, x)
+    coords = 2.0 * coords - 1.0  # (B, Hp, Wp, 2), the valid grid in (-1, 1)
     if shift is not None:
         coords = coords + shift
     if scale is not None:
         coords = coords * scale
-    angles = 2 * math.pi * coords[:, :, None] / periods  # (h*w, 2, Dh/4)
-    angles = angles.flatten(1).repeat(1, 2)  # (h*w, Dh): [y, x, y, x] blocks of Dh/4
+    angles = 2 * math.pi * coords[..., None] / periods  # (B, Hp, Wp, 2, Dh/4)
+    angles = angles.flatten(3).repeat(1, 1, 1, 2).flatten(1, 2)  # (B, Hp*Wp, Dh): [y, x, y, x] blocks
     return angles.sin(), angles.cos()
 
 
@@ -219,18 +228,8 @@ class DINOv3Backbone(ViTBackbone):
         return scale, shift
 
     def _rope(self, patch_valid_hw: Tensor, hp: int, wp: int) -> Tuple[Tensor, Tensor]:
-        """Per-image RoPE from each image's valid patch grid -> (sin, cos), each (B, Hp*Wp, Dh) float32.
-
-        Padded patches get zeros (they are masked as keys and cropped from the features).
-        """
+        """Per-image RoPE from each image's valid patch grid -> (sin, cos), each (B, Hp*Wp, Dh) float32."""
         device = patch_valid_hw.device
         periods = rope_periods(self.embed_dim // self.num_heads, self.vit.config.rope_theta).to(device)
         scale, shift = self._rope_augmentation(device)
-        # one table per distinct valid grid, zero-padded to (Hp, Wp), then gathered per image
-        sizes, inverse = torch.unique(patch_valid_hw, dim=0, return_inverse=True)
-        tables = []
-        for h, w in sizes.tolist():
-            sin_cos = torch.stack(rope_sincos(h, w, periods, scale, shift)).view(2, h, w, -1)
-            tables.append(F.pad(sin_cos, (0, 0, 0, wp - w, 0, hp - h)))
-        sin, cos = torch.stack(tables)[inverse].flatten(2, 3).unbind(1)  # (B, Hp*Wp, Dh) each
-        return sin, cos
+        return rope_sincos(patch_valid_hw, hp, wp, periods, scale, shift)
