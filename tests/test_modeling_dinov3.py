@@ -404,6 +404,20 @@ def test_family_field_selects_the_backbone_and_refuses_foreign_options(monkeypat
     assert [d["boxes"].shape for d in dets] == [(5, 4), (5, 4)]
 
 
+def test_layer_wise_lr_decay_reads_dinov3_blocks():
+    from dinov2od.modeling import backbone_lr_decay, num_vit_layers
+
+    model = DINOv2ObjectDetector(num_classes=3, backbone=dict(family="dinov3", arch="tiny", arch_overrides=TINY,
+                                                              num_taps=3, lora_rank=0, freeze=False),
+                                 hidden_dim=32, num_queries=10, num_decoder_layers=1, num_heads=4, dim_feedforward=64)
+    assert num_vit_layers(model) == 3
+    f = backbone_lr_decay(0.5, model=model)
+    names = [n for n, _ in model.named_parameters()]
+    block0 = next(n for n in names if re.search(r"vit\.(model\.)?layer\.0\.", n))
+    assert f(block0) == 0.5 ** 3 and f("backbone.vit.embeddings.cls_token") == 0.5 ** 4
+    assert f("backbone.vit.norm.weight") == 1
+
+
 def test_benchmark_constructor_builds_dinov3_small_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(family="dinov3", arch="small"))

@@ -28,7 +28,8 @@ from torch import nn
 
 __all__ = ["backbone_lr_decay", "num_vit_layers", "vit_lr_decay_factor"]
 
-_BLOCK = re.compile(r"(?:^|\.)vit\.encoder\.layer\.(\d+)\.")
+# DINOv2: vit.encoder.layer.<i>; DINOv3: vit.layer.<i> (transformers 4) or vit.model.layer.<i> (5)
+_BLOCK = re.compile(r"(?:^|\.)vit\.(?:encoder\.|model\.)?layer\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"(?:^|\.)vit\.embeddings\.")
 
 
@@ -63,15 +64,15 @@ def vit_lr_decay_factor(name: str, decay: float, num_layers: int, decay_lora: bo
 
 
 def num_vit_layers(model: nn.Module) -> int:
-    """Number of ViT blocks in ``model`` (the largest ``vit.encoder.layer.<i>`` index + 1).
+    """Number of ViT blocks in ``model`` (the largest ``vit.encoder.layer.<i>`` / ``vit.layer.<i>`` index + 1).
 
     Raises:
         ValueError: the model has no such parameters.
     """
     found = [int(m.group(1)) for m in (_BLOCK.search(n) for n, _ in model.named_parameters()) if m]
     if not found:
-        raise ValueError("backbone LR decay: the model has no DINOv2 ViT blocks (no 'vit.encoder.layer.<i>.' "
-                         "parameters); use decay=1.0 for this model")
+        raise ValueError("backbone LR decay: the model has no DINOv2 ViT blocks nor DINOv3 ones (no "
+                         "'vit.encoder.layer.<i>.' or 'vit.layer.<i>.' parameters); use decay=1.0 for this model")
     return max(found) + 1
 
 
