@@ -9,7 +9,7 @@ pytest.importorskip("detectron2")
 
 from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.structures import Instances  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from dinov2od.d2 import DINOv2DETR, add_dinov2od_config  # noqa: E402
 from dinov2od.modeling import DINOv3Backbone  # noqa: E402
@@ -60,6 +60,21 @@ def test_default_predictor_on_the_dinov3_family():
     for b, s in zip(batched, single):
         assert torch.allclose(b["instances"].scores, s["instances"].scores, atol=1e-5)
         assert torch.allclose(b["instances"].pred_boxes.tensor, s["instances"].pred_boxes.tensor, atol=1e-3)
+
+
+def test_training_step_on_the_dinov3_family():
+    torch.manual_seed(0)
+    model = DINOv2DETR(tiny_dinov3_cfg()).train()
+    inst = Instances((84, 112))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 12, 50, 60], [60, 20, 100, 80]]))
+    inst.gt_classes = torch.tensor([0, 2])
+    inputs = [{"image": torch.randint(0, 255, (3, 84, 112), dtype=torch.uint8), "instances": inst},
+              {"image": torch.randint(0, 255, (3, 60, 90), dtype=torch.uint8), "instances": inst[:0]}]
+    losses = model(inputs)
+    assert {"loss_class", "loss_bbox", "loss_giou"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    vit_grads = [p.grad for n, p in model.named_parameters() if ".vit." in n and p.requires_grad]
+    assert vit_grads and all(g is not None for g in vit_grads)
 
 
 def test_one_field_switches_the_family_in_lazy_and_yacs_configs_alike():
