@@ -5,7 +5,9 @@
 #   tools/gpu_check.sh            # PYTHON=python3, arch of the visible GPU, MAX_JOBS=8
 #
 # 1. builds dinov2od._C in place with FORCE_CUDA=1 for the local GPU's architecture;
-# 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1);
+# 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1) and
+#    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
+#    dinov2od/d2/amp.py, imports only torch, so it runs here without Detectron2);
 # 3. runs tools/benchmark.py on cuda (PyTorch path vs CUDA kernel, float32 and bfloat16).
 # Prints everything; exits non-zero on the first failure.
 set -euo pipefail
@@ -33,7 +35,8 @@ echo "built in $((SECONDS - start)) s"
 "$PY" -c "from dinov2od import _C; print('dinov2od._C: cuda', _C.with_cuda(), 'archs', _C.cuda_archs(), 'cpu', _C.cpu_capability())"
 
 echo "== tests"
-DINOV2OD_EXPECT_CUDA_EXT=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_msda_kernels.py
+DINOV2OD_EXPECT_CUDA_EXT=1 DINOV2OD_EXPECT_DETECTRON2=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_msda_kernels.py tests/test_d2_amp_cuda.py
 
 echo "== benchmark (cuda)"
 "$PY" tools/benchmark.py --device cuda --repeats 50 --warmup 5

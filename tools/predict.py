@@ -18,12 +18,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from PIL import Image  # noqa: E402
+
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401
-from dinov2od.d2.visualize import draw_instances, instances_to_coco_json  # noqa: E402
+from dinov2od.d2.evaluation import detections_to_coco_results  # noqa: E402
+from dinov2od.d2.visualize import draw_instances  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 logger = logging.getLogger("dinov2od.predict")
@@ -62,7 +65,7 @@ def build_predictor(args):
     if args.config_file.endswith(".py"):
         from detectron2.config import LazyConfig
 
-        from dinov2od.d2.visualize import LazyPredictor
+        from dinov2od.d2.predictor import LazyPredictor
 
         cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
         predictor = LazyPredictor(cfg, args.weights, device=args.device)
@@ -100,7 +103,7 @@ def main(argv=None):
     predictor, fmt, metadata = build_predictor(args)
     _load_category_ids(metadata)
     os.makedirs(args.output, exist_ok=True)
-    results = []
+    results, drawn = [], 0
     for i, path in enumerate(list_images(args.input)):
         try:
             image = utils.read_image(path, format=fmt)  # grayscale/RGBA are converted
@@ -111,16 +114,15 @@ def main(argv=None):
         rgb = image[:, :, ::-1] if fmt == "BGR" else image
         drawing = draw_instances(rgb, instances, metadata, args.score_threshold)
         out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".jpg")
-        from PIL import Image
-
         Image.fromarray(drawing).save(out_path)
-        for r in instances_to_coco_json(instances, image_id=i, metadata=metadata):
+        drawn += 1
+        for r in detections_to_coco_results(instances, image_id=i, metadata=metadata):
             r["file_name"] = path
             results.append(r)
     json_path = os.path.join(args.output, "predictions.json")
     with open(json_path, "w") as f:
         json.dump(results, f)
-    logger.info("Wrote %d detections for %d images to %s and drawings to %s/", len(results), i + 1, json_path, args.output)
+    logger.info("Wrote %d detections for %d images to %s and drawings to %s/", len(results), drawn, json_path, args.output)
     return results
 
 

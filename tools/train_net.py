@@ -13,14 +13,15 @@ Trailing ``key=value`` (lazy) or ``KEY VALUE`` (yacs) pairs override the config.
 (checkpoints, ``log.txt``, ``metrics.json``, TensorBoard events, ``inference/`` with
 ``coco_instances_results.json``, and ``predictions/`` with drawn detections) go to the
 config's output directory.
+
+On a CPU shared with other work, ``OMP_WAIT_POLICY=PASSIVE python tools/train_net.py ...`` makes
+idle OpenMP threads sleep instead of spinning (``make demo`` sets it); the tool itself leaves
+OpenMP's settings to the user.
 """
 import logging
 import os
 import sys
 
-# OpenMP threads that sleep instead of spinning while idle: on a shared CPU (this project's
-# 2-core machines run tests beside the demo) spinning threads slow training several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.config import LazyConfig, get_cfg  # noqa: E402
@@ -30,12 +31,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import add_dinov2od_config  # noqa: E402
-from dinov2od.d2.training import (  # noqa: E402
-    Trainer,
-    build_lazy_model,
-    do_train_lazy,
-    lazy_eval_only,
-)
+from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
 
 logger = logging.getLogger("dinov2od")
@@ -60,63 +56,49 @@ def _report(output_dir: str, vis_dir: str = "") -> None:
     logger.info("\n".join(lines))
 
 
-def main_lazy(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+def setup(args):
+    """The config (lazy for ``.py``, yacs for ``.yaml``) with the command line's overrides applied."""
+    if args.config_file.endswith(".py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        output_dir = cfg.train.output_dir
+    elif args.config_file.endswith((".yaml", ".yml")):
+        cfg = get_cfg()
+        add_dinov2od_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        cfg.freeze()
+        output_dir = cfg.OUTPUT_DIR
+    else:
+        raise SystemExit(f"--config-file must be a lazy config (.py) or a yacs config (.yaml), got {args.config_file!r}")
     default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
-    model = build_lazy_model(cfg)
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
+    return cfg
+
+
+def main(args):
+    """Train (or with ``--eval-only``, evaluate); returns the last evaluation results."""
+    cfg = setup(args)
+    lazy = args.config_file.endswith(".py")
+    trainer_class = LazyTrainer if lazy else Trainer
     if args.eval_only:
-        return lazy_eval_only(cfg, model)
-    model, ema = do_train_lazy(cfg, model, resume=args.resume)
-    vis = cfg.train.get("visualize", {})
+        return trainer_class.eval_only(cfg, resume=args.resume)
+    trainer = trainer_class(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
     vis_dir = ""
+    vis = cfg.train.get("visualize", {}) if lazy else {}
     if vis.get("num_images", 0) > 0 and comm.is_main_process():
         vis_dir = os.path.join(cfg.train.output_dir, "predictions")
         draw_dataset_predictions(
-            model,
+            trainer.model,
             cfg.dataloader.test,
             vis_dir,
             num_images=vis.num_images,
             score_threshold=vis.get("score_threshold", 0.5),
-            ema=ema,
+            ema=trainer.ema,
         )
-    _report(cfg.train.output_dir, vis_dir)
-    return None
-
-
-def main_yacs(args):
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dinov2od")
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        from dinov2od.d2.engine import ModelEMA
-
-        ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
-        DetectionCheckpointer(model, **({"ema": ema} if ema else {})).load(cfg.MODEL.WEIGHTS)
-        if ema is not None and ema.num_updates == 0:  # the checkpoint had no EMA weights
-            ema = None
-        return Trainer.test(cfg, model, ema=ema)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    _report(cfg.OUTPUT_DIR)
-    return None
-
-
-def main(args):
-    if args.config_file.endswith(".py"):
-        return main_lazy(args)
-    if args.config_file.endswith((".yaml", ".yml")):
-        return main_yacs(args)
-    raise SystemExit(f"--config-file must be a lazy config (.py) or a yacs config (.yaml), got {args.config_file!r}")
+    _report(trainer.settings.output_dir, vis_dir)
+    return results
 
 
 def invoke_main() -> None:

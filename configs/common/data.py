@@ -27,7 +27,6 @@ dataloader.train = L(build_detection_train_loader)(
             random_flip="horizontal",
         ),
         image_format="RGB",
-        num_classes="${....model.num_classes}",
     ),
     total_batch_size=64,  # 8 per GPU on 8 GPUs
     num_workers=4,

@@ -1,5 +1,6 @@
 """AdamW over the trainable parameters (the frozen ViT's own weights are excluded).
 
+Parameter groups are Detectron2's ``get_default_optimizer_params`` (the same as the yacs route's).
 ``optimizer.params.lr_factor_func.decay=0.8``: layer-wise LR decay of a fine-tuned ViT backbone
 (``dinov2od.modeling.backbone_lr_decay``; 1.0 = off; LoRA adapters keep factor 1).
 """
@@ -12,10 +13,12 @@ from dinov2od.modeling import backbone_lr_decay
 
 AdamW = L(torch.optim.AdamW)(
     params=L(get_default_optimizer_params)(
-        model=None,  # set to the model object by tools/train_net.py
+        model=None,  # set to the model object by the trainer
         base_lr="${..lr}",
         weight_decay_norm=0.0,
-        # the ViT's depth is read from the model (params.model)
+        bias_lr_factor=1.0,
+        weight_decay_bias=None,  # None: weight_decay
+        # name -> LR factor; the ViT's depth is read from the model (params.model)
         lr_factor_func=L(backbone_lr_decay)(decay=1.0, model="${..model}"),
     ),
     lr=1e-4,

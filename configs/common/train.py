@@ -6,13 +6,13 @@ train = dict(
     device="cuda",  # or "cpu"
     seed=42,  # < 0: random
     amp=dict(enabled=False, precision="float16"),  # or "bfloat16"
-    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),  # create_ddp_model's
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,  # 0: only after training
     eval_after_train=True,
     log_period=20,
     accumulate_steps=1,  # micro-batches per optimizer step
-    clip_grad=dict(max_norm=0.1),  # norm of all gradients together; 0 disables
+    clip_grad=dict(max_norm=0.1, norm_type=2.0),  # the norm of all gradients together; 0 disables
     ema=dict(enabled=False, decay=0.9997, eval_ema=True),  # evaluate the EMA weights
     visualize=dict(num_images=0, score_threshold=0.5),  # prediction drawings after training
     cudnn_benchmark=False,

@@ -1,196 +1,251 @@
-"""yacs config keys for dinov2od (``add_dinov2od_config``) and builders reading them.
+"""yacs keys of dinov2od (``add_dinov2od_config``) and the builders that read them.
 
 Usage::
 
     cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file("configs/yaml/shapes.yaml")
+    add_dinov2od_config(cfg)                                  # adds keys, changes no stock value
+    cfg.merge_from_file("configs/yaml/shapes.yaml")           # _BASE_: Base-DINOv2DETR.yaml
     predictor = DefaultPredictor(cfg)
 
-Each key under ``MODEL.DINOV2OD`` maps to one keyword argument of the lazy model config
-(``configs/common/models/dinov2_detr.py``), so both config styles build the same model.
+``add_dinov2od_config`` only *adds* keys: every key Detectron2 defines keeps its default and its
+meaning (``get_cfg()`` + a stock meta-architecture work as before). The project's own choices for
+Detectron2's keys (``META_ARCHITECTURE``, ``PIXEL_MEAN``/``PIXEL_STD``, ``INPUT.FORMAT``, the
+solver, the crop) are in ``configs/yaml/Base-DINOv2DETR.yaml``.
+
+Every added key is one row of :data:`KEYS`, next to the lazy-config field it mirrors. Rows under
+``model.`` are read by :func:`model_arguments`, which turns a yacs config into the same argument
+tree as ``configs/common/models/dinov2_detr.py``; adding a model option is adding one row.
 """
 from __future__ import annotations
 
-from detectron2.config import CfgNode as CN
+from typing import Any, Dict, List, Sequence
 
-__all__ = ["add_dinov2od_config", "build_backbone_from_cfg", "build_criterion_from_cfg", "build_detector_from_cfg"]
+import torch
+
+from detectron2.config import CfgNode as CN
+from detectron2.data import MetadataCatalog
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+from dinov2od.modeling import backbone_lr_decay
+
+__all__ = [
+    "KEYS",
+    "add_dinov2od_config",
+    "build_backbone_from_cfg",
+    "build_criterion_from_cfg",
+    "build_detector_from_cfg",
+    "build_optimizer_from_cfg",
+    "check_num_classes",
+    "model_arguments",
+]
+
+
+def _or_none(value):
+    """"" or [] in yacs (which has no None) -> None ("not set")."""
+    return None if value in ("", [], ()) else value
+
+
+# (yacs key, default, the lazy-config field it mirrors[, conversion of the yacs value])
+KEYS: List[tuple] = [
+    # --- the model (configs/common/models/dinov2_detr.py) -------------------------------------
+    ("MODEL.DINOV2OD.NUM_CLASSES", 80, "model.num_classes"),
+    ("MODEL.DINOV2OD.SIZE_DIVISIBILITY", 14, "model.size_divisibility"),
+    ("MODEL.DINOV2OD.TEST_TOPK", 100, "model.test_topk"),  # detections per image (queries x classes)
+    ("MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov2", "model.detector.backbone.family"),  # or "dinov3" (then
+    # also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
+    # dinov2: tiny | small | base | large | giant; dinov3: tiny | small | small_plus | base | large | huge_plus | 7b
+    ("MODEL.DINOV2OD.BACKBONE.ARCH", "base", "model.detector.backbone.arch"),
+    ("MODEL.DINOV2OD.BACKBONE.REGISTERS", False, "model.detector.backbone.registers"),  # dinov2 only
+    ("MODEL.DINOV2OD.BACKBONE.PRETRAINED", "", "model.detector.backbone.pretrained", _or_none),  # "": random init
+    ("MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES", CN(new_allowed=True), "model.detector.backbone.arch_overrides", dict),
+    ("MODEL.DINOV2OD.BACKBONE.OUT_INDICES", [], "model.detector.backbone.out_indices", _or_none),  # []: evenly spaced
+    ("MODEL.DINOV2OD.BACKBONE.NUM_TAPS", 4, "model.detector.backbone.num_taps"),
+    ("MODEL.DINOV2OD.BACKBONE.LORA_RANK", 8, "model.detector.backbone.lora_rank"),
+    ("MODEL.DINOV2OD.BACKBONE.LORA_ALPHA", 16.0, "model.detector.backbone.lora_alpha"),
+    ("MODEL.DINOV2OD.BACKBONE.LORA_DROPOUT", 0.0, "model.detector.backbone.lora_dropout"),
+    ("MODEL.DINOV2OD.BACKBONE.LORA_TARGETS", ["query", "value"], "model.detector.backbone.lora_targets", tuple),
+    ("MODEL.DINOV2OD.BACKBONE.FREEZE", True, "model.detector.backbone.freeze"),
+    ("MODEL.DINOV2OD.BACKBONE.DROP_PATH_RATE", 0.0, "model.detector.backbone.drop_path_rate"),
+    # dinov2, random-init ViT only: "sincos" | "random"
+    ("MODEL.DINOV2OD.BACKBONE.POS_EMBED_INIT", "sincos", "model.detector.backbone.pos_embed_init"),
+    # dinov3: the released RoPE coordinate augmentation in training mode
+    ("MODEL.DINOV2OD.BACKBONE.ROPE_TRAIN_AUGMENT", True, "model.detector.backbone.rope_train_augment"),
+    ("MODEL.DINOV2OD.HIDDEN_DIM", 256, "model.detector.hidden_dim"),
+    ("MODEL.DINOV2OD.SCALE_FACTORS", [2.0, 1.0, 0.5, 0.25], "model.detector.scale_factors", tuple),
+    ("MODEL.DINOV2OD.NUM_QUERIES", 300, "model.detector.num_queries"),
+    ("MODEL.DINOV2OD.DEC_LAYERS", 6, "model.detector.num_decoder_layers"),
+    ("MODEL.DINOV2OD.ENC_LAYERS", 0, "model.detector.num_encoder_layers"),
+    ("MODEL.DINOV2OD.NHEADS", 8, "model.detector.num_heads"),
+    ("MODEL.DINOV2OD.NUM_POINTS", 4, "model.detector.num_points"),
+    ("MODEL.DINOV2OD.DIM_FEEDFORWARD", 1024, "model.detector.dim_feedforward"),
+    ("MODEL.DINOV2OD.DROPOUT", 0.0, "model.detector.dropout"),
+    ("MODEL.DINOV2OD.CROSS_ATTN", "deformable", "model.detector.cross_attn"),
+    ("MODEL.DINOV2OD.BOX_REFINE", True, "model.detector.box_refine"),
+    ("MODEL.DINOV2OD.TWO_STAGE", False, "model.detector.two_stage"),
+    ("MODEL.DINOV2OD.TWO_STAGE_NMS", 0.0, "model.detector.two_stage_nms"),  # > 0: IoU of NMS in query selection
+    ("MODEL.DINOV2OD.GROUP_DETR", 1, "model.detector.group_detr"),
+    ("MODEL.DINOV2OD.SPATIAL_PRIOR", 0, "model.detector.spatial_prior"),  # > 0: width of a conv stem
+    # training-only queries (inference unchanged): contrastive denoising, H-DETR's one-to-many
+    ("MODEL.DINOV2OD.DN.GROUPS", 0, "model.detector.dn_groups"),  # > 0: fixed number of groups
+    ("MODEL.DINOV2OD.DN.QUERIES", 0, "model.detector.dn_queries"),  # > 0: DINO's budget instead
+    ("MODEL.DINOV2OD.DN.LABEL_NOISE", 0.25, "model.detector.dn_label_noise"),
+    ("MODEL.DINOV2OD.DN.BOX_NOISE", 1.0, "model.detector.dn_box_noise"),
+    ("MODEL.DINOV2OD.O2M_QUERIES", 0, "model.detector.o2m_queries"),
+    ("MODEL.DINOV2OD.LOSS.CLASS_WEIGHT", 2.0, "model.criterion.weight_dict.loss_class"),
+    ("MODEL.DINOV2OD.LOSS.BBOX_WEIGHT", 5.0, "model.criterion.weight_dict.loss_bbox"),
+    ("MODEL.DINOV2OD.LOSS.GIOU_WEIGHT", 2.0, "model.criterion.weight_dict.loss_giou"),
+    ("MODEL.DINOV2OD.LOSS.FOCAL_ALPHA", 0.25, ("model.criterion.focal_alpha", "model.criterion.matcher.focal_alpha")),
+    ("MODEL.DINOV2OD.LOSS.FOCAL_GAMMA", 2.0, ("model.criterion.focal_gamma", "model.criterion.matcher.focal_gamma")),
+    ("MODEL.DINOV2OD.LOSS.CLASS_LOSS", "focal", "model.criterion.class_loss"),  # or "quality_focal"
+    ("MODEL.DINOV2OD.LOSS.ENC_LOSS", "hungarian", "model.criterion.enc_loss"),  # two-stage: or "dense"
+    ("MODEL.DINOV2OD.LOSS.DENSE_TOPK", 9, "model.criterion.dense_topk"),
+    ("MODEL.DINOV2OD.LOSS.O2M_REPEATS", 6, "model.criterion.o2m_repeats"),  # targets repeated for o2m queries
+    ("MODEL.DINOV2OD.LOSS.O2M_WEIGHT", 1.0, "model.criterion.o2m_weight"),
+    ("MODEL.DINOV2OD.MATCHER.COST_CLASS", 2.0, "model.criterion.matcher.cost_class"),
+    ("MODEL.DINOV2OD.MATCHER.COST_BBOX", 5.0, "model.criterion.matcher.cost_bbox"),
+    ("MODEL.DINOV2OD.MATCHER.COST_GIOU", 2.0, "model.criterion.matcher.cost_giou"),
+    # --- training (configs/common/{train,optim,data}.py); read by trainer.TrainSettings.from_yacs
+    ("SOLVER.OPTIMIZER", "SGD", "optimizer"),  # "SGD" (Detectron2's) or "ADAMW"
+    ("SOLVER.BETAS", (0.9, 0.999), "optimizer.betas"),  # AdamW only
+    # layer-wise LR decay of a fine-tuned ViT (RF-DETR: 0.8); 1 = off
+    ("SOLVER.BACKBONE_LR_DECAY", 1.0, "optimizer.params.lr_factor_func.decay"),
+    ("SOLVER.ACCUMULATE_STEPS", 1, "train.accumulate_steps"),  # micro-batches per optimizer step
+    ("SOLVER.LOG_PERIOD", 20, "train.log_period"),
+    # True: clip the NORM_TYPE-norm of all gradients together to CLIP_VALUE (CLIP_TYPE "norm"),
+    # after AMP unscaling, in the training loop; False: Detectron2's per-parameter clipping.
+    ("SOLVER.CLIP_GRADIENTS.FULL_MODEL", False, "train.clip_grad"),
+    ("SOLVER.AMP.PRECISION", "float16", "train.amp.precision"),  # or "bfloat16"
+    ("SOLVER.EMA.ENABLED", False, "train.ema.enabled"),
+    ("SOLVER.EMA.DECAY", 0.9997, "train.ema.decay"),
+    ("SOLVER.EMA.EVAL_EMA", True, "train.ema.eval_ema"),  # evaluate the EMA weights
+    ("INPUT.CROP.SIZE_RESIZE", [400, 500, 600], "dataloader.train.mapper.augmentations.crop_resize"),
+]
 
 
 def add_dinov2od_config(cfg: CN) -> CN:
-    """Add dinov2od's keys (and DETR-style defaults) to a Detectron2 yacs config, in place."""
-    cfg.MODEL.META_ARCHITECTURE = "DINOv2DETR"
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]  # ImageNet, 0-255, RGB order
-    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    """Add the keys of :data:`KEYS` that ``cfg`` lacks (in place); existing keys are left alone.
 
-    d = cfg.MODEL.DINOV2OD = CN()
-    d.NUM_CLASSES = 80
-    d.SIZE_DIVISIBILITY = 14
-    d.TEST_TOPK = 100  # detections per image (top-k over queries x classes)
-
-    b = d.BACKBONE = CN()
-    b.FAMILY = "dinov2"  # dinov2 | dinov3 (then also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
-    # dinov2: tiny | small | base | large | giant; dinov3: tiny | small | small_plus | base | large | huge_plus | 7b
-    b.ARCH = "base"
-    b.REGISTERS = False  # dinov2 only
-    b.PRETRAINED = ""  # "" = random init; HF id, local folder or official .pth
-    b.ARCH_OVERRIDES = CN(new_allowed=True)  # e.g. hidden_size: 48
-    b.OUT_INDICES = []  # [] = NUM_TAPS evenly spaced blocks
-    b.NUM_TAPS = 4
-    b.LORA_RANK = 8
-    b.LORA_ALPHA = 16.0
-    b.LORA_DROPOUT = 0.0
-    b.LORA_TARGETS = ["query", "value"]
-    b.FREEZE = True
-    b.DROP_PATH_RATE = 0.0
-    b.POS_EMBED_INIT = "sincos"  # dinov2, random-init ViT only: "sincos" | "random"
-    b.ROPE_TRAIN_AUGMENT = True  # dinov3: the released RoPE coordinate augmentation in training mode
-
-    d.HIDDEN_DIM = 256
-    d.SCALE_FACTORS = [2.0, 1.0, 0.5, 0.25]
-    d.NUM_QUERIES = 300
-    d.DEC_LAYERS = 6
-    d.ENC_LAYERS = 0
-    d.NHEADS = 8
-    d.NUM_POINTS = 4
-    d.DIM_FEEDFORWARD = 1024
-    d.DROPOUT = 0.0
-    d.CROSS_ATTN = "deformable"
-    d.BOX_REFINE = True
-    d.TWO_STAGE = False
-    d.TWO_STAGE_NMS = 0.0  # > 0: IoU threshold of NMS in the two-stage query selection
-    d.GROUP_DETR = 1
-    d.SPATIAL_PRIOR = 0  # > 0: width of a conv stem on the image added to every pyramid level
-    d.DN = CN()  # contrastive denoising queries, training only
-    d.DN.GROUPS = 0  # > 0: fixed number of groups
-    d.DN.QUERIES = 0  # > 0: DINO's budget instead (groups = QUERIES // (2 * most boxes per image))
-    d.DN.LABEL_NOISE = 0.25
-    d.DN.BOX_NOISE = 1.0
-    d.O2M_QUERIES = 0  # > 0: H-DETR's one-to-many queries, training only
-
-    d.LOSS = CN()
-    d.LOSS.CLASS_WEIGHT = 2.0
-    d.LOSS.BBOX_WEIGHT = 5.0
-    d.LOSS.GIOU_WEIGHT = 2.0
-    d.LOSS.FOCAL_ALPHA = 0.25
-    d.LOSS.FOCAL_GAMMA = 2.0
-    d.LOSS.CLASS_LOSS = "focal"  # or "quality_focal" (IoU-aware target)
-    d.LOSS.ENC_LOSS = "hungarian"  # two-stage proposals: "hungarian" (top-k) or "dense" (every token)
-    d.LOSS.DENSE_TOPK = 9
-    d.LOSS.O2M_REPEATS = 6  # one-to-many queries: the targets repeated this many times
-    d.LOSS.O2M_WEIGHT = 1.0
-    d.MATCHER = CN()
-    d.MATCHER.COST_CLASS = 2.0
-    d.MATCHER.COST_BBOX = 5.0
-    d.MATCHER.COST_GIOU = 2.0
-
-    s = cfg.SOLVER
-    s.OPTIMIZER = "ADAMW"
-    s.BASE_LR = 1e-4
-    s.WEIGHT_DECAY = 1e-4
-    s.BETAS = (0.9, 0.999)
-    s.BACKBONE_LR_DECAY = 1.0  # layer-wise LR decay of a fine-tuned ViT (RF-DETR: 0.8); 1 = off
-    s.ACCUMULATE_STEPS = 1
-    s.LOG_PERIOD = 20
-    s.CLIP_GRADIENTS.ENABLED = True
-    s.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # the norm of all gradients together
-    s.CLIP_GRADIENTS.CLIP_VALUE = 0.1
-    s.AMP.PRECISION = "float16"  # or "bfloat16"
-    s.EMA = CN()
-    s.EMA.ENABLED = False
-    s.EMA.DECAY = 0.9997
-    s.EMA.EVAL_EMA = True  # evaluate the EMA weights
-
-    cfg.INPUT.RANDOM_FLIP = "horizontal"
-    cfg.INPUT.CROP.ENABLED = True
-    cfg.INPUT.CROP.TYPE = "absolute_range"
-    cfg.INPUT.CROP.SIZE = [384, 600]
-    cfg.INPUT.CROP.SIZE_RESIZE = [400, 500, 600]  # DETR: resize before the random crop
+    Returns:
+        ``cfg``.
+    """
+    for key, default, *_ in KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            if name not in node:
+                node[name] = CN()
+            node = node[name]
+        if leaf not in node:
+            node[leaf] = default.clone() if isinstance(default, CN) else default
     return cfg
+
+
+def _set(tree: Dict[str, Any], path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def model_arguments(cfg: CN) -> Dict[str, Any]:
+    """The ``model.`` rows of :data:`KEYS` read from ``cfg``, as the lazy model config's tree.
+
+    Returns:
+        e.g. ``{"num_classes": 3, "detector": {"hidden_dim": 128, "backbone": {...}}, "criterion": {...}}``.
+    """
+    tree: Dict[str, Any] = {}
+    for key, _, target, *convert in KEYS:
+        targets = (target,) if isinstance(target, str) else target
+        if not targets[0].startswith("model."):
+            continue
+        value = cfg
+        for name in key.split("."):
+            value = value[name]
+        value = convert[0](value) if convert else value
+        for t in targets:
+            _set(tree, t[len("model."):], value)
+    return tree
 
 
 def build_backbone_from_cfg(cfg):
     """The backbone of ``cfg.MODEL.DINOV2OD.BACKBONE`` (``FAMILY`` picks DINOv2 or DINOv3)."""
     from dinov2od.modeling import build_backbone
 
-    b = cfg.MODEL.DINOV2OD.BACKBONE
-    return build_backbone(
-        family=b.FAMILY,
-        arch=b.ARCH,
-        registers=b.REGISTERS,
-        arch_overrides=dict(b.ARCH_OVERRIDES),
-        pretrained=b.PRETRAINED or None,
-        out_indices=list(b.OUT_INDICES) or None,
-        num_taps=b.NUM_TAPS,
-        lora_rank=b.LORA_RANK,
-        lora_alpha=b.LORA_ALPHA,
-        lora_dropout=b.LORA_DROPOUT,
-        lora_targets=tuple(b.LORA_TARGETS),
-        freeze=b.FREEZE,
-        drop_path_rate=b.DROP_PATH_RATE,
-        pos_embed_init=b.POS_EMBED_INIT,
-        rope_train_augment=b.ROPE_TRAIN_AUGMENT,
-    )
+    return build_backbone(**model_arguments(cfg)["detector"]["backbone"])
 
 
 def build_detector_from_cfg(cfg):
     """``DINOv2ObjectDetector`` from ``cfg.MODEL.DINOV2OD``."""
     from dinov2od.modeling import DINOv2ObjectDetector
 
-    d = cfg.MODEL.DINOV2OD
-    return DINOv2ObjectDetector(
-        num_classes=d.NUM_CLASSES,
-        backbone=build_backbone_from_cfg(cfg),
-        hidden_dim=d.HIDDEN_DIM,
-        scale_factors=tuple(d.SCALE_FACTORS),
-        num_queries=d.NUM_QUERIES,
-        num_decoder_layers=d.DEC_LAYERS,
-        num_heads=d.NHEADS,
-        num_points=d.NUM_POINTS,
-        dim_feedforward=d.DIM_FEEDFORWARD,
-        dropout=d.DROPOUT,
-        cross_attn=d.CROSS_ATTN,
-        box_refine=d.BOX_REFINE,
-        two_stage=d.TWO_STAGE,
-        group_detr=d.GROUP_DETR,
-        num_encoder_layers=d.ENC_LAYERS,
-        two_stage_nms=d.TWO_STAGE_NMS,
-        spatial_prior=d.SPATIAL_PRIOR,
-        dn_groups=d.DN.GROUPS,
-        dn_queries=d.DN.QUERIES,
-        dn_label_noise=d.DN.LABEL_NOISE,
-        dn_box_noise=d.DN.BOX_NOISE,
-        o2m_queries=d.O2M_QUERIES,
-    )
+    args = model_arguments(cfg)
+    detector = dict(args["detector"])
+    detector["backbone"] = build_backbone_from_cfg(cfg)
+    return DINOv2ObjectDetector(num_classes=args["num_classes"], **detector)
 
 
 def build_criterion_from_cfg(cfg):
     """``SetCriterion`` (with its ``HungarianMatcher``) from ``cfg.MODEL.DINOV2OD``."""
     from dinov2od.modeling import HungarianMatcher, SetCriterion
 
-    d = cfg.MODEL.DINOV2OD
+    args = model_arguments(cfg)
+    criterion = dict(args["criterion"])
     return SetCriterion(
-        num_classes=d.NUM_CLASSES,
-        matcher=HungarianMatcher(
-            cost_class=d.MATCHER.COST_CLASS,
-            cost_bbox=d.MATCHER.COST_BBOX,
-            cost_giou=d.MATCHER.COST_GIOU,
-            focal_alpha=d.LOSS.FOCAL_ALPHA,
-            focal_gamma=d.LOSS.FOCAL_GAMMA,
-        ),
-        weight_dict={
-            "loss_class": d.LOSS.CLASS_WEIGHT,
-            "loss_bbox": d.LOSS.BBOX_WEIGHT,
-            "loss_giou": d.LOSS.GIOU_WEIGHT,
-        },
-        focal_alpha=d.LOSS.FOCAL_ALPHA,
-        focal_gamma=d.LOSS.FOCAL_GAMMA,
-        num_aux_layers=d.DEC_LAYERS - 1,
-        two_stage=d.TWO_STAGE,
-        class_loss=d.LOSS.CLASS_LOSS,
-        enc_loss=d.LOSS.ENC_LOSS,
-        dense_topk=d.LOSS.DENSE_TOPK,
-        o2m_repeats=d.LOSS.O2M_REPEATS,
-        o2m_weight=d.LOSS.O2M_WEIGHT,
+        num_classes=args["num_classes"],
+        matcher=HungarianMatcher(**criterion.pop("matcher")),
+        num_aux_layers=args["detector"]["num_decoder_layers"] - 1,
+        two_stage=args["detector"]["two_stage"],
+        **criterion,
     )
+
+
+def build_optimizer_from_cfg(cfg: CN, model):
+    """The optimizer of ``cfg.SOLVER`` with Detectron2's parameter groups and gradient clipping.
+
+    Parameter groups come from Detectron2's ``get_default_optimizer_params`` with the stock keys
+    (``BASE_LR``, ``WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``,
+    ``WEIGHT_DECAY_BIAS``) and ``SOLVER.BACKBONE_LR_DECAY`` as its ``lr_factor_func``. ``CLIP_GRADIENTS`` keeps Detectron2's per-parameter meaning unless
+    ``CLIP_GRADIENTS.FULL_MODEL``, in which case the training loop clips instead.
+    """
+    s = cfg.SOLVER
+    params = get_default_optimizer_params(
+        model,
+        base_lr=s.BASE_LR,
+        weight_decay=s.WEIGHT_DECAY,
+        weight_decay_norm=s.WEIGHT_DECAY_NORM,
+        bias_lr_factor=s.BIAS_LR_FACTOR,
+        weight_decay_bias=s.WEIGHT_DECAY_BIAS,
+        lr_factor_func=backbone_lr_decay(s.BACKBONE_LR_DECAY, model=model),  # name -> LR factor
+    )
+    name = s.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optimizer = torch.optim.AdamW(params, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY)
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(
+            params, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY
+        )
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not supported; use 'ADAMW' or 'SGD'.")
+    if s.CLIP_GRADIENTS.FULL_MODEL:
+        return optimizer
+    return maybe_add_gradient_clipping(cfg, optimizer)
+
+
+def check_num_classes(model, dataset_names: Sequence[str]) -> None:
+    """Raise a clear error when a dataset's class count differs from the model's ``num_classes``.
+
+    Args:
+        model: the meta-architecture (or a DDP wrapper of it).
+        dataset_names: a name or list of registered dataset names.
+    """
+    num_classes = getattr(model, "module", model).num_classes
+    names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(
+                f"Dataset {name!r} has {len(classes)} classes ({list(classes)[:10]}"
+                f"{'...' if len(classes) > 10 else ''}) but the model has num_classes={num_classes}. "
+                f"Set num_classes={len(classes)} in the config (lazy: `num_classes` at the top of the "
+                "model config, e.g. `model.num_classes=N`; yacs: MODEL.DINOV2OD.NUM_CLASSES)."
+            )

@@ -10,15 +10,15 @@ Differences from Detectron2's mapper:
   - an image file that cannot be decoded -> ``ValueError`` naming the file;
   - grayscale, palette or RGBA images -> converted to the configured 3-channel format;
   - an image with no annotations -> an empty ``Instances`` (the loss handles it);
-  - a box with zero or negative width/height -> skipped with a warning naming the file;
-  - a category id outside ``[0, num_classes)`` -> ``ValueError`` naming the file, the id and
-    the fix.
+  - a box with zero or negative width/height -> skipped with a warning naming the file.
+
+  Class ids are checked once, by the loss (``SetCriterion``), whose error names the file.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -93,21 +93,17 @@ class DetrDatasetMapper(DatasetMapper):
         *,
         augmentations: List[T.Augmentation],
         image_format: str = "RGB",
-        num_classes: Optional[int] = None,
     ):
         """
         Args:
             is_train: whether annotations are kept (training) or dropped (inference).
             augmentations: Detectron2 augmentations applied in order.
             image_format: "RGB" or "BGR" (what the model's ``input_format`` expects).
-            num_classes: if given, category ids must lie in ``[0, num_classes)``.
         """
         super().__init__(is_train, augmentations=augmentations, image_format=image_format)
-        self.num_classes = num_classes
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
-        d = cfg.MODEL.DINOV2OD
         if is_train:
             augs = build_detr_augmentation(
                 True,
@@ -125,7 +121,6 @@ class DetrDatasetMapper(DatasetMapper):
             "is_train": is_train,
             "augmentations": augs,
             "image_format": cfg.INPUT.FORMAT,
-            "num_classes": d.NUM_CLASSES,
         }
 
     def _read_image(self, dataset_dict: dict) -> np.ndarray:
@@ -142,17 +137,10 @@ class DetrDatasetMapper(DatasetMapper):
         return image
 
     def _check_annotations(self, dataset_dict: dict) -> None:
-        """Drop zero-area boxes (with a warning) and reject unknown category ids."""
+        """Drop zero-area boxes (with a warning)."""
         file_name = dataset_dict["file_name"]
         kept = []
         for anno in dataset_dict.get("annotations", []):
-            cat = int(anno["category_id"])
-            if self.num_classes is not None and not 0 <= cat < self.num_classes:
-                raise ValueError(
-                    f"Annotation in {file_name!r} has category id {cat}, outside [0, "
-                    f"{self.num_classes}) for a model with num_classes={self.num_classes}. "
-                    "Fix the annotation, or set num_classes to the dataset's category count."
-                )
             box = utils.BoxMode.convert(list(anno["bbox"])[:4], anno["bbox_mode"], utils.BoxMode.XYXY_ABS)
             if not (box[2] > box[0] and box[3] > box[1]) or not np.all(np.isfinite(box)):
                 logger.warning("Skipping a degenerate box %s (zero or negative area) in %s", anno["bbox"], file_name)

@@ -6,7 +6,8 @@ builds it from a yacs ``cfg`` (``DefaultPredictor``, ``DefaultTrainer``), and th
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import logging
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_xyxy_to_cxcywh
 from dinov2od.modeling import topk_detections
 
 __all__ = ["DINOv2DETR", "padding_masks"]
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN_RGB = tuple(255.0 * m for m in IMAGENET_MEAN)  # 0-255 space (Detectron2's convention)
 IMAGENET_STD_RGB = tuple(255.0 * s for s in IMAGENET_STD)
@@ -39,6 +42,19 @@ def padding_masks(image_sizes: Sequence[Sequence[int]], padded_hw: Sequence[int]
     for i, (h, w) in enumerate(image_sizes):
         masks[i, :h, :w] = False
     return masks
+
+
+def _warn_unless_imagenet_statistics(mean, std, input_format: str) -> None:
+    """DINOv2 was trained on ImageNet-normalized RGB: say so when a yacs config normalizes otherwise."""
+    order = slice(None) if input_format == "RGB" else slice(None, None, -1)
+    expected = (list(IMAGENET_MEAN_RGB)[order], list(IMAGENET_STD_RGB)[order])
+    if all(abs(a - b) < 1e-3 for a, b in zip([*mean, *std], [*expected[0], *expected[1]])):
+        return
+    logger.warning(
+        "cfg.MODEL.PIXEL_MEAN=%s / PIXEL_STD=%s are not the ImageNet statistics DINOv2 was trained "
+        "with (%s / %s in %s order). Merge configs/yaml/Base-DINOv2DETR.yaml (or a YAML based on it) "
+        "unless this is intended.", list(mean), list(std), expected[0], expected[1], input_format,
+    )
 
 
 @META_ARCH_REGISTRY.register()
@@ -100,6 +116,7 @@ class DINOv2DETR(nn.Module):
     def from_config(cls, cfg) -> dict:
         from .config import build_criterion_from_cfg, build_detector_from_cfg
 
+        _warn_unless_imagenet_statistics(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT)
         return {
             "detector": build_detector_from_cfg(cfg),
             "criterion": build_criterion_from_cfg(cfg),
@@ -138,20 +155,17 @@ class DINOv2DETR(nn.Module):
         return images, masks
 
     def prepare_targets(self, batched_inputs: List[dict], image_sizes) -> List[Dict[str, Tensor]]:
-        """Detectron2 instances -> criterion targets (labels, normalized cxcywh boxes)."""
+        """Detectron2 instances -> criterion targets (labels, normalized cxcywh boxes, and the
+        file name, which the criterion's class-id check names)."""
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
             inst = x["instances"].to(self.device)
-            labels = inst.gt_classes.long()
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"{x.get('file_name', 'An image')} has class ids {labels.unique().tolist()} but "
-                    f"the model has num_classes={self.num_classes}; set num_classes to the "
-                    "dataset's number of categories."
-                )
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.float() / scale)  # (n, 4)
-            targets.append({"labels": labels, "boxes": boxes})
+            target = {"labels": inst.gt_classes.long(), "boxes": boxes}
+            if "file_name" in x:
+                target["name"] = x["file_name"]
+            targets.append(target)
         return targets
 
     def weighted_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:

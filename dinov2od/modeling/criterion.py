@@ -290,7 +290,8 @@ class SetCriterion(nn.Module):
             outputs: the detector's dict (``pred_logits``, ``pred_boxes``, optional
                 ``aux_outputs``, ``enc_outputs``, ``num_groups``, ``dn_outputs``, ``o2m_outputs``).
             targets: B dicts with ``labels`` (n,) int64 in [0, K) and ``boxes`` (n, 4)
-                normalized cxcywh relative to the unpadded image.
+                normalized cxcywh relative to the unpadded image; an optional ``name`` (str,
+                e.g. the image file) is used in error messages.
 
         Returns:
             unweighted losses (see the module docstring); ``weight_dict`` holds every key's weight.

@@ -49,7 +49,7 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], num_classes: int, batch:
 
     Args:
         targets: B dicts with ``labels`` (n,) int64 in [0, num_classes) and ``boxes`` (n, 4)
-            normalized ``(cx, cy, w, h)``.
+            normalized ``(cx, cy, w, h)``; an optional ``name`` (e.g. the image file) is used in errors.
         num_classes: K.
         batch: B, the number of images.
     """
@@ -63,9 +63,9 @@ def check_targets(targets: Sequence[Dict[str, Tensor]], num_classes: int, batch:
         if boxes.shape != (len(labels), 4):
             raise ValueError(f"targets[{i}]: boxes must be ({len(labels)}, 4) cxcywh, got {tuple(boxes.shape)}")
         bad = labels[(labels < 0) | (labels >= num_classes)]
-        if len(bad):
+        if len(bad):  # the one check of class ids (the Detectron2 meta-arch passes the file name)
             raise ValueError(
-                f"targets[{i}] has class id {int(bad[0])} outside [0, num_classes={num_classes}); "
+                f"{t.get('name', f'targets[{i}]')} has class id {int(bad[0])} outside [0, num_classes={num_classes}); "
                 "set num_classes to the dataset's number of classes or remap the labels to 0..K-1")
 
 

@@ -1,0 +1,140 @@
+"""One training iteration: Detectron2's :class:`SimpleTrainer` with what DETR training needs and
+Detectron2's ``AMPTrainer`` lacks. Each extra is written down where it lives:
+
+* gradient accumulation over micro-batches, all-reducing DDP gradients only on the last one
+  (``no_sync``): :meth:`DetrTrainerLoop._micro_step`;
+* clipping the norm of all gradients together, after unscaling fp16 gradients:
+  :meth:`dinov2od.d2.amp.MixedPrecision.step`;
+* autocast on the model's device, CPU included, in fp16 or bf16: :mod:`dinov2od.d2.amp`;
+* a non-finite loss stops every rank together, before any weight changes:
+  :meth:`DetrTrainerLoop._check_finite`.
+
+Hooks, writers, checkpoints and the LR schedule stay Detectron2's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Dict
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+from .amp import MixedPrecision
+
+__all__ = ["DetrTrainerLoop", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class DetrTrainerLoop(SimpleTrainer):
+    """:class:`SimpleTrainer` with accumulation, whole-model clipping, AMP anywhere, a non-finite stop.
+
+    One iteration = one optimizer step over ``accumulate_steps`` micro-batches (each from the
+    data loader), so ``max_iter``, the LR schedule and checkpoints count optimizer steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accumulate_steps: int = 1,
+        clip_max_norm: float = 0.0,
+        clip_norm_type: float = 2.0,
+        amp_enabled: bool = False,
+        amp_precision: str = "float16",
+    ):
+        """
+        Args:
+            model, data_loader, optimizer: as in :class:`SimpleTrainer`.
+            accumulate_steps: micro-batches per optimizer step (>= 1).
+            clip_max_norm: clip the ``clip_norm_type``-norm of all gradients together to this;
+                0 disables.
+            clip_norm_type: the p of that norm.
+            amp_enabled: run the forward pass in autocast.
+            amp_precision: "float16"/"fp16" (on CUDA with a GradScaler) or "bfloat16"/"bf16".
+        """
+        super().__init__(model, data_loader, optimizer)
+        if accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}.")
+        self.accumulate_steps = int(accumulate_steps)
+        self.clip_max_norm = float(clip_max_norm)
+        self.clip_norm_type = float(clip_norm_type)
+        device_type = next(model.parameters()).device.type
+        self.amp = MixedPrecision(amp_enabled, amp_precision, device_type)
+
+    def _check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> None:
+        """Raise FloatingPointError naming the iteration and every non-finite loss term.
+
+        Runs before the backward pass, so the weights and the last saved checkpoint are those
+        of the last good step. The flag is all-reduced: a rank whose loss is finite stops too,
+        instead of waiting forever in the next all-reduce of gradients.
+        """
+        bad = {k: float(v.detach()) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
+        flag = torch.tensor([1.0 if bad else 0.0], device=next(iter(loss_dict.values())).device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(flag)
+        if flag.item() > 0:
+            where = ", ".join(f"{k}={v}" for k, v in bad.items()) or "on another rank"
+            raise FloatingPointError(
+                f"Non-finite loss at iteration {self.iter}: {where}. Training stopped before the "
+                "optimizer step; the last saved checkpoint is intact. Lower the learning rate, "
+                "enable gradient clipping, or check the data of this iteration."
+            )
+
+    def _micro_step(self, data, last: bool) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch; gradients of earlier micro-batches are kept.
+
+        Under DDP, the gradients are all-reduced only in the backward of the last micro-batch
+        (``no_sync`` before it), once per optimizer step.
+        """
+        sync = contextlib.nullcontext()
+        if not last and isinstance(self.model, DistributedDataParallel):
+            sync = self.model.no_sync()
+        with sync:
+            with self.amp.autocast():
+                loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            self._check_finite(loss_dict)
+            self.amp.backward(sum(loss_dict.values()) / self.accumulate_steps)
+        return {k: v.detach() for k, v in loss_dict.items()}
+
+    def run_step(self) -> None:
+        assert self.model.training, "[DetrTrainerLoop] model was changed to eval mode!"
+        self.optimizer.zero_grad(set_to_none=True)
+        data_time = 0.0
+        summed: Dict[str, torch.Tensor] = {}
+        for k in range(self.accumulate_steps):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            loss_dict = self._micro_step(data, last=k == self.accumulate_steps - 1)
+            for name, v in loss_dict.items():
+                summed[name] = summed.get(name, 0) + v / self.accumulate_steps
+        self.after_backward()
+        self._write_metrics(summed, data_time)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = self.amp.step(self.optimizer, params, self.clip_max_norm, self.clip_norm_type)
+        if grad_norm is not None and comm.is_main_process():
+            get_event_storage().put_scalar("grad_norm", grad_norm)
+
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.amp.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "grad_scaler" in state_dict:
+            self.amp.load_state_dict(state_dict["grad_scaler"])

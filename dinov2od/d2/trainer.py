@@ -1,0 +1,382 @@
+"""The one training driver, :class:`DetrTrainer`, and the two ways configs feed it.
+
+:class:`DetrTrainer` takes built objects (model, optimizer, train loader, LR schedule, an
+evaluation function) and :class:`TrainSettings`, and does everything else the same way for both
+config styles: DDP (Detectron2's ``create_ddp_model``), the training loop
+(:class:`~dinov2od.d2.train_loop.DetrTrainerLoop`), EMA, crash-safe checkpoints, the hooks,
+resume (with the data stream's position and the random states), evaluation (of the EMA weights
+when enabled) and the EMA export. Adding a hook is editing :meth:`DetrTrainer.build_hooks`.
+
+* :class:`LazyTrainer` builds those objects from a lazy config (``configs/*.py``);
+* :class:`Trainer` builds them from a yacs config with Detectron2's ``DefaultTrainer`` class
+  methods (``build_model``, ``build_optimizer``, ``test(cfg, model, evaluators)``, ...), which
+  subclasses can override as usual.
+
+``Trainer.eval_only(cfg, resume)`` / ``LazyTrainer.eval_only(cfg, resume)`` load weights (the
+last checkpoint with ``resume``) and evaluate, as ``--eval-only`` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import weakref
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+
+from detectron2.config import instantiate
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, default_writers, hooks
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_loader
+from .config import build_optimizer_from_cfg, check_num_classes
+from .dataset_mapper import DetrDatasetMapper
+from .ema import EMAHook, ModelEMA, export_ema_weights
+from .evaluation import eval_context, run_evaluation
+from .train_loop import DetrTrainerLoop, unwrap_model
+
+__all__ = ["DetrTrainer", "LazyTrainer", "TrainSettings", "Trainer", "unwrap_model", "wrap_model_for_ddp"]
+
+logger = logging.getLogger("dinov2od")
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """What the driver reads from a config besides the objects it is given."""
+
+    output_dir: str
+    max_iter: int
+    ims_per_batch: int  # images per iteration over all processes (per micro-batch)
+    device: str = "cuda"
+    init_checkpoint: str = ""  # weights to start from (or to evaluate)
+    accumulate_steps: int = 1
+    clip_max_norm: float = 0.0  # 0: the loop does not clip
+    clip_norm_type: float = 2.0
+    amp_enabled: bool = False
+    amp_precision: str = "float16"
+    ema_enabled: bool = False
+    ema_decay: float = 0.9997
+    eval_ema: bool = True
+    checkpoint_period: int = 5000
+    max_to_keep: Optional[int] = None
+    eval_period: int = 0  # 0: only after training
+    eval_after_train: bool = True
+    log_period: int = 20
+    ddp: dict = dataclasses.field(default_factory=dict)  # create_ddp_model's keyword arguments
+
+    @classmethod
+    def from_lazy(cls, cfg) -> "TrainSettings":
+        t = cfg.train
+        ema, clip, ckpt = t.get("ema", {}), t.get("clip_grad", {}), t.checkpointer
+        return cls(
+            output_dir=t.output_dir,
+            max_iter=t.max_iter,
+            ims_per_batch=cfg.dataloader.train.total_batch_size,
+            device=t.device,
+            init_checkpoint=t.init_checkpoint,
+            accumulate_steps=t.get("accumulate_steps", 1),
+            clip_max_norm=clip.get("max_norm", 0.0),
+            clip_norm_type=clip.get("norm_type", 2.0),
+            amp_enabled=t.amp.enabled,
+            amp_precision=t.amp.get("precision", "float16"),
+            ema_enabled=ema.get("enabled", False),
+            ema_decay=ema.get("decay", 0.9997),
+            eval_ema=ema.get("eval_ema", True),
+            checkpoint_period=ckpt.period,
+            max_to_keep=ckpt.get("max_to_keep", None),
+            eval_period=t.eval_period,
+            eval_after_train=t.get("eval_after_train", True),
+            log_period=t.log_period,
+            ddp=dict(t.ddp),
+        )
+
+    @classmethod
+    def from_yacs(cls, cfg) -> "TrainSettings":
+        s, clip = cfg.SOLVER, cfg.SOLVER.CLIP_GRADIENTS
+        full_model = clip.ENABLED and clip.FULL_MODEL
+        if full_model and clip.CLIP_TYPE != "norm":
+            raise ValueError(
+                f"SOLVER.CLIP_GRADIENTS.FULL_MODEL clips the norm of all gradients together, but "
+                f"CLIP_TYPE is {clip.CLIP_TYPE!r}; set CLIP_TYPE 'norm' (or FULL_MODEL False for "
+                "Detectron2's per-parameter clipping)."
+            )
+        return cls(
+            output_dir=cfg.OUTPUT_DIR,
+            max_iter=s.MAX_ITER,
+            ims_per_batch=s.IMS_PER_BATCH,
+            device=cfg.MODEL.DEVICE,
+            init_checkpoint=cfg.MODEL.WEIGHTS,
+            accumulate_steps=s.ACCUMULATE_STEPS,
+            clip_max_norm=clip.CLIP_VALUE if full_model else 0.0,
+            clip_norm_type=clip.NORM_TYPE,
+            amp_enabled=s.AMP.ENABLED,
+            amp_precision=s.AMP.PRECISION,
+            ema_enabled=s.EMA.ENABLED,
+            ema_decay=s.EMA.DECAY,
+            eval_ema=s.EMA.EVAL_EMA,
+            checkpoint_period=s.CHECKPOINT_PERIOD,
+            eval_period=cfg.TEST.EVAL_PERIOD,
+            log_period=s.LOG_PERIOD,
+            ddp={"broadcast_buffers": False},  # DefaultTrainer's
+        )
+
+
+def wrap_model_for_ddp(model, device: str, **kwargs):
+    """Detectron2's ``create_ddp_model`` (``fp16_compression`` and all DDP options), CPU included.
+
+    On the CPU (gloo) DDP takes no ``device_ids``; on CUDA, Detectron2 uses the local rank's GPU.
+    """
+    if torch.device(device).type == "cpu":
+        kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
+
+
+def _evaluate_weights(model, settings: TrainSettings, evaluate: Callable, resume: bool) -> dict:
+    """Load the last checkpoint (``resume``) or ``settings.init_checkpoint``, then evaluate."""
+    ema = ModelEMA(model, settings.ema_decay) if settings.ema_enabled else None
+    checkpointer = CrashSafeCheckpointer(model, settings.output_dir, **({"ema": ema} if ema else {}))
+    path = settings.init_checkpoint
+    if resume and checkpointer.has_checkpoint():
+        path = checkpointer.get_checkpoint_file()
+    checkpointer.load(path)  # the EMA entry too, when the file has one
+    if ema is not None and ema.num_updates == 0:
+        logger.warning("%s has no EMA weights; evaluating the model's own.", path or "(no checkpoint)")
+        ema = None
+    with eval_context(ema if settings.eval_ema else None):
+        return evaluate(model)
+
+
+class DetrTrainer(TrainerBase):
+    """The training driver: one set of hooks, EMA, checkpoints and resume for every config style.
+
+    Checkpoints hold ``model``, ``ema`` (when enabled), ``iteration`` and ``trainer`` (the hooks'
+    state: LR schedule and random states; and ``_trainer``: optimizer and loss scaler), in the
+    layout of Detectron2's ``DefaultTrainer``.
+    """
+
+    def __init__(self, model, optimizer, data_loader, lr_scheduler, settings: TrainSettings, evaluate: Callable):
+        """
+        Args:
+            model: the meta-architecture, on its device (wrapped in DDP here when distributed).
+            optimizer: its optimizer.
+            data_loader: an infinite Detectron2 train loader (not iterated yet).
+            lr_scheduler: a torch LR scheduler of ``optimizer``, or an fvcore ``ParamScheduler``
+                of the LR multiplier over training progress (lazy configs' ``lr_multiplier``).
+            settings: see :class:`TrainSettings`.
+            evaluate: ``evaluate(model) -> results dict`` (run with the EMA weights loaded when
+                ``settings.eval_ema``).
+        """
+        # TrainerBase's, not DefaultTrainer's (next in Trainer's MRO), here and in train/state_dict:
+        # DefaultTrainer.__init__ reads a yacs config, builds SimpleTrainer/AMPTrainer, and wraps
+        # DDP for GPUs only.
+        TrainerBase.__init__(self)
+        self.settings = settings
+        model = wrap_model_for_ddp(model, settings.device, **settings.ddp)
+        self._trainer = DetrTrainerLoop(
+            model,
+            data_loader,
+            optimizer,
+            accumulate_steps=settings.accumulate_steps,
+            clip_max_norm=settings.clip_max_norm,
+            clip_norm_type=settings.clip_norm_type,
+            amp_enabled=settings.amp_enabled,
+            amp_precision=settings.amp_precision,
+        )
+        self.scheduler = lr_scheduler
+        self.ema = ModelEMA(model, settings.ema_decay) if settings.ema_enabled else None
+        self.checkpointer = CrashSafeCheckpointer(
+            model, settings.output_dir, trainer=weakref.proxy(self), **({"ema": self.ema} if self.ema else {})
+        )
+        self._evaluate = evaluate
+        self.start_iter = 0
+        self.max_iter = settings.max_iter
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> list:
+        """The hooks, in order: timing, LR, EMA, random states, checkpoints, evaluation, writers.
+
+        Evaluation runs after checkpointing (a failed evaluation leaves the checkpoint), writers last
+        (so evaluation results are written).
+        """
+        s, main = self.settings, comm.is_main_process()
+        return [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=self.scheduler),
+            EMAHook(self.ema) if self.ema is not None else None,
+            RNGStateHook(),
+            hooks.PeriodicCheckpointer(self.checkpointer, s.checkpoint_period, max_to_keep=s.max_to_keep)
+            if main
+            else None,
+            hooks.EvalHook(s.eval_period, self.evaluate, eval_after_train=s.eval_after_train),
+            hooks.PeriodicWriter(self.build_writers(), period=s.log_period) if main else None,
+        ]
+
+    def build_writers(self) -> list:
+        return default_writers(self.settings.output_dir, self.max_iter)
+
+    def evaluate(self) -> dict:
+        """Evaluate the model now (its EMA weights when enabled and ``eval_ema``)."""
+        ema = self.ema if self.settings.eval_ema else None
+        if ema is not None:
+            logger.info("Evaluating the EMA weights.")
+        with eval_context(ema):
+            self._last_eval_results = self._evaluate(self.model)
+        return self._last_eval_results
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from ``last_checkpoint`` in the output folder (with ``resume`` and when it exists:
+        every state, from the next iteration), else load ``settings.init_checkpoint``'s weights."""
+        self.checkpointer.resume_or_load(self.settings.init_checkpoint, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+        if self.ema is not None and self.ema.num_updates == 0:  # no EMA state was loaded
+            self.ema.restart()  # average from the loaded weights, not from the random init
+
+    def train(self) -> Optional[dict]:
+        """Train from ``start_iter`` to ``max_iter``, then export the EMA weights.
+
+        Returns:
+            the last evaluation results (None without evaluation).
+        """
+        per_rank = self.settings.ims_per_batch // comm.get_world_size()
+        position_train_loader(self._trainer.data_loader, self.start_iter * per_rank * self.settings.accumulate_steps)
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        export_ema_weights(self.ema, self.settings.output_dir)
+        return getattr(self, "_last_eval_results", None)
+
+    def run_step(self) -> None:
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+    def state_dict(self) -> dict:
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        TrainerBase.load_state_dict(self, state_dict)
+        # checkpoints of the earlier lazy driver held the loop's state at the top level
+        self._trainer.load_state_dict(state_dict.get("_trainer", state_dict))
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    @property
+    def data_loader(self):
+        return self._trainer.data_loader
+
+
+# ---------------------------------------------------------------------------- lazy configs
+def build_lazy_model(cfg):
+    """Instantiate ``cfg.model`` on ``cfg.train.device`` and check it against the datasets."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    names = []
+    for split in ("train", "test"):
+        if split in cfg.dataloader:
+            n = cfg.dataloader[split].dataset.names
+            names.extend([n] if isinstance(n, str) else list(n))
+    check_num_classes(model, names)
+    return model
+
+
+def evaluate_lazy(cfg, model) -> dict:
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    if cfg.dataloader.get("evaluator", None) is None:
+        return {}
+    if cfg.dataloader.evaluator.get("output_dir", None) is None:
+        cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
+    name = cfg.dataloader.test.dataset.names
+    return run_evaluation(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator), str(name))
+
+
+class LazyTrainer(DetrTrainer):
+    """:class:`DetrTrainer` from a lazy config (``model``, ``optimizer``, ``dataloader``,
+    ``lr_multiplier``, ``train``)."""
+
+    def __init__(self, cfg, model=None):
+        """
+        Args:
+            cfg: the lazy config.
+            model: the built ``cfg.model`` (built here when None).
+        """
+        model = model if model is not None else build_lazy_model(cfg)
+        model.train()
+        cfg.optimizer.params.model = model
+        super().__init__(
+            model,
+            instantiate(cfg.optimizer),
+            instantiate(cfg.dataloader.train),
+            instantiate(cfg.lr_multiplier),
+            TrainSettings.from_lazy(cfg),
+            partial(evaluate_lazy, cfg),
+        )
+
+    @classmethod
+    def eval_only(cls, cfg, resume: bool = False) -> dict:
+        """Load ``train.init_checkpoint`` (the last checkpoint with ``resume``) and evaluate."""
+        return _evaluate_weights(build_lazy_model(cfg), TrainSettings.from_lazy(cfg), partial(evaluate_lazy, cfg), resume)
+
+
+# ---------------------------------------------------------------------------- yacs configs
+class Trainer(DetrTrainer, DefaultTrainer):
+    """:class:`DetrTrainer` from a yacs config, with ``DefaultTrainer``'s class methods.
+
+    ``build_model``, ``build_lr_scheduler``, ``test(cfg, model, evaluators=None)`` and
+    ``auto_scale_workers`` are Detectron2's; ``build_optimizer``, ``build_train_loader``,
+    ``build_test_loader`` and ``build_evaluator`` are dinov2od's. Training, hooks, checkpoints and
+    resume are :class:`DetrTrainer`'s.
+    """
+
+    def __init__(self, cfg):
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.cfg = cfg
+        model = self.build_model(cfg)
+        check_num_classes(model, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+        optimizer = self.build_optimizer(cfg, model)
+        super().__init__(
+            model,
+            optimizer,
+            self.build_train_loader(cfg),
+            self.build_lr_scheduler(cfg, optimizer),
+            TrainSettings.from_yacs(cfg),
+            partial(self.test, cfg),
+        )
+
+    def train(self) -> Optional[dict]:
+        results = super().train()
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            verify_results(self.cfg, results)
+        return results
+
+    @classmethod
+    def eval_only(cls, cfg, resume: bool = False) -> dict:
+        """Load ``MODEL.WEIGHTS`` (the last checkpoint in ``OUTPUT_DIR`` with ``resume``) and evaluate."""
+        model = cls.build_model(cfg)
+        check_num_classes(model, list(cfg.DATASETS.TEST))
+        return _evaluate_weights(model, TrainSettings.from_yacs(cfg), partial(cls.test, cfg), resume)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer_from_cfg(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
