@@ -4,9 +4,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("detectron2")
-
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import LazyConfig, instantiate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +29,6 @@ def test_coco_recipe_values():
     # num_classes is interpolated from one place
     cfg.model.num_classes = 7
     assert cfg.model.detector.num_classes == 7 and cfg.model.criterion.num_classes == 7
-    assert cfg.dataloader.train.mapper.num_classes == 7
 
 
 def test_coco_model_builds_with_random_init_backbone():
@@ -81,7 +78,7 @@ def test_backbone_lr_decay_on_both_config_routes():
     from detectron2.config import get_cfg
 
     from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
-    from dinov2od.d2.training import Trainer
+    from dinov2od.d2.trainer import Trainer
 
     cfg = load("shapes.py", "optimizer.params.lr_factor_func.decay=0.8")
     torch.manual_seed(0)
@@ -110,3 +107,19 @@ def test_backbone_lr_decay_on_both_config_routes():
     cfg = load("shapes.py")
     cfg.optimizer.params.model = model
     assert set(_lrs(instantiate(cfg.optimizer), model).values()) == {base}
+
+
+def test_lazy_optimizer_groups_are_detectron2s_with_a_pluggable_lr_factor():
+    cfg = load("shapes.py")
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    cfg.optimizer.params.bias_lr_factor = 2.0
+    cfg.optimizer.params.lr_factor_func = lambda name: 0.5 if ".vit." in name else 1.0  # e.g. a layer-wise decay
+    optimizer = instantiate(cfg.optimizer)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    base = cfg.optimizer.lr
+    vit_weight = next(n for n in params if ".vit." in n and n.endswith("query.weight"))
+    head_bias = next(n for n in params if ".vit." not in n and n.endswith(".bias"))
+    assert lr_of[id(params[vit_weight])] == pytest.approx(0.5 * base)
+    assert lr_of[id(params[head_bias])] == pytest.approx(2.0 * base)
