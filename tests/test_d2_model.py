@@ -154,7 +154,8 @@ def test_training_returns_weighted_losses_and_handles_empty_targets():
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     images, masks = model.preprocess_image(inputs)
-    raw = model.criterion(model.detector(images.tensor, masks, normalized=True), model.prepare_targets(inputs, images.image_sizes))
+    targets = model.prepare_targets(inputs, images.image_sizes)
+    raw = model.criterion(model.detector(images.tensor, masks, normalized=True), targets)
     w = model.criterion.weight_dict
     for k, v in losses.items():
         assert torch.allclose(v, raw[k] * w[k]), k

@@ -232,7 +232,8 @@ def test_ddp_two_processes_match_each_other_and_one_process(tiny_config, train_n
     script.write_text(DDP_SCRIPT.format(tools=os.path.join(ROOT, "tools")))
     opts = [*TINY, "train.max_iter=3", "dataloader.train.total_batch_size=4", "train.eval_after_train=False"]
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, str(script), "--config-file", tiny_config, "--num-gpus", "2", *opts, f"train.output_dir={out}"]
+    cmd = [sys.executable, str(script), "--config-file", tiny_config, "--num-gpus", "2", *opts,
+           f"train.output_dir={out}"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -122,7 +122,9 @@ def main(argv=None):
     json_path = os.path.join(args.output, "predictions.json")
     with open(json_path, "w") as f:
         json.dump(results, f)
-    logger.info("Wrote %d detections for %d images to %s and drawings to %s/", len(results), drawn, json_path, args.output)
+    logger.info(
+        "Wrote %d detections for %d images to %s and drawings to %s/", len(results), drawn, json_path, args.output
+    )
     return results
 
 

@@ -69,7 +69,9 @@ def setup(args):
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
     else:
-        raise SystemExit(f"--config-file must be a lazy config (.py) or a yacs config (.yaml), got {args.config_file!r}")
+        raise SystemExit(
+            f"--config-file must be a lazy config (.py) or a yacs config (.yaml), got {args.config_file!r}"
+        )
     default_setup(cfg, args)
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
     return cfg

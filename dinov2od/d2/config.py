@@ -204,8 +204,9 @@ def build_optimizer_from_cfg(cfg: CN, model):
 
     Parameter groups come from Detectron2's ``get_default_optimizer_params`` with the stock keys
     (``BASE_LR``, ``WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``,
-    ``WEIGHT_DECAY_BIAS``) and ``SOLVER.BACKBONE_LR_DECAY`` as its ``lr_factor_func``. ``CLIP_GRADIENTS`` keeps Detectron2's per-parameter meaning unless
-    ``CLIP_GRADIENTS.FULL_MODEL``, in which case the training loop clips instead.
+    ``WEIGHT_DECAY_BIAS``) and ``SOLVER.BACKBONE_LR_DECAY`` as its ``lr_factor_func``.
+    ``CLIP_GRADIENTS`` keeps Detectron2's per-parameter meaning unless ``CLIP_GRADIENTS.FULL_MODEL``,
+    in which case the training loop clips instead.
     """
     s = cfg.SOLVER
     params = get_default_optimizer_params(

@@ -324,7 +324,8 @@ class LazyTrainer(DetrTrainer):
     @classmethod
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``train.init_checkpoint`` (the last checkpoint with ``resume``) and evaluate."""
-        return _evaluate_weights(build_lazy_model(cfg), TrainSettings.from_lazy(cfg), partial(evaluate_lazy, cfg), resume)
+        settings = TrainSettings.from_lazy(cfg)
+        return _evaluate_weights(build_lazy_model(cfg), settings, partial(evaluate_lazy, cfg), resume)
 
 
 # ---------------------------------------------------------------------------- yacs configs
