@@ -5,14 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("detectron2")
+from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.engine import DefaultPredictor
+from detectron2.structures import Boxes, Instances
 
-from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
-
-from dinov2od.d2 import DINOv2DETR, add_dinov2od_config  # noqa: E402
-from dinov2od.modeling import DINOv3Backbone  # noqa: E402
+from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
+from dinov2od.modeling import DINOv3Backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DINOV3_YACS = [

@@ -51,8 +51,8 @@ KEYS: List[tuple] = [
     ("MODEL.DINOV2OD.NUM_CLASSES", 80, "model.num_classes"),
     ("MODEL.DINOV2OD.SIZE_DIVISIBILITY", 14, "model.size_divisibility"),
     ("MODEL.DINOV2OD.TEST_TOPK", 100, "model.test_topk"),  # detections per image (queries x classes)
-    ("MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov2", "model.detector.backbone.family"),  # or "dinov3" (then
-    # also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
+    # "dinov2" | "dinov3" (then also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
+    ("MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov2", "model.detector.backbone.family"),
     # dinov2: tiny | small | base | large | giant; dinov3: tiny | small | small_plus | base | large | huge_plus | 7b
     ("MODEL.DINOV2OD.BACKBONE.ARCH", "base", "model.detector.backbone.arch"),
     ("MODEL.DINOV2OD.BACKBONE.REGISTERS", False, "model.detector.backbone.registers"),  # dinov2 only
