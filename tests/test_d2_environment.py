@@ -7,7 +7,7 @@ import sys
 from conftest import ROOT
 
 
-def _pytest_without_detectron2(tmp_path, expect):
+def _pytest_without_detectron2(tmp_path, expect, *more_tests):
     fake = tmp_path / "fake" / "detectron2"
     fake.mkdir(parents=True, exist_ok=True)
     # what a venv without Detectron2 raises (pytest.importorskip turned it into a skip)
@@ -16,8 +16,7 @@ def _pytest_without_detectron2(tmp_path, expect):
     env.pop("DINOV2OD_EXPECT_DETECTRON2", None)
     if expect is not None:
         env["DINOV2OD_EXPECT_DETECTRON2"] = expect
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_d2_yacs.py",
-           "tests/test_d2_amp_cuda.py::test_amp_module_imports_only_torch_and_the_standard_library"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_d2_yacs.py", *more_tests]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -29,7 +28,8 @@ def test_missing_detectron2_fails_where_it_is_expected(tmp_path):
 
 
 def test_missing_detectron2_skips_with_the_reason_elsewhere(tmp_path):
-    proc = _pytest_without_detectron2(tmp_path, "0")
+    proc = _pytest_without_detectron2(
+        tmp_path, "0", "tests/test_d2_amp_cuda.py::test_amp_module_imports_only_torch_and_the_standard_library")
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "1 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # the Detectron2-free test still runs
     assert "Detectron2 is not installed (ModuleNotFoundError: simulated broken Detectron2)" in proc.stdout
