@@ -21,7 +21,9 @@ OpenMP's settings to the user.
 import logging
 import os
 import sys
+import time
 
+STARTED = time.time()  # the summary's wall time counts from here (dataset generation included)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.config import LazyConfig, get_cfg  # noqa: E402
@@ -31,29 +33,16 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import add_dinov2od_config  # noqa: E402
+from dinov2od.d2.report import run_summary  # noqa: E402
 from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
 
 logger = logging.getLogger("dinov2od")
 
 
-def _report(output_dir: str, vis_dir: str = "") -> None:
-    if not comm.is_main_process():
-        return
-    lines = [f"Outputs are in {os.path.abspath(output_dir)}:"]
-    for name, what in (
-        ("model_final.pth", "final checkpoint (resume / fine-tune from it)"),
-        ("model_final_ema.pth", "EMA weights, for DefaultPredictor / tools/predict.py"),
-        ("metrics.json", "training metrics"),
-        ("log.txt", "log"),
-        ("inference/coco_instances_results.json", "COCO-format detections"),
-    ):
-        path = os.path.join(output_dir, name)
-        if os.path.exists(path):
-            lines.append(f"  {path}  ({what})")
-    if vis_dir and os.path.isdir(vis_dir):
-        lines.append(f"  {vis_dir}/  (prediction images drawn with Detectron2's Visualizer)")
-    logger.info("\n".join(lines))
+def _report(output_dir: str, vis_dir: str = "", curve_rows: int = 0) -> None:
+    if comm.is_main_process():
+        logger.info(run_summary(output_dir, STARTED, vis_dir, curve_rows))
 
 
 def setup(args):
@@ -99,7 +88,7 @@ def main(args):
             score_threshold=vis.get("score_threshold", 0.5),
             ema=trainer.ema,
         )
-    _report(trainer.settings.output_dir, vis_dir)
+    _report(trainer.settings.output_dir, vis_dir, cfg.train.get("print_loss_curve", 0) if lazy else 0)
     return results
 
 

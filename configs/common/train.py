@@ -15,5 +15,6 @@ train = dict(
     clip_grad=dict(max_norm=0.1, norm_type=2.0),  # the norm of all gradients together; 0 disables
     ema=dict(enabled=False, decay=0.9997, eval_ema=True),  # evaluate the EMA weights
     visualize=dict(num_images=0, score_threshold=0.5),  # prediction drawings after training
+    print_loss_curve=0,  # > 0: the run summary prints the training losses at this many iterations
     cudnn_benchmark=False,
 )
