@@ -48,12 +48,19 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
         (Hp, Wp, max_objects) float32: each glyph's share of each patch, ``obj_class``
         (max_objects,) int64.
     """
+    from scipy import ndimage
+
     h, w = owner.shape
     hp, wp, n = h // patch, w // patch, len(classes)
+    if n > max_objects:
+        raise ValueError(f"{n} glyphs in one image but max_objects={max_objects}")
+    # every pixel's patch index, then one bincount per histogram (class per patch, glyph per patch)
+    patch_of = ((np.arange(h) // patch)[:, None] * wp + (np.arange(w) // patch)[None, :]).ravel()
     lookup = np.append(np.asarray(classes, dtype=np.int64), num_classes)  # owner -1 -> background
-    per_pixel = lookup[owner]
-    blocks = lambda a: a.reshape(hp, patch, wp, patch).transpose(0, 2, 1, 3).reshape(hp, wp, -1)  # noqa: E731
-    coverage = np.stack([(blocks(per_pixel) == c).mean(-1) for c in range(num_classes + 1)], -1)
+    per_pixel = lookup[owner].ravel()
+    area = float(patch * patch)
+    coverage = np.bincount(patch_of * (num_classes + 1) + per_pixel,
+                           minlength=hp * wp * (num_classes + 1)).reshape(hp, wp, -1) / area
     cell = patch // sub
     fg = (owner >= 0).astype(np.float32)
     fine = fg[: hp * sub * cell, : wp * sub * cell].reshape(hp * sub, cell, wp * sub, cell).mean((1, 3))
@@ -61,22 +68,20 @@ def dense_targets(owner: np.ndarray, classes: np.ndarray, num_classes: int, patc
     valid = np.zeros((hp, wp), bool)
     obj_weight = np.zeros((hp, wp, max_objects), np.float32)
     obj_class = np.full(max_objects, -1, np.int64)
-    if n > max_objects:
-        raise ValueError(f"{n} glyphs in one image but max_objects={max_objects}")
     if n:
-        counts = np.stack([(blocks(owner) == j).sum(-1) for j in range(n)], -1)  # (Hp, Wp, N)
-        obj_weight[..., :n] = counts / float(patch * patch)
+        owner_flat = owner.ravel().astype(np.int64)
+        counts = np.bincount(patch_of * (n + 1) + owner_flat + 1, minlength=hp * wp * (n + 1))
+        counts = counts.reshape(hp, wp, n + 1)[..., 1:]  # (Hp, Wp, N) pixels of each glyph per patch
+        obj_weight[..., :n] = counts / area
         obj_class[:n] = classes
-        area = np.bincount(owner[owner >= 0].ravel(), minlength=n)
-        ys, xs = np.nonzero(owner >= 0)
-        ids = owner[ys, xs]
-        x0 = np.full(n, np.inf); y0 = np.full(n, np.inf); x1 = np.full(n, -np.inf); y1 = np.full(n, -np.inf)
-        np.minimum.at(x0, ids, xs); np.minimum.at(y0, ids, ys)
-        np.maximum.at(x1, ids, xs + 1); np.maximum.at(y1, ids, ys + 1)
+        glyph_area = counts.sum((0, 1))
+        slices = ndimage.find_objects(owner.astype(np.int32) + 1, max_label=n)  # visible extent per glyph
+        x0, y0, x1, y1 = (np.array([getattr(sl[a], b) if sl else 0 for sl in slices], np.float64)
+                          for a, b in ((1, "start"), (0, "start"), (1, "stop"), (0, "stop")))
         best = counts.argmax(-1)  # (Hp, Wp)
         got = np.take_along_axis(counts, best[..., None], -1)[..., 0]
         # a patch speaks for a glyph that fills a tenth of it, or half of the glyph is inside it
-        valid = (got >= 0.1 * patch * patch) | ((got > 0) & (got >= 0.5 * np.maximum(area[best], 1)))
+        valid = (got >= 0.1 * area) | ((got > 0) & (got >= 0.5 * np.maximum(glyph_area[best], 1)))
         cy = (np.arange(hp)[:, None] + 0.5) * patch
         cx = (np.arange(wp)[None, :] + 0.5) * patch
         bw, bh = x1[best] - x0[best], y1[best] - y0[best]
@@ -101,10 +106,11 @@ def glyph_batch(seeds: Sequence[int], height: int, width: int, num_classes: int,
     images, targets = [], []
     for s in seeds:
         img, owner, classes = generate_glyphs_image(int(s), height, width, max_glyphs, extent)
-        images.append(torch.from_numpy(img).permute(2, 0, 1))
+        images.append(img)
         targets.append(dense_targets(owner, classes, num_classes, patch, sub))
     batch = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
-    return torch.stack(images).float().div_(255.0), batch
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    return pixels.float().div_(255.0), batch
 
 
 @dataclass

@@ -12,6 +12,7 @@ exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Tuple
 
@@ -96,9 +97,17 @@ def _glyph_mask(h: int, w: int, name: str, cx: float, cy: float, size: float, an
     return np.asarray(canvas, dtype=bool)
 
 
+@functools.lru_cache(maxsize=64)
+def _grid(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates of an (h, w) image, float32 (shared, read-only)."""
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gy.flags.writeable = gx.flags.writeable = False
+    return gy, gx
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) float32 in [0, 255]: plane waves or blurred noise, a ramp, sometimes line clutter."""
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gy, gx = _grid(h, w)
     img = np.broadcast_to(rng.uniform(30, 225, size=3).astype(np.float32), (h, w, 3)).copy()
     if rng.random() < 0.5:  # a sum of random plane waves, each with its own colour
         for _ in range(int(rng.integers(2, 5))):
@@ -185,6 +194,6 @@ def generate_glyphs_image(seed: int, height: int = 224, width: int = 224, max_gl
 def _ramp(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """(h, w) linear ramp in [-1, 1] along a random direction (shading inside a glyph)."""
     a = rng.uniform(0, 2 * math.pi)
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gy, gx = _grid(h, w)
     ramp = gx * math.cos(a) + gy * math.sin(a)
     return (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0) * 2 - 1
