@@ -251,7 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpu-isa", default="auto", choices=["auto", "default", "avx2", "all"],
                         help="CPU kernel inner loops to time (auto: the one dispatch picks)")
     model = parser.add_argument_group("section model (tools/benchmark_model.py)")
-    model.add_argument("--backbones", nargs="+", default=["vits14"], help="vits14 vitb14 (see BACKBONES)")
+    model.add_argument("--backbones", nargs="+", default=["vits14"],
+                       help="vits14 vitb14 dinov3-s16 (see BACKBONES in tools/benchmark_model.py)")
     model.add_argument("--presets", nargs="+", default=["default", "efficient", "demo"],
                        choices=["default", "efficient", "demo"], help="model configs to measure")
     model.add_argument("--sizes", nargs="+", type=int, default=[448],

@@ -46,7 +46,7 @@ PRESETS = {
 BACKBONES: Dict[str, Tuple[dict, int]] = {
     "vits14": (dict(arch="small"), 14),
     "vitb14": (dict(arch="base"), 14),
-    # "dinov3-s16": (dict(family="dinov3", arch="small"), 16),  # once the DINOv3 backbone lands
+    "dinov3-s16": (dict(family="dinov3", arch="small"), 16),  # 512 px = DINOv2-S/14's 448 px token grid
 }
 STAGES = ("pre", "backbone", "neck", "decoder", "post")
 TRAIN_STAGES = ("backbone", "neck", "decoder", "loss", "backward", "step")
