@@ -1,7 +1,7 @@
 """Mixed precision for the training loop, all in one place: autocast, the GradScaler, and the
 optimizer step around them (unscale, clip, step unless an fp16 gradient overflowed, update).
 
-This module imports only torch (and the torch-only dinov2od.layers), so ``tools/gpu_check.sh`` runs its CUDA test
+This module imports only torch, so ``tools/gpu_check.sh`` runs its CUDA test
 (``tests/test_d2_amp_cuda.py``) on the GPU machine, which has no Detectron2.
 """
 from __future__ import annotations
@@ -11,8 +11,6 @@ import logging
 from typing import Iterable, Optional
 
 import torch
-
-from dinov2od.layers.precision import check_cpu_autocast
 
 __all__ = ["PRECISIONS", "MixedPrecision"]
 
@@ -55,8 +53,6 @@ class MixedPrecision:
         self.enabled = bool(enabled)
         self.dtype = PRECISIONS[precision]
         self.device_type = device_type
-        if self.enabled:  # bfloat16 on a CPU without native bf16 is refused, naming the CPU's flags
-            check_cpu_autocast(device_type, self.dtype)
         self.scaler = _grad_scaler(self.enabled and self.dtype == torch.float16 and device_type == "cuda")
 
     def autocast(self):
