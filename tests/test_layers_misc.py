@@ -75,3 +75,54 @@ def test_mlp():
     assert len(mlp.layers) == 3
     with pytest.raises(ValueError):
         MLP(8, 16, 4, num_layers=0)
+
+
+@pytest.mark.parametrize("mode", ["meta", "size", "antialias"])
+def test_bicubic_resize_matrix_equals_interpolate(mode):
+    """The traced (ONNX) position-embedding resize equals F.interpolate's, per image and axis."""
+    import torch.nn.functional as F
+
+    from dinov2od.layers import bicubic_resize_matrix
+
+    torch.manual_seed(0)
+    m = 16
+    grid = torch.randn(1, 8, m, m)
+    for h, w in [(16, 16), (4, 23), (9, 31), (37, 2), (16, 40)]:
+        if mode == "meta":  # Meta's DINOv2: scale_factor (n + 0.1) / M, no antialias
+            ref = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic")
+            scales = (m / (h + 0.1), m / (w + 0.1))
+        else:
+            ref = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=mode == "antialias")
+            scales = (m / h, m / w)
+        a_h = bicubic_resize_matrix(torch.tensor([h]), h + 3, m, torch.tensor([scales[0]]), mode == "antialias")[0]
+        a_w = bicubic_resize_matrix(torch.tensor([w]), w + 2, m, torch.tensor([scales[1]]), mode == "antialias")[0]
+        ours = torch.einsum("im,cmn,jn->cij", a_h, grid[0].double(), a_w)
+        assert ours[:, h:].abs().max() == 0 and ours[:, :, w:].abs().max() == 0  # zero padding rows
+        torch.testing.assert_close(ours[:, :h, :w].float(), ref[0], rtol=0, atol=2e-5)
+    # negative control: the other filter gives another result
+    other = bicubic_resize_matrix(torch.tensor([9]), 9, m, torch.tensor([m / 9]), mode != "antialias")[0]
+    mine = bicubic_resize_matrix(torch.tensor([9]), 9, m, torch.tensor([m / 9]), mode == "antialias")[0]
+    assert (other - mine).abs().max() > 1e-2
+
+
+def test_bf16_autocast_is_refused_on_cpus_without_native_bf16(monkeypatch):
+    from dinov2od.layers import precision
+
+    avx2_only = frozenset("fpu sse4_2 avx avx2 fma f16c".split())
+    monkeypatch.setattr(precision, "cpu_flags", lambda: avx2_only)
+    monkeypatch.delenv(precision.ALLOW_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"none of avx512_bf16, amx_bf16, bf16 \(it has: avx avx2 fma sse4_2\)"):
+        precision.check_cpu_autocast("cpu", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 autocast on this CPU"):
+        precision.autocast_context("cpu", "bfloat16")
+    precision.check_cpu_autocast("cpu", torch.float16)  # only bf16 is checked
+    precision.check_cpu_autocast("cuda", torch.bfloat16)  # GPUs are not
+    monkeypatch.setenv(precision.ALLOW_ENV, "1")
+    precision.check_cpu_autocast("cpu", torch.bfloat16)  # the documented override
+    monkeypatch.delenv(precision.ALLOW_ENV)
+    # a CPU with avx512_bf16 (or AMX) is allowed
+    monkeypatch.setattr(precision, "cpu_flags", lambda: avx2_only | {"avx512f", "avx512_bf16"})
+    with precision.autocast_context("cpu", "bfloat16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision='int8'"):
+        precision.autocast_context("cpu", "int8")

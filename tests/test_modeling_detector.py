@@ -285,3 +285,40 @@ def test_load_checkpoint_reads_plain_and_detectron2_checkpoints(tmp_path):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not fit this detector"):
         tiny_detector(num_queries=7).load_checkpoint(str(tmp_path / "plain.pth"))
+
+
+def test_bf16_predict_is_refused_on_cpus_without_native_bf16(monkeypatch):
+    from dinov2od.layers import precision
+
+    model = tiny_detector().eval()
+    image = torch.rand(3, 40, 50)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(RuntimeError, match="avx512_bf16"):
+        model.predict(image, precision="bfloat16")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    bf16 = model.predict(image, topk=5, precision="bfloat16")[0]
+    fp32 = model.predict(image, topk=5)[0]
+    assert bf16["boxes"].shape == fp32["boxes"].shape == (5, 4)
+
+
+def test_nothing_padded_skips_the_masks_and_gives_the_masked_result():
+    """A batch without padding runs without masks (the fused attention kernel); an all-False mask
+    gives the same outputs as no mask."""
+    torch.manual_seed(0)
+    model = tiny_detector().eval()
+    _perturb(model)
+    images = torch.rand(2, 3, 56, 70)
+    with torch.no_grad():
+        x, masks, valid_hw = model.pad(images, torch.zeros(2, 56, 70, dtype=torch.bool))
+        assert masks is None and valid_hw is None and x is images  # no copy, no mask
+        feats, patch_mask = model.backbone.forward_padded(x, None)
+        assert patch_mask is None
+        plain = model(images)
+        masked = model(images, torch.zeros(2, 56, 70, dtype=torch.bool))
+        # the masked code path (image 1 padded to 42 x 56) gives image 0 what the unmasked one gives
+        pad = torch.zeros(2, 56, 70, dtype=torch.bool)
+        pad[1, 42:] = pad[1, :, 56:] = True
+        forced = model.forward_padded(model.normalize(images), pad, torch.tensor([[56, 70], [42, 56]]))
+    torch.testing.assert_close(plain["pred_logits"], masked["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(forced["pred_logits"][0], plain["pred_logits"][0], rtol=0, atol=1e-5)
+    assert (forced["pred_logits"][1] - plain["pred_logits"][1]).abs().max() > 1e-3  # image 1 was masked

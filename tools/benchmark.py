@@ -3,6 +3,7 @@
 
     python tools/benchmark.py                       # every section, CPU (+ CUDA if visible), 2 threads
     python tools/benchmark.py --section msda --device cpu --threads 2 --repeats 20
+    python tools/benchmark.py --section model --threads 2 --profile   # the whole model (see below)
 
 Section ``msda`` times multi-scale deformable attention, forward (no grad) and forward+backward,
 for every available path (the PyTorch path, the compiled CPU kernel, the compiled CUDA kernel
@@ -15,8 +16,12 @@ in float32 and bfloat16 when a GPU is visible) at
 It prints each path's median time (``--stat min``: best-of) and its speed-up over the PyTorch
 path on the same device and dtype, measured in the same run, and the largest difference from
 the PyTorch output.
-Add a section by writing ``def section_NAME(args) -> List[Row]`` and registering it in
-``SECTIONS`` (later: whole-model training/inference throughput and peak memory).
+Section ``model`` (``tools/benchmark_model.py``) times the whole detector: inference end to end and
+by parts, one training iteration, FLOPs, GFLOP/s against the machine's fp32 linear rate, peak
+memory, onnxruntime and bfloat16; Markdown tables. Its default run is ViT-S/14 at 448 px (default
+and efficient presets) and the demo model; ``--backbones vits14 vitb14 --sizes 448 518 640 800
+--batches 1 8`` is the full table.
+Add a section by writing ``def section_NAME(args) -> List[Row]`` and registering it in ``SECTIONS``.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dinov2od.layers import _ext  # noqa: E402
 from dinov2od.layers.ms_deform_attn import (  # noqa: E402
@@ -169,6 +175,7 @@ def _time_msda(fn, inputs, device: str, repeats: int, warmup: int, stat: str):
 
 
 def section_msda(args) -> List[Row]:
+    print(HEADER)
     rows = []
     for device in args.devices:
         for case in args.cases:
@@ -191,7 +198,13 @@ def section_msda(args) -> List[Row]:
     return rows
 
 
-SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Row]]] = {"msda": section_msda}
+def section_model(args) -> List[Row]:
+    from benchmark_model import section_model as run  # the whole detector (tools/benchmark_model.py)
+
+    return run(args)
+
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Row]]] = {"msda": section_msda, "model": section_model}
 
 
 # ---------------------------------------------------------------- output
@@ -237,6 +250,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="statistic of the repeats (min: best-of, steadier on a shared machine)")
     parser.add_argument("--cpu-isa", default="auto", choices=["auto", "default", "avx2", "all"],
                         help="CPU kernel inner loops to time (auto: the one dispatch picks)")
+    model = parser.add_argument_group("section model (tools/benchmark_model.py)")
+    model.add_argument("--backbones", nargs="+", default=["vits14"],
+                       help="vits14 vitb14 dinov3-s16 (see BACKBONES in tools/benchmark_model.py)")
+    model.add_argument("--presets", nargs="+", default=["default", "efficient", "demo"],
+                       choices=["default", "efficient", "demo"], help="model configs to measure")
+    model.add_argument("--sizes", nargs="+", type=int, default=[448],
+                       help="square image sizes in px for 14-px patches, e.g. 448 518 640 800")
+    model.add_argument("--batches", nargs="+", type=int, default=[1], help="inference batches, e.g. 1 8")
+    model.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                       help="inference precision (bf16: autocast; refused on CPUs without native bf16)")
+    model.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"],
+                       help="onnx: also run the exported graph with onnxruntime (CPU)")
+    model.add_argument("--train-batch", type=int, default=1, help="images of the training iteration (0: skip)")
+    model.add_argument("--demo-size", type=int, default=224, help="image size for the demo model")
+    model.add_argument("--model-repeats", type=int, default=5, help="timed calls per model measurement")
+    model.add_argument("--clock", default="wall", choices=["wall", "process"],
+                       help="process: CPU time of this process (use with --threads 1 on a busy machine)")
+    model.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per model (batch 1)")
     args = parser.parse_args(argv)
     args.cases = args.cases or ["decoder", "encoder"]
     if args.device == "auto":
@@ -260,9 +291,9 @@ def main(argv=None) -> int:
     )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-    print(f"times are {'medians' if args.stat == 'median' else 'best-of'} of {args.repeats} calls; "
-          "'vs pt' = PyTorch path time / this path's time (same device, dtype, run)")
-    print(HEADER)
+    print(f"times are {'medians' if args.stat == 'median' else 'best-of'} of {args.repeats} calls "
+          f"({args.model_repeats} in the model section); 'vs pt' = PyTorch path time / this path's time "
+          "(same device, dtype, run)")
     for name in args.section or list(SECTIONS):
         SECTIONS[name](args)
     return 0

@@ -4,6 +4,8 @@
     python tools/predict.py --config-file configs/shapes.py --weights output/shapes/model_final.pth \
         --input datasets/shapes/val --output output/predict
 
+    python tools/predict.py --config-file configs/shapes.py --onnx model.onnx --input img.jpg  # tools/export_onnx.py
+
 Writes one drawing per image (Detectron2's ``Visualizer``) and ``predictions.json``: COCO-style
 results (``file_name``, ``category_id``, ``category_name``, ``bbox`` XYWH in pixels, ``score``).
 Lazy (``.py``) and yacs (``.yaml``) configs are both accepted; yacs configs go through
@@ -35,7 +37,8 @@ logger = logging.getLogger("dinov2od.predict")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="lazy .py or yacs .yaml config")
-    p.add_argument("--weights", required=True, help="checkpoint (.pth) to load")
+    p.add_argument("--weights", default=None, help="checkpoint (.pth) to load (required unless --onnx)")
+    p.add_argument("--onnx", default=None, help="run this graph (tools/export_onnx.py) with onnxruntime instead")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--output", default="output/predict", help="folder for drawings and predictions.json")
     p.add_argument("--score-threshold", type=float, default=0.5, help="minimum score drawn")
@@ -100,7 +103,14 @@ def _load_category_ids(metadata) -> None:
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dinov2od")
-    predictor, fmt, metadata = build_predictor(args)
+    if args.onnx:
+        from dinov2od.export.d2 import build_onnx_predictor
+
+        predictor, fmt, metadata = build_onnx_predictor(args.config_file, args.onnx, args.opts, args.dataset)
+    elif not args.weights:
+        raise SystemExit("predict.py: give --weights CHECKPOINT.pth (or --onnx MODEL.onnx)")
+    else:
+        predictor, fmt, metadata = build_predictor(args)
     _load_category_ids(metadata)
     os.makedirs(args.output, exist_ok=True)
     results, drawn = [], 0

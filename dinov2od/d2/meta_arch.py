@@ -38,10 +38,15 @@ def padding_masks(image_sizes: Sequence[Sequence[int]], padded_hw: Sequence[int]
     Returns:
         (B, H, W) bool, True at padded pixels.
     """
-    masks = torch.ones(len(image_sizes), *padded_hw, dtype=torch.bool, device=device)
-    for i, (h, w) in enumerate(image_sizes):
-        masks[i, :h, :w] = False
-    return masks
+    hw = _sizes_tensor(image_sizes, device)  # (B, 2)
+    ys = torch.arange(padded_hw[0], device=device)[None, :, None]
+    xs = torch.arange(padded_hw[1], device=device)[None, None, :]
+    return (ys >= hw[:, 0, None, None]) | (xs >= hw[:, 1, None, None])
+
+
+def _sizes_tensor(image_sizes: Sequence[Sequence[int]], device) -> Tensor:
+    """Per-image (h, w) -> (B, 2) int64; the sizes stay graph values while tracing (ONNX export)."""
+    return torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(device)
 
 
 def _warn_unless_imagenet_statistics(mean, std, input_format: str) -> None:
@@ -217,7 +222,7 @@ class DINOv2DETR(nn.Module):
         Returns:
             list of Instances in the (h, w) of each image.
         """
-        sizes = torch.tensor(image_sizes, device=boxes.device).view(-1, 2)
+        sizes = _sizes_tensor(image_sizes, boxes.device)
         boxes_xyxy, scores, labels = topk_detections(logits, boxes, sizes, self.test_topk)
         results = []
         for i, (h, w) in enumerate(image_sizes):

@@ -25,6 +25,8 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from dinov2od.layers.precision import check_cpu_autocast
+
 from .amp import MixedPrecision
 
 __all__ = ["DetrTrainerLoop", "unwrap_model"]
@@ -72,6 +74,8 @@ class DetrTrainerLoop(SimpleTrainer):
         self.clip_norm_type = float(clip_norm_type)
         device_type = next(model.parameters()).device.type
         self.amp = MixedPrecision(amp_enabled, amp_precision, device_type)
+        if self.amp.enabled:  # bfloat16 on a CPU without native bf16 is refused, naming the CPU's flags
+            check_cpu_autocast(device_type, self.amp.dtype)
 
     def _check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> None:
         """Raise FloatingPointError naming the iteration and every non-finite loss term.

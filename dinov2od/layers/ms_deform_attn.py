@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ __all__ = [
     "ms_deform_attn_pytorch",
     "MultiScaleDeformableAttention",
     "level_start_index_from_shapes",
+    "level_shapes",
 ]
 
 # Environment variable that forces the PyTorch path everywhere (debugging, export).
@@ -41,6 +42,14 @@ def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
     """(L, 2) level shapes -> (L,) start offset of each level in the flattened value."""
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+
+
+def level_shapes(spatial_shapes: Tensor) -> List[Tuple]:
+    """(L, 2) level shapes -> ``[(H_l, W_l), ...]``: Python ints, or 0-dim tensors while tracing
+    (ONNX export), so that the sizes stay values of the graph instead of constants."""
+    if torch.jit.is_tracing():
+        return [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(len(spatial_shapes))]
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
 def _check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -98,8 +107,14 @@ def ms_deform_attn_pytorch(
 
         n, _, m, d = value.shape
         _, lq, _, num_levels, p, _ = sampling_locations.shape
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        value_per_level = value.split([h * w for h, w in shapes], dim=1)
+        shapes = level_shapes(spatial_shapes)
+        if torch.jit.is_tracing():  # slice with graph values (split would freeze the sizes)
+            value_per_level, start = [], 0
+            for h, w in shapes:
+                value_per_level.append(value[:, start:start + h * w])
+                start = start + h * w
+        else:
+            value_per_level = value.split([h * w for h, w in shapes], dim=1)
         # grid_sample's align_corners=False maps g in [-1, 1] to pixel (g + 1) / 2 * W - 0.5,
         # i.e. x * W - 0.5 for x in [0, 1], which is the op's convention.
         grids = 2 * sampling_locations - 1
@@ -121,6 +136,8 @@ def ms_deform_attn_pytorch(
 
 
 def _use_pytorch_path(force_pytorch: Optional[bool]) -> bool:
+    if torch.jit.is_tracing():  # export: the graph holds the PyTorch path's ops
+        return True
     if force_pytorch is not None:
         return force_pytorch
     return os.environ.get(FORCE_PYTORCH_ENV, "0") not in ("", "0", "false", "False")
@@ -140,7 +157,8 @@ def ms_deform_attn(
     to :func:`ms_deform_attn_pytorch` otherwise, or when ``force_pytorch=True`` or the
     environment variable ``DINOV2OD_FORCE_PYTORCH_MSDA=1`` asks for it.
     """
-    _check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not torch.jit.is_tracing():  # the checks read sizes as Python ints
+        _check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not _use_pytorch_path(force_pytorch):
         from . import _ext
 

@@ -40,6 +40,7 @@ from dinov2od.layers import (
     MultiScaleDeformableAttention,
     PositionEmbeddingSine,
     coordinate_to_sine_embedding,
+    level_shapes,
     level_start_index_from_shapes,
 )
 
@@ -114,7 +115,7 @@ class DecoderLayer(nn.Module):
         ref_per_level: Tensor,
         memory: Tensor,
         memory_pos: Optional[Tensor],
-        memory_mask: Tensor,
+        memory_mask: Optional[Tensor],
         spatial_shapes: Tensor,
         level_start: Tensor,
         self_attn_mask: Optional[Tensor] = None,
@@ -122,7 +123,7 @@ class DecoderLayer(nn.Module):
         """
         Args:
             tgt, query_pos: (B, Q, C). ref_per_level: (B, Q, L, 4) boxes scaled per level.
-            memory: (B, S, C); memory_pos: (B, S, C) or None; memory_mask: (B, S) True=pad.
+            memory: (B, S, C); memory_pos: (B, S, C) or None; memory_mask: (B, S) True=pad, or None.
             spatial_shapes: (L, 2); level_start: (L,).
             self_attn_mask: (Q, Q) bool, True where attention is not allowed.
 
@@ -271,12 +272,13 @@ class DeformableDecoder(nn.Module):
         return self.dn_groups > 0 or self.dn_queries > 0
 
     # ------------------------------------------------------------------ helpers
-    def _memory_pos(self, masks: List[Tensor], dtype) -> Tensor:
+    def _memory_pos(self, maps: List[Tensor], masks: List[Optional[Tensor]], dtype) -> Tensor:
         """Sine position (per image, valid region) + level embedding -> (B, S, C)."""
-        pos = [
-            self.position_embedding(m).flatten(2).transpose(1, 2).to(dtype) + self.level_embed[lvl].to(dtype)
-            for lvl, m in enumerate(masks)
-        ]
+        pos = []
+        for lvl, (x, m) in enumerate(zip(maps, masks)):
+            if m is None:  # nothing padded
+                m = torch.zeros_like(x[:, 0], dtype=torch.bool)
+            pos.append(self.position_embedding(m).flatten(2).transpose(1, 2).to(dtype) + self.level_embed[lvl].to(dtype))
         return torch.cat(pos, 1)
 
     @staticmethod
@@ -288,13 +290,13 @@ class DeformableDecoder(nn.Module):
             level_of_token: (S,) level index.
         """
         centers, levels = [], []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             ys, xs = torch.meshgrid(
                 torch.arange(h, dtype=dtype, device=valid_ratios.device),
                 torch.arange(w, dtype=dtype, device=valid_ratios.device), indexing="ij")
             xy = torch.stack([(xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h], -1)  # over the padded map
             centers.append(xy[None] / valid_ratios[:, None, lvl].to(dtype))
-            levels.append(torch.full((h * w,), lvl, device=valid_ratios.device))
+            levels.append(torch.full_like(xs.flatten(), lvl, dtype=torch.long))
         return torch.cat(centers, 1), torch.cat(levels)
 
     def _encode(self, memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios):
@@ -315,7 +317,7 @@ class DeformableDecoder(nn.Module):
         away from its border) and ``centers`` (B, S, 2), for a dense proposal loss.
         """
         b, s, _ = memory.shape
-        if s < num_select:
+        if not torch.jit.is_tracing() and s < num_select:
             need = f"num_queries={self.num_queries}" if num_select == self.num_queries else \
                 f"num_queries + o2m_queries = {num_select}"
             raise ValueError(
@@ -325,7 +327,9 @@ class DeformableDecoder(nn.Module):
         centers, levels = self._token_centers(spatial_shapes, valid_ratios, memory.dtype)
         wh = (0.05 * 2.0 ** levels.to(memory.dtype))[None, :, None].expand(b, s, 2)
         proposals = torch.cat([centers, wh], -1)  # (B, S, 4)
-        valid = ~memory_mask & ((centers > 0.01) & (centers < 0.99)).all(-1)
+        valid = ((centers > 0.01) & (centers < 0.99)).all(-1)
+        if memory_mask is not None:
+            valid = valid & ~memory_mask
         proposals_unsig = inverse_sigmoid(proposals).masked_fill(~valid[..., None], 0.0)
         out_memory = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.enc_class_head(out_memory)  # (B, S, K)
@@ -399,7 +403,7 @@ class DeformableDecoder(nn.Module):
         """
         Args:
             maps: L feature maps (B, C, H_l, W_l).
-            masks: L bool masks (B, H_l, W_l), True at padding.
+            masks: L bool masks (B, H_l, W_l), True at padding; Nones when nothing is padded.
             valid_ratios: (B, L, 2) ``(x, y)`` share of each padded map covered by the image.
             targets: B dicts with ``labels`` (n_i,) and ``boxes`` (n_i, 4) cxcywh of the unpadded
                 image; read only in training with denoising (required then).
@@ -418,11 +422,14 @@ class DeformableDecoder(nn.Module):
             raise ValueError(f"decoder built for {self.num_levels} levels, got {len(maps)} feature maps")
         b = maps[0].shape[0]
         dtype = maps[0].dtype
-        spatial_shapes = torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
+        if torch.jit.is_tracing():  # keep the level sizes graph values
+            spatial_shapes = torch.stack([torch._shape_as_tensor(m)[-2:] for m in maps]).to(maps[0].device)
+        else:
+            spatial_shapes = torch.tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
         level_start = level_start_index_from_shapes(spatial_shapes)
         memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, S, C)
-        memory_mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        memory_pos = self._memory_pos(masks, dtype) if self.use_memory_pos else None
+        memory_mask = None if masks[0] is None else torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        memory_pos = self._memory_pos(maps, masks, dtype) if self.use_memory_pos else None
         memory = self._encode(memory, memory_pos, memory_mask, spatial_shapes, level_start, valid_ratios)
 
         groups = self.group_detr if self.training else 1

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
+from dinov2od.layers.precision import autocast_context
 
 from .backbone import build_backbone, pad_to_multiple, valid_sizes_from_mask
 from .decoder import DeformableDecoder
@@ -207,12 +208,47 @@ class DINOv2ObjectDetector(nn.Module):
         images, masks = self._batch(images, masks)
         if not normalized:
             images = self.normalize(images)
-        images, masks = pad_to_multiple(images, masks, self.backbone.patch_size)
-        valid_hw = valid_sizes_from_mask(masks).to(images.dtype)
-        features, patch_mask = self.backbone(images, masks)
+        images, masks, valid_hw = self.pad(images, masks)
+        return self.forward_padded(images, masks, valid_hw, targets=targets)
+
+    def pad(self, images: Tensor, masks: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Pad a batch once, to a multiple of the patch size (the backbone, neck and decoder then
+        carry the mask and never pad the images again).
+
+        Args:
+            images: (B, 3, H, W); masks: (B, H, W) bool, True at padded pixels, or None.
+
+        Returns:
+            images (B, 3, H', W') zero at padded pixels; masks (B, H', W') and valid_hw (B, 2) int64
+            ``(height, width)`` of each image, or (None, None) when nothing is padded (an all-False
+            mask counts as none): then no masking work is done anywhere.
+        """
+        p = self.backbone.patch_size
+        tracing = torch.jit.is_tracing()
+        if masks is not None and not tracing and not masks.any():
+            masks = None
+        if masks is None and not tracing and images.shape[-2] % p == 0 and images.shape[-1] % p == 0:
+            return images, None, None
+        images, masks = pad_to_multiple(images, masks, p)
+        return images, masks, valid_sizes_from_mask(masks)
+
+    def forward_padded(self, images: Tensor, masks: Optional[Tensor] = None, valid_hw: Optional[Tensor] = None,
+                       targets: Optional[List[Dict[str, Tensor]]] = None) -> Dict:
+        """:meth:`forward` on a batch that :meth:`pad` padded (normalized already).
+
+        Args:
+            images: (B, 3, H, W), H and W multiples of the patch size, zero at padded pixels.
+            masks: (B, H, W) bool, True at padded pixels, or None (nothing padded).
+            valid_hw: (B, 2) ``(height, width)`` of each image, or None (every image is H x W).
+            targets: as in :meth:`forward`.
+        """
+        features, patch_mask = self.backbone.forward_padded(images, valid_hw)
         prior = self.spatial_prior(images, masks) if self.spatial_prior is not None else None
         maps, level_masks = self.neck(features, patch_mask, prior)
-        return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw), targets=targets)
+        if valid_hw is None:
+            valid_hw = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
+        return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw.to(images.dtype)),
+                            targets=targets)
 
     def load_checkpoint(self, path: str, strict: bool = True) -> "DINOv2ObjectDetector":
         """Load weights saved by this project: a plain ``state_dict`` of this module, or a
@@ -242,20 +278,24 @@ class DINOv2ObjectDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: ImagesLike, topk: int = 100, threshold: float = 0.0,
-                normalized: bool = False) -> List[Dict[str, Tensor]]:
+                normalized: bool = False, precision: str = "float32") -> List[Dict[str, Tensor]]:
         """Detections per image, like torchvision's detection models at inference.
 
         Args:
             images: as in :meth:`forward` (RGB in [0, 1] unless ``normalized``).
             topk: detections kept per image (top-k over queries x classes).
             threshold: drop detections scoring below it.
+            precision: ``"float32"``, or ``"bfloat16"`` / ``"float16"`` to run under autocast
+                (bfloat16 on a CPU without native bf16 is refused, see
+                :func:`dinov2od.layers.precision.check_cpu_autocast`).
 
         Returns:
             one dict per image: ``boxes`` (n, 4) ``(x0, y0, x1, y1)`` in pixels of the input image,
             ``scores`` (n,), ``labels`` (n,) int64.
         """
         images, masks = self._batch(images, None)
-        out = self(images, masks, normalized=normalized)
+        with autocast_context(images.device.type, precision):
+            out = self(images, masks, normalized=normalized)
         if masks is None:
             sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=images.device)
         else:

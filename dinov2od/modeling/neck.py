@@ -43,21 +43,26 @@ class LayerNorm2d(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _zero_pad(x: Tensor, mask: Tensor) -> Tensor:
-    """Zero (B, C, H, W) features where the (B, H, W) mask is True."""
-    return x.masked_fill(mask[:, None], 0.0)
+def _zero_pad(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Zero (B, C, H, W) features where the (B, H, W) mask is True (no-op for mask None)."""
+    return x if mask is None else x.masked_fill(mask[:, None], 0.0)
 
 
 def _pad_even(x: Tensor, value=0.0) -> Tensor:
     """Pad the last two dims of x (bottom/right) to even sizes."""
     h, w = x.shape[-2:]
-    if h % 2 or w % 2:
+    if torch.jit.is_tracing() or h % 2 or w % 2:  # traced: the pad amounts are graph values
         x = F.pad(x, (0, w % 2, 0, h % 2), value=value)
     return x
 
 
-def downsample_mask(mask: Tensor, factor: int = 2) -> Tensor:
-    """(B, H, W) -> (B, ceil(H/f), ceil(W/f)); a cell is padded iff all f x f inputs are."""
+def downsample_mask(mask: Optional[Tensor], factor: int = 2) -> Optional[Tensor]:
+    """(B, H, W) -> (B, ceil(H/f), ceil(W/f)); a cell is padded iff all f x f inputs are.
+
+    None (nothing padded) stays None.
+    """
+    if mask is None:
+        return None
     valid = (~mask).float()[:, None]
     h, w = valid.shape[-2:]
     valid = F.pad(valid, (0, (-w) % factor, 0, (-h) % factor))
@@ -87,7 +92,8 @@ class _Up(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
         x = self.conv(_zero_pad(x, mask))
-        mask = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)
+        if mask is not None:
+            mask = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)
         return F.gelu(self.norm(x)), mask
 
 
@@ -133,18 +139,19 @@ class SimpleFeaturePyramid(nn.Module):
     def num_levels(self) -> int:
         return len(self.scale_factors)
 
-    def forward(self, features: List[Tensor], mask: Tensor,
-                prior: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
+    def forward(self, features: List[Tensor], mask: Optional[Tensor],
+                prior: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
         """
         Args:
             features: K maps (B, D, Hp, Wp) from the backbone taps.
-            mask: (B, Hp, Wp) bool, True at padded patches.
+            mask: (B, Hp, Wp) bool, True at padded patches, or None when nothing is padded
+                (then no masking work is done and every level's mask is None).
             prior: optional L maps (B, C, H_l, W_l) added to each level before its 3x3 conv
                 (a :class:`ConvSpatialPrior`'s output).
 
         Returns:
             maps: L maps (B, C, H_l, W_l), zero at padded positions.
-            masks: L bool masks (B, H_l, W_l), True at padded positions.
+            masks: L bool masks (B, H_l, W_l), True at padded positions (None when ``mask`` is None).
         """
         if len(features) != self.num_taps:
             raise ValueError(f"the neck was built for {self.num_taps} taps, got {len(features)} feature maps")
@@ -200,11 +207,11 @@ class ConvSpatialPrior(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, images: Tensor, masks: Tensor) -> List[Tensor]:
+    def forward(self, images: Tensor, masks: Optional[Tensor]) -> List[Tensor]:
         """
         Args:
             images: (B, 3, H, W), H and W multiples of the patch size, zero at padded pixels.
-            masks: (B, H, W) bool, True at padded pixels.
+            masks: (B, H, W) bool, True at padded pixels; None when nothing is padded.
 
         Returns:
             one (B, C, H_l, W_l) map per level, zero at padded cells.

@@ -1,0 +1,241 @@
+"""ONNX export of :class:`~dinov2od.modeling.DINOv2ObjectDetector` and an onnxruntime runner.
+
+The exported graph (:class:`DetectorGraph`) takes what the plain API takes, as a padded batch:
+
+=============  =================================  ==============================================
+input          shape                              meaning
+=============  =================================  ==============================================
+``images``     (B, 3, H, W) float32               RGB in [0, 1] (``ToTensor()``), padded at the
+                                                  bottom/right (values under the padding are
+                                                  ignored); normalized inside the graph
+``image_sizes`` (B, 2) int64                      valid ``(height, width)`` of each image
+=============  =================================  ==============================================
+
+and returns ``pred_logits`` (B, Q, K) sigmoid logits, ``pred_boxes`` (B, Q, 4) normalized
+``(cx, cy, w, h)`` of each valid image, and the top-k post-processing of
+:func:`~dinov2od.modeling.topk_detections`: ``boxes`` (B, k, 4) ``(x0, y0, x1, y1)`` in pixels,
+``scores`` (B, k), ``labels`` (B, k) int64. Batch, height and width are dynamic: every size the
+model computes from them (padding to whole patches, the per-image position-embedding resize, the
+pyramid levels, the deformable-attention level shapes) is a value of the graph, not a constant.
+
+The deformable attention is exported as its PyTorch path (``GridSample``, opset >= 16).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dinov2od.modeling import DINOv2ObjectDetector, pad_to_multiple, topk_detections
+
+__all__ = [
+    "DetectorGraph",
+    "OnnxDetector",
+    "check_exportable",
+    "export_detector",
+    "masks_from_sizes",
+    "onnx_metadata",
+]
+
+OUTPUT_NAMES = ("pred_logits", "pred_boxes", "boxes", "scores", "labels")
+MIN_OPSET = 17  # LayerNormalization (17), GridSample (16)
+KIND_KEY = "dinov2od.graph"
+
+
+def check_exportable(detector: nn.Module) -> None:
+    """Refuse options whose computation cannot be written into an ONNX graph.
+
+    Raises:
+        ValueError: naming the option and the fix.
+    """
+    if not isinstance(detector, DINOv2ObjectDetector):
+        raise ValueError(f"expected a DINOv2ObjectDetector, got {type(detector).__name__}")
+    nms = getattr(detector.decoder, "two_stage_nms", 0.0)
+    if nms > 0:
+        raise ValueError(
+            f"two_stage_nms={nms} cannot be exported to ONNX: the NMS of the two-stage query selection "
+            "is a per-image Python loop around torchvision.ops.nms with a data-dependent number of kept "
+            "boxes. Export a model built with two_stage_nms=0 (set model.detector.two_stage_nms=0; the "
+            "weights are the same, only the query selection changes).")
+
+
+def masks_from_sizes(image_sizes: Tensor, height, width) -> Tensor:
+    """(B, 2) valid ``(h, w)`` -> (B, height, width) bool padding masks (True = padded)."""
+    ys = torch.arange(height, device=image_sizes.device)[None, :, None]
+    xs = torch.arange(width, device=image_sizes.device)[None, None, :]
+    return (ys >= image_sizes[:, 0, None, None]) | (xs >= image_sizes[:, 1, None, None])
+
+
+class DetectorGraph(nn.Module):
+    """The computation written into the ONNX graph (see the module docstring).
+
+    Args:
+        detector: a :class:`DINOv2ObjectDetector` (put in eval mode).
+        topk: detections per image of the in-graph post-processing.
+    """
+
+    def __init__(self, detector: DINOv2ObjectDetector, topk: int = 100):
+        super().__init__()
+        check_exportable(detector)
+        self.detector = detector.eval()
+        self.topk = int(topk)
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, ...]:
+        """
+        Args:
+            images: (B, 3, H, W) RGB in [0, 1], padded bottom/right.
+            image_sizes: (B, 2) int64 valid ``(height, width)``.
+
+        Returns:
+            pred_logits, pred_boxes, boxes, scores, labels (see the module docstring).
+        """
+        d = self.detector
+        x = d.normalize(images)
+        masks = masks_from_sizes(image_sizes, images.shape[-2], images.shape[-1])
+        x, masks = pad_to_multiple(x, masks, d.backbone.patch_size)
+        out = d.forward_padded(x, masks, image_sizes)
+        boxes, scores, labels = topk_detections(out["pred_logits"], out["pred_boxes"], image_sizes, self.topk)
+        return out["pred_logits"], out["pred_boxes"], boxes, scores, labels
+
+
+def onnx_metadata(path: str) -> Dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (what :func:`export_detector` wrote there)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+
+
+def _add_metadata(path: str, props: Dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(path)
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=str(v))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def _quiet_export(module: nn.Module, args: tuple, path: str, **kwargs) -> None:
+    """``torch.onnx.export`` (TorchScript tracing) without the tracer's warnings about Python
+    values: the graph's dynamic sizes are checked by running it at other sizes instead."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*(Constant folding|Exporting aten::index|"
+                                "The shape inference of prim::Constant).*")
+        torch.onnx.export(module, args, path, do_constant_folding=True, **kwargs)
+
+
+def sample_batch(image_size: Sequence[int], batch_size: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """A random padded batch for tracing: the last image is smaller than the others (so tracing
+    runs the padded code path).
+
+    Returns:
+        images (B, 3, H, W) in [0, 1], image_sizes (B, 2) int64.
+    """
+    h, w = (int(s) for s in image_size)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch_size, 3, h, w, generator=g)
+    sizes = torch.tensor([[h, w]] * batch_size)
+    if batch_size > 1:
+        sizes[-1] = torch.tensor([max(1, h * 3 // 4), max(1, w * 2 // 3)])
+    return images, sizes
+
+
+def export_detector(detector: DINOv2ObjectDetector, path: str, image_size: Sequence[int] = (448, 448),
+                    batch_size: int = 2, topk: int = 100, opset: int = MIN_OPSET,
+                    dynamic_size: bool = True) -> str:
+    """Export ``detector`` (+ top-k) to an ONNX file.
+
+    Args:
+        detector: the model (any weights; moved to CPU float32 eval mode for the export).
+        path: output ``.onnx`` file.
+        image_size: ``(H, W)`` of the tracing batch (and the fixed size when not ``dynamic_size``).
+        batch_size: batch of the tracing example (the batch axis is dynamic).
+        topk: detections per image of the in-graph post-processing.
+        opset: ONNX opset, >= 17.
+        dynamic_size: height and width are dynamic axes.
+
+    Returns:
+        path.
+
+    Raises:
+        ValueError: an option that cannot be exported (see :func:`check_exportable`), opset < 17.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset={opset}: the graph needs opset >= {MIN_OPSET} (LayerNormalization, GridSample)")
+    graph = DetectorGraph(detector, topk).cpu().float().eval()
+    images, sizes = sample_batch(image_size, batch_size)
+    axes = {"images": {0: "batch"}, "image_sizes": {0: "batch"}}
+    if dynamic_size:
+        axes["images"].update({2: "height", 3: "width"})
+    axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
+    _quiet_export(graph, (images, sizes), path, opset_version=opset, input_names=["images", "image_sizes"],
+                  output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
+    d = graph.detector
+    _add_metadata(path, {
+        KIND_KEY: "detector", "input": "images: (B,3,H,W) float32 RGB in [0,1]; image_sizes: (B,2) int64 (h,w)",
+        "num_classes": d.num_classes, "num_queries": d.num_queries, "topk": topk,
+        "patch_size": d.backbone.patch_size, "dynamic_size": int(dynamic_size),
+        "export_size": f"{images.shape[-2]}x{images.shape[-1]}"})
+    return path
+
+
+ImageLike = Union[np.ndarray, Tensor]
+
+
+def _to_numpy(x: ImageLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+class OnnxDetector:
+    """Runs a graph written by :func:`export_detector` with onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: onnxruntime intra-op threads (None: its default).
+        providers: onnxruntime execution providers.
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=list(providers))
+        names = [i.name for i in self.session.get_inputs()]
+        if names != ["images", "image_sizes"]:
+            raise ValueError(f"{path} is not a dinov2od detector graph (inputs {names}; expected images, "
+                             "image_sizes): export it with tools/export_onnx.py --format detector")
+
+    def __call__(self, images: ImageLike, image_sizes: ImageLike) -> Dict[str, np.ndarray]:
+        """Run the graph on a padded batch (see the module docstring); returns the five outputs."""
+        feeds = {"images": _to_numpy(images).astype(np.float32, copy=False),
+                 "image_sizes": _to_numpy(image_sizes).astype(np.int64, copy=False)}
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
+
+    @staticmethod
+    def batch(images: Sequence[ImageLike]) -> Tuple[np.ndarray, np.ndarray]:
+        """(3, H_i, W_i) images -> a zero-padded (B, 3, H, W) batch and its (B, 2) sizes."""
+        arrays = [_to_numpy(im).astype(np.float32, copy=False) for im in images]
+        if not arrays or any(a.ndim != 3 or a.shape[0] != 3 for a in arrays):
+            raise ValueError("images must be a non-empty list of (3, H, W) RGB arrays in [0, 1]")
+        h = max(a.shape[1] for a in arrays)
+        w = max(a.shape[2] for a in arrays)
+        batch = np.zeros((len(arrays), 3, h, w), np.float32)
+        for i, a in enumerate(arrays):
+            batch[i, :, : a.shape[1], : a.shape[2]] = a
+        return batch, np.array([a.shape[1:] for a in arrays], np.int64)
+
+    def predict(self, images: Sequence[ImageLike], threshold: float = 0.0) -> List[Dict[str, np.ndarray]]:
+        """Like :meth:`DINOv2ObjectDetector.predict`: per image ``boxes`` (n, 4) ``(x0, y0, x1, y1)``
+        in pixels, ``scores`` (n,), ``labels`` (n,), for (3, H_i, W_i) RGB images in [0, 1]."""
+        out = self(*self.batch(images))
+        keep = out["scores"] >= threshold
+        return [dict(boxes=b[k], scores=s[k], labels=lab[k])
+                for b, s, lab, k in zip(out["boxes"], out["scores"], out["labels"], keep)]

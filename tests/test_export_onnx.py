@@ -1,0 +1,229 @@
+"""ONNX export (tools/export_onnx.py, dinov2od.export) checked with onnxruntime on the CPU.
+
+Every graph is exported once per module and run at sizes other than its tracing example, so a
+size frozen into the graph as a constant would show up as a mismatch.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2od.export import DetectorGraph, OnnxDetector, check_exportable, export_detector, onnx_metadata
+from dinov2od.modeling import DINOv2Backbone, DINOv2ObjectDetector
+
+from test_modeling_detector import TINY_VIT, _perturb, tiny_detector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+ATOL = 1e-4  # logits and normalized boxes
+
+
+def assert_parity(model, path, sizes, topk=20, atol=ATOL, seed=0):
+    """onnxruntime == PyTorch on a zero-padded batch of ``sizes`` (random values under the padding)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    batch, hw = OnnxDetector.batch(images)
+    batch[:] = np.where(batch == 0, np.random.default_rng(seed).random(batch.shape, np.float32), batch)
+    out = OnnxDetector(path)(batch, hw)
+    with torch.no_grad():
+        ref = model(images)  # the plain API, padding the list itself
+        dets = model.predict(images, topk=topk)
+    np.testing.assert_allclose(out["pred_logits"], ref["pred_logits"].numpy(), rtol=0, atol=atol)
+    np.testing.assert_allclose(out["pred_boxes"], ref["pred_boxes"].numpy(), rtol=0, atol=atol)
+    for i, d in enumerate(dets):
+        np.testing.assert_array_equal(out["labels"][i], d["labels"].numpy())
+        np.testing.assert_allclose(out["scores"][i], d["scores"].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out["boxes"][i], d["boxes"].numpy(), rtol=0, atol=atol * max(sizes[i]))
+    return out, batch, hw
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """A tiny model with the options the ViT-S test leaves out: registers (antialiased position
+    resize), windowed attention, LoRA, two-stage queries, a conv spatial prior, an encoder layer."""
+    torch.manual_seed(0)
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY_VIT, registers=True, num_taps=1, lora_rank=4,
+                              window_size=2)  # block 0 windowed, block 1 tapped
+    model = DINOv2ObjectDetector(num_classes=3, backbone=backbone, hidden_dim=32, num_queries=12,
+                                 num_decoder_layers=2, num_heads=4, num_points=2, dim_feedforward=64,
+                                 two_stage=True, spatial_prior=8, num_encoder_layers=1).eval()
+    _perturb(model)
+    path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    export_detector(model, path, image_size=(61, 75), batch_size=2, topk=20)
+    return model, path
+
+
+def test_tiny_graph_matches_pytorch_at_other_sizes_and_in_padded_batches(tiny_onnx):
+    model, path = tiny_onnx
+    assert model.backbone.window_blocks == (0,)
+    meta = onnx_metadata(path)
+    assert meta["dinov2od.graph"] == "detector" and meta["topk"] == "20"
+    import onnx
+
+    assert onnx.load(path).opset_import[0].version >= 17
+    assert_parity(model, path, [(70, 98)])  # non-square, not the tracing size, batch 1
+    assert_parity(model, path, [(61, 75), (30, 44)])  # padded batch of two sizes
+    out, batch, hw = assert_parity(model, path, [(100, 43), (56, 28), (99, 30)])  # batch 3, other sizes
+    # negative control: the graph reads image_sizes; claiming the padding is image changes the result
+    wrong = OnnxDetector(path)(batch, np.full_like(hw, 100))
+    assert np.abs(wrong["pred_boxes"][1] - out["pred_boxes"][1]).max() > 1e-2
+
+
+def test_vit_small_graph_matches_pytorch(tmp_path):
+    """The ViT-S/14 architecture (random init, LoRA on query/value) with the default one-stage
+    deformable decoder (2 layers). Taps at blocks 3 and 6, so that 6 of the 12 blocks run: the
+    exporter's time grows with the graph (about 3 s per block on 2 idle cores)."""
+    torch.manual_seed(0)
+    model = DINOv2ObjectDetector(num_classes=80, backbone=DINOv2Backbone(arch="small", out_indices=(2, 5)),
+                                 num_queries=50, num_decoder_layers=2).eval()
+    _perturb(model, 0.02)
+    path = export_detector(model, str(tmp_path / "vits.onnx"), image_size=(126, 182), topk=30)
+    assert_parity(model, path, [(140, 98)], topk=30)  # non-square, portrait where the export was landscape
+    assert_parity(model, path, [(126, 182), (98, 140)], topk=30)
+
+
+def test_unexportable_options_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="two_stage_nms=0.5 cannot be exported"):
+        export_detector(tiny_detector(two_stage=True, two_stage_nms=0.5), str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match="opset=16"):
+        export_detector(tiny_detector(), str(tmp_path / "x.onnx"), opset=16)
+    with pytest.raises(ValueError, match="DINOv2ObjectDetector"):
+        check_exportable(torch.nn.Linear(2, 2))
+    assert not os.path.exists(tmp_path / "x.onnx")  # refused before anything is written
+    with pytest.raises(ValueError, match="not a dinov2od detector graph"):
+        import onnx
+
+        onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+            opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "id.onnx"))
+        OnnxDetector(str(tmp_path / "id.onnx"))
+
+
+def test_graph_module_equals_the_plain_api_in_eager_mode(tiny_onnx):
+    """DetectorGraph (what is traced) computes what DINOv2ObjectDetector + topk_detections compute."""
+    model, _ = tiny_onnx
+    images = [torch.rand(3, 61, 75), torch.rand(3, 30, 44)]
+    batch, hw = OnnxDetector.batch(images)
+    with torch.no_grad():
+        logits, boxes, xyxy, scores, labels = DetectorGraph(model, 20)(torch.from_numpy(batch), torch.from_numpy(hw))
+        ref = model(images)
+    torch.testing.assert_close(logits, ref["pred_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(boxes, ref["pred_boxes"], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- Detectron2 graph and predict.py
+
+from test_d2_model import TINY_YACS  # noqa: E402  (Detectron2: the reference environment)
+
+YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
+OPTS = [str(v) for v in TINY_YACS] + ["INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_SIZE_TEST", "400"]
+
+
+def _write_checkpoint(path, seed):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from dinov2od.d2 import add_dinov2od_config
+
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    cfg.merge_from_file(YAML)
+    cfg.merge_from_list(OPTS)
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    _perturb(model.detector)
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
+    return model
+
+
+@pytest.fixture(scope="module")
+def yacs_exports(tmp_path_factory):
+    """A tiny yacs model's checkpoint, exported in both formats by tools/export_onnx.py."""
+    import export_onnx
+
+    root = tmp_path_factory.mktemp("d2")
+    weights = str(root / "model.pth")
+    model = _write_checkpoint(weights, seed=0)
+    paths = {}
+    for fmt in ("detector", "detectron2"):
+        paths[fmt] = str(root / f"{fmt}.onnx")
+        check = export_onnx.main(["--config-file", YAML, "--weights", weights, "--output", paths[fmt], "--format", fmt,
+                                  "--size", "112", "149", "--check", *OPTS])
+        assert check.get("same top-k labels", check.get("same classes")) is True, check
+    return model, weights, paths, root
+
+
+def test_detectron2_graph_matches_the_meta_architecture(yacs_exports):
+    import onnxruntime as ort
+
+    model, _, paths, _ = yacs_exports
+    session = ort.InferenceSession(paths["detectron2"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    for h, w in [(112, 149), (140, 98), (126, 200)]:
+        image = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h)).float()
+        boxes, classes, scores, size = session.run(None, {"image": image.numpy()})
+        with torch.no_grad():
+            ref = model([{"image": image}])[0]["instances"]
+        assert tuple(size) == (h, w) and len(scores) == len(ref) == 36
+        np.testing.assert_array_equal(classes, ref.pred_classes.numpy())
+        np.testing.assert_allclose(scores, ref.scores.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(boxes, ref.pred_boxes.tensor.numpy(), rtol=0, atol=ATOL * max(h, w))
+
+
+def _predict(root, name, *args):
+    import predict
+
+    out = str(root / name)
+    predict.main(["--config-file", YAML, "--input", str(root / "images"), "--output", out,
+                  "--score-threshold", "0.3", "--dataset", "no_such_dataset", *args, *OPTS])
+    with open(os.path.join(out, "predictions.json")) as f:
+        return json.load(f), out
+
+
+def _by_image(results):
+    per = {}
+    for r in results:
+        per.setdefault(r["file_name"], []).append(r)
+    return {k: sorted(v, key=lambda r: -r["score"]) for k, v in per.items()}
+
+
+def test_predict_onnx_draws_the_same_boxes_as_pytorch(yacs_exports):
+    from PIL import Image
+
+    _, weights, paths, root = yacs_exports
+    os.makedirs(root / "images", exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(90, 130), (160, 120)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    torch_results, torch_dir = _predict(root, "pt", "--weights", weights)
+    for fmt, path in paths.items():
+        onnx_results, onnx_dir = _predict(root, fmt, "--onnx", path)
+        ours, ref = _by_image(onnx_results), _by_image(torch_results)
+        assert sorted(ours) == sorted(ref) and all(len(ours[k]) == len(ref[k]) == 36 for k in ref)
+        for k in ref:
+            scores = np.array([r["score"] for r in ref[k]])
+            np.testing.assert_allclose([r["score"] for r in ours[k]], scores, rtol=0, atol=1e-5)
+            gaps = np.minimum(np.diff(scores, prepend=2)[:], np.diff(scores, append=-1)[:])  # to both neighbours
+            for a, b, gap in zip(ours[k], ref[k], np.abs(gaps)):
+                if gap > 1e-4:  # a clear rank: the same detection
+                    assert a["category_id"] == b["category_id"], (fmt, k)
+                    np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=0.05)
+        for name in ("0.jpg", "1.jpg"):  # the drawings (boxes scoring >= 0.3 and their labels)
+            a = np.asarray(Image.open(os.path.join(onnx_dir, name)), np.int16)
+            b = np.asarray(Image.open(os.path.join(torch_dir, name)), np.int16)
+            assert a.shape == b.shape and (np.abs(a - b) > 8).mean() < 0.002, (fmt, name)
+    # negative control: other weights through PyTorch give other detections
+    other = str(root / "other.pth")
+    _write_checkpoint(other, seed=1)
+    other_results, _ = _predict(root, "other", "--weights", other)
+    first = lambda res: _by_image(res)[sorted(_by_image(res))[0]][0]  # noqa: E731
+    assert abs(first(other_results)["score"] - first(torch_results)["score"]) > 1e-3 or \
+        np.abs(np.subtract(first(other_results)["bbox"], first(torch_results)["bbox"])).max() > 0.5
