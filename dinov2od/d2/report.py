@@ -7,6 +7,8 @@ import platform
 import time
 from typing import List, Optional, Sequence
 
+from dinov2od.layers.precision import cpu_flags
+
 __all__ = ["cpu_description", "loss_curve", "outputs_listing", "run_summary"]
 
 # The x86 / Arm vector extensions that decide CPU speed here (AVX2-only machines run ~2x slower).
@@ -16,18 +18,13 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_til
 
 def cpu_description() -> str:
     """``"<model name>, 2 cores, avx2 fma avx512f ..."``: the CPU and its vector extensions."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features"):
-                    flags.update(value.split())
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
+    flags = cpu_flags()
     vector = [f for f in VECTOR_FLAGS if f in flags] or ["(flags unknown)"]
     return f"{model}, {os.cpu_count()} cores, {' '.join(vector)}"
 
