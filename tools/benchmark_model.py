@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import statistics
 import threading
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -126,6 +127,21 @@ def count_flops(fn: Callable[[], object]) -> float:
     with fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
     return float(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def grads_off(model: torch.nn.Module):
+    """Parameters with requires_grad=False for a no-grad FLOP count: newer torch's FlopCounterMode
+    tracks modules with grad hooks, which fail on a parameter passed as a module input under
+    torch.no_grad() ("Expected gradient function to be set", seen with torch 2.14)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 STAT = {"name": "median"}  # or "min" (best-of, steadier on a shared machine): --stat
@@ -342,9 +358,10 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, linear
                 with torch.no_grad(), autocast_context(device.split(":")[0], dtype):
                     return end_to_end(model, images)
 
-            flops = count_flops(e2e_no_grad)
+            with grads_off(model):
+                flops = count_flops(e2e_no_grad)
             if batch == 1 and dtype == "fp32":  # the backbone's own FLOPs (windowed attention check)
-                with torch.no_grad():
+                with torch.no_grad(), grads_off(model):
                     x, _, valid_hw = model.pad(model.normalize(images), None)
                     results[(name, size, "backbone_flops")] = count_flops(lambda: model.backbone.forward_padded(x, valid_hw))
             print(infer_row(name, size, batch, "torch-" + device, dtype, ms, parts, flops, linear, mem.peak_mb), flush=True)
@@ -443,6 +460,14 @@ def section_model(args) -> list:
     STAT["name"] = args.stat
     if args.clock == "process":
         CLOCK["now"] = time.process_time
+    try:
+        import detectron2  # noqa: F401  (the efficient and demo presets are lazy configs)
+    except ImportError:
+        skipped = [p for p in args.presets if p != "default"]
+        if skipped:
+            print(f"note: Detectron2 is not installed: presets {skipped} (lazy configs) are skipped; "
+                  "the training iteration needs the criterion from a lazy config too", flush=True)
+        args.presets = [p for p in args.presets if p == "default"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and args.device in ("auto", "cuda") else [])
     if args.device == "cuda":
         devices = ["cuda"]

@@ -8,7 +8,8 @@
 # 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1) and
 #    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
 #    dinov2od/d2/amp.py, imports only torch, so it runs here without Detectron2);
-# 3. runs tools/benchmark.py on cuda (PyTorch path vs CUDA kernel, float32 and bfloat16).
+# 3. runs tools/benchmark.py on cuda: the op (PyTorch path vs CUDA kernel, float32 and bfloat16),
+#    then the whole detector (tools/benchmark_model.py; default preset without Detectron2).
 # Prints everything; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,19 +27,30 @@ print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_c
 EOF
 arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
+# the system compiler, not a relocated toolchain wrapper: on the lent H100/H200 image CXX is
+# /opt/gcc/bin/g++, and any extension it builds (even a 3-line load_inline one) segfaults when a
+# TORCH_CHECK throws, while /usr/bin/g++ (same gcc 13.3) works. Override: GPU_CHECK_CXX/GPU_CHECK_CC.
+if [ -x "${GPU_CHECK_CXX:-/usr/bin/g++}" ]; then
+  export CXX="${GPU_CHECK_CXX:-/usr/bin/g++}" CC="${GPU_CHECK_CC:-/usr/bin/gcc}"
+fi
+echo "compilers: CXX=${CXX:-default} CC=${CC:-default}"
 echo "== build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch})"
 rm -f dinov2od/_C.*.so
 start=$SECONDS
 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-8}" \
-  "$PY" setup.py -q build_ext --inplace
+  "$PY" setup.py -q build_ext --inplace --force
 echo "built in $((SECONDS - start)) s"
-"$PY" -c "from dinov2od import _C; print('dinov2od._C: cuda', _C.with_cuda(), 'archs', _C.cuda_archs(), 'cpu', _C.cpu_capability())"
+"$PY" -c "import torch; from dinov2od import _C; print('dinov2od._C: cuda', _C.with_cuda(), 'archs', _C.cuda_archs(), 'cpu', _C.cpu_capability())"
 
 echo "== tests"
 DINOV2OD_EXPECT_CUDA_EXT=1 DINOV2OD_EXPECT_DETECTRON2=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
   tests/test_msda_kernels.py tests/test_d2_amp_cuda.py
 
 echo "== benchmark (cuda)"
-"$PY" tools/benchmark.py --device cuda --repeats 50 --warmup 5
+"$PY" tools/benchmark.py --section msda --device cuda --repeats 50 --warmup 5
+
+echo "== whole-model benchmark (cuda; without Detectron2 only the default preset)"
+"$PY" tools/benchmark.py --section model --device cuda --presets default --runtimes torch \
+  --backbones vits14 vitb14 dinov3-s16 --sizes 448 644 --batches 1 8 --dtypes fp32 bf16 --model-repeats 20
 
 echo "== gpu check passed"
