@@ -30,7 +30,8 @@ def topk_detections(logits: Tensor, boxes: Tensor, image_sizes: Tensor, k: int =
         k: detections per image (at most Q * K).
 
     Returns:
-        boxes (B, k, 4) absolute ``(x0, y0, x1, y1)``, scores (B, k), labels (B, k) int64.
+        boxes (B, k, 4) absolute ``(x0, y0, x1, y1)`` clipped to the image, scores (B, k), labels
+        (B, k) int64.
     """
     b, q, c = logits.shape
     k = min(k, q * c)
@@ -39,7 +40,8 @@ def topk_detections(logits: Tensor, boxes: Tensor, image_sizes: Tensor, k: int =
     xyxy = box_cxcywh_to_xyxy(boxes.float()).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
     hw = image_sizes.to(xyxy)
     scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # (B, 1, 4)
-    return xyxy * scale, scores, labels
+    xyxy = torch.minimum(torch.maximum(xyxy * scale, torch.zeros_like(scale)), scale)  # inside the image,
+    return xyxy, scores, labels  # as Detectron2's detector_postprocess and torchvision's detectors clip
 
 
 class DINOv2ObjectDetector(nn.Module):
