@@ -15,8 +15,11 @@ env-modern:
 	@MODERN_VENV=$(MODERN_VENV) tools/setup_env.sh modern
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (a shared CPU runs faster)
+# Afterwards MODEL_CARD.md's snippet runs verbatim, on the demo's trained weights vs DefaultPredictor
 demo: env
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python tools/train_net.py --config-file configs/shapes.py
+	DINOV2OD_MODEL_CARD_CHECKPOINT=output/shapes/model_final_ema.pth \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_d2_model_card.py
 
 # DINOV2OD_EXPECT_DETECTRON2=1: a Detectron2 that fails to import fails the suite (tests/conftest.py)
 test: env

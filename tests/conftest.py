@@ -68,7 +68,15 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 # ---------------------------------------------------------------------------- training fixtures
 # Overrides of configs/shapes.py that make a model and data tiny enough for CPU tests.
+# The tiny test model keeps the plain recipe (random init, trained in full, one-to-one queries
+# only); the demo's pretrained + LoRA path and its denoising / one-to-many queries have their own
+# tests (test_d2_configs.py, test_d2_model.py, test_d2_model_card.py).
 TINY = [
+    "model.detector.backbone.pretrained=None",  # the demo's pretrained file is width 192
+    "model.detector.backbone.freeze=False",
+    "model.detector.backbone.lora_rank=0",
+    "model.detector.dn_groups=0",
+    "model.detector.o2m_queries=0",
     "model.detector.backbone.arch_overrides.hidden_size=48",
     "model.detector.backbone.arch_overrides.num_hidden_layers=2",
     "model.detector.backbone.arch_overrides.num_attention_heads=2",
@@ -91,6 +99,9 @@ TINY = [
 
 # The same tiny model for the yacs route (configs/yaml/shapes.yaml).
 TINY_YACS = [
+    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is width 192
+    "MODEL.DINOV2OD.BACKBONE.FREEZE", "False", "MODEL.DINOV2OD.BACKBONE.LORA_RANK", "0",
+    "MODEL.DINOV2OD.DN.GROUPS", "0", "MODEL.DINOV2OD.O2M_QUERIES", "0",
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", "48",
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", "2",
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_attention_heads", "2",

@@ -49,21 +49,59 @@ def test_lr_schedule_warms_up_and_drops_late():
 
 def test_debug_overfit_uses_a_small_subset_and_higher_lr():
     cfg = load("debug_overfit.py")
-    assert cfg.optimizer.lr == 5e-4 and cfg.dataloader.train.dataset.num_images == 64
-    assert cfg.dataloader.test.dataset.num_images == 64
-    assert cfg.train.max_iter * cfg.dataloader.train.total_batch_size / 64 > 100  # epochs
+    demo = load("shapes.py")
+    assert cfg.optimizer.lr == 2e-3 > demo.optimizer.lr and cfg.dataloader.train.dataset.num_images == 64
+    assert cfg.dataloader.test.dataset.num_images == 64 and not cfg.train.ema.enabled
+    aug = cfg.dataloader.train.mapper.augmentations
+    assert list(aug.min_size_train) == [224] and aug.random_flip == "none"
+    assert cfg.train.max_iter * cfg.dataloader.train.total_batch_size / 64 > 30  # epochs
+    assert cfg.train.print_loss_curve > 0
 
 
-def test_shapes_demo_is_a_cpu_config():
+def test_shapes_demo_is_a_cpu_config_on_the_pretrained_frozen_lora_path():
     cfg = load("shapes.py")
-    assert cfg.train.device == "cpu" and cfg.model.detector.backbone.pretrained is None
+    bb = cfg.model.detector.backbone
+    assert cfg.train.device == "cpu" and os.path.isfile(bb.pretrained)
+    assert os.path.basename(bb.pretrained) == "dinov2od_tiny_glyphs.pth" and bb.freeze and bb.lora_rank == 8
     assert cfg.model.num_classes == 3 and cfg.train.visualize.num_images > 0
     model = instantiate(cfg.model)
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == ["detector.backbone.vit.embeddings.mask_token"]  # random init: all else is trained
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and ".vit." in n]
+    assert trained and all("lora_" in n for n in trained)  # only the adapters of the ViT learn
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".decoder." in n)
     assert sum(p.numel() for p in model.parameters()) < 5e6
     assert isinstance(model.detector.backbone.vit.config.hidden_size, int)
     assert torch.is_tensor(model.pixel_mean)
+    # the README's from-scratch row: everything but the mask token trains
+    cfg = load("shapes.py", "model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
+               "model.detector.backbone.lora_rank=0")
+    model = instantiate(cfg.model)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["detector.backbone.vit.embeddings.mask_token"]
+
+
+def test_shapes_yaml_is_the_lazy_demo():
+    """configs/yaml/shapes.yaml builds the model of configs/shapes.py, with the same pretrained weights."""
+    from detectron2.config import get_cfg
+
+    from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
+
+    torch.manual_seed(0)
+    lazy = instantiate(load("shapes.py").model)
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # PRETRAINED is relative to the repository root
+    try:
+        yacs = DINOv2DETR(cfg)
+    finally:
+        os.chdir(cwd)
+    a, b = lazy.state_dict(), yacs.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    vit = [k for k in a if ".vit." in k and "lora_" not in k]
+    assert all(torch.equal(a[k], b[k]) for k in vit)  # the same pretrained ViT
+    assert (lazy.detector.decoder.dn_groups, lazy.detector.decoder.o2m_queries) == (cfg.MODEL.DINOV2OD.DN.GROUPS,
+        cfg.MODEL.DINOV2OD.O2M_QUERIES) == (5, 150)
 
 
 def _lrs(optimizer, model):
@@ -80,7 +118,9 @@ def test_backbone_lr_decay_on_both_config_routes():
     from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
     from dinov2od.d2.trainer import Trainer
 
-    cfg = load("shapes.py", "optimizer.params.lr_factor_func.decay=0.8")
+    full = ["model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
+            "model.detector.backbone.lora_rank=0"]  # the README's from-scratch row: the whole ViT trains
+    cfg = load("shapes.py", "optimizer.params.lr_factor_func.decay=0.8", *full)
     torch.manual_seed(0)
     model = instantiate(cfg.model)  # a random-init 4-block ViT, all trained
     cfg.optimizer.params.model = model
@@ -89,6 +129,8 @@ def test_backbone_lr_decay_on_both_config_routes():
     add_dinov2od_config(yacs_cfg)
     yacs_cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
     yacs_cfg.SOLVER.BACKBONE_LR_DECAY = 0.8
+    yacs_cfg.merge_from_list(["MODEL.DINOV2OD.BACKBONE.PRETRAINED", "", "MODEL.DINOV2OD.BACKBONE.FREEZE", False,
+                              "MODEL.DINOV2OD.BACKBONE.LORA_RANK", 0])
     yacs_model = DINOv2DETR(yacs_cfg)
     yacs = _lrs(Trainer.build_optimizer(yacs_cfg, yacs_model), yacs_model)
     base = cfg.optimizer.lr
@@ -104,13 +146,14 @@ def test_backbone_lr_decay_on_both_config_routes():
         assert lazy[name] == pytest.approx(lr), name
     assert list(yacs) == list(lazy) and list(yacs.values()) == pytest.approx(list(lazy.values()))
     # the default (1.0) leaves every learning rate at the base LR
-    cfg = load("shapes.py")
+    cfg = load("shapes.py", *full)
     cfg.optimizer.params.model = model
     assert set(_lrs(instantiate(cfg.optimizer), model).values()) == {base}
 
 
 def test_lazy_optimizer_groups_are_detectron2s_with_a_pluggable_lr_factor():
-    cfg = load("shapes.py")
+    cfg = load("shapes.py", "model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
+               "model.detector.backbone.lora_rank=0")  # the whole ViT trains
     model = instantiate(cfg.model)
     cfg.optimizer.params.model = model
     cfg.optimizer.params.bias_lr_factor = 2.0

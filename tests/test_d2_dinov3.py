@@ -15,6 +15,7 @@ from dinov2od.modeling import DINOv3Backbone
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DINOV3_YACS = [
     "MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3",
+    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is a DINOv2
     "MODEL.DINOV2OD.SIZE_DIVISIBILITY", 16,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", 48,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", 2,
@@ -77,13 +78,15 @@ def test_training_step_on_the_dinov3_family():
 
 def test_one_field_switches_the_family_in_lazy_and_yacs_configs_alike():
     lazy = LazyConfig.load(os.path.join(ROOT, "configs/shapes.py"))
-    lazy = LazyConfig.apply_overrides(lazy, ["model.detector.backbone.family=dinov3", "model.size_divisibility=16"])
+    lazy = LazyConfig.apply_overrides(lazy, ["model.detector.backbone.family=dinov3", "model.size_divisibility=16",
+                                            "model.detector.backbone.pretrained=None"])  # the demo's file is a DINOv2
     torch.manual_seed(123)
     m_lazy = instantiate(lazy.model)
     cfg = get_cfg()
     add_dinov2od_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
-    cfg.merge_from_list(["MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3", "MODEL.DINOV2OD.SIZE_DIVISIBILITY", 16])
+    cfg.merge_from_list(["MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3", "MODEL.DINOV2OD.SIZE_DIVISIBILITY", 16,
+                         "MODEL.DINOV2OD.BACKBONE.PRETRAINED", ""])
     torch.manual_seed(123)
     m_yacs = DINOv2DETR(cfg)
     assert isinstance(m_lazy.detector.backbone, DINOv3Backbone) and m_lazy.size_divisibility == 16

@@ -14,7 +14,10 @@ from dinov2od.d2.config import check_num_classes
 from dinov2od.layers import box_cxcywh_to_xyxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_YACS = [
+TINY_YACS = [  # the plain recipe (see tests/conftest.py), tiny
+    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is width 192
+    "MODEL.DINOV2OD.BACKBONE.FREEZE", False, "MODEL.DINOV2OD.BACKBONE.LORA_RANK", 0,
+    "MODEL.DINOV2OD.DN.GROUPS", 0, "MODEL.DINOV2OD.O2M_QUERIES", 0,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", 48,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", 2,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_attention_heads", 2,

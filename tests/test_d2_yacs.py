@@ -41,7 +41,8 @@ def tiny_without_base_yaml():
     overrides = cfg.MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES  # (keys of a new_allowed node: set, not merged)
     overrides.hidden_size, overrides.num_hidden_layers, overrides.num_attention_heads = 48, 2, 2
     overrides.intermediate_size = 96
-    cfg.merge_from_list([*TINY_YACS[8:16], "MODEL.DINOV2OD.BACKBONE.NUM_TAPS", 2])  # + HIDDEN_DIM, NUM_QUERIES, ...
+    start = TINY_YACS.index("MODEL.DINOV2OD.HIDDEN_DIM")
+    cfg.merge_from_list([*TINY_YACS[start:start + 8], "MODEL.DINOV2OD.BACKBONE.NUM_TAPS", 2])  # + NUM_QUERIES, ...
     return cfg
 
 

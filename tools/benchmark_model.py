@@ -263,8 +263,8 @@ def staged_train_step(model, meta, optimizer, images, targets, device) -> Dict[s
     maps, level_masks = model.neck(features, patch_mask, prior)
     mark("neck")
     sizes = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
-    out = model.decoder(maps, level_masks, model.valid_ratios(maps, sizes.to(x.dtype)))
-    mark("decoder")
+    out = model.decoder(maps, level_masks, model.valid_ratios(maps, sizes.to(x.dtype)), targets=targets)
+    mark("decoder")  # (the targets feed the denoising queries of a preset that has them)
     loss = sum(meta.weighted_losses(meta.criterion(out, targets)).values())
     mark("loss")
     loss.backward()
@@ -416,7 +416,7 @@ def measure_train(args, model, meta, name, size, device, results):
     total = sum(parts.values())
 
     def fwd_bwd():
-        x = model(images)
+        x = model(images, targets=targets)
         sum(meta.weighted_losses(meta.criterion(x, targets)).values()).backward()
         optimizer.zero_grad(set_to_none=True)
 
