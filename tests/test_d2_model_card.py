@@ -75,7 +75,8 @@ def run_snippet(workdir, code: str) -> dict:
         os.chdir(cwd)
 
 
-def predictor_instances(workdir):
+def predictor_detections(workdir) -> dict:
+    """DefaultPredictor on the image, as the snippet's ``boxes``/``scores``/``labels`` dict."""
     from detectron2.config import get_cfg
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
@@ -88,16 +89,16 @@ def predictor_instances(workdir):
     cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED = ""  # every weight comes from MODEL.WEIGHTS
     cfg.MODEL.WEIGHTS = str(workdir / "output/shapes/model_final_ema.pth")
     bgr = read_image(str(workdir / "datasets/shapes/val/000000.jpg"), format="BGR")
-    return DefaultPredictor(cfg)(bgr)["instances"].to("cpu")
+    inst = DefaultPredictor(cfg)(bgr)["instances"].to("cpu")
+    return dict(boxes=inst.pred_boxes.tensor, scores=inst.scores, labels=inst.pred_classes)
 
 
-def unmatched(detections: dict, instances, score_tol=2e-3, box_tol=0.5) -> list:
-    """Snippet detections with no DefaultPredictor detection of the same class, score and box."""
-    boxes = instances.pred_boxes.tensor
+def unmatched(detections: dict, reference: dict, score_tol=2e-3, box_tol=0.5) -> list:
+    """Detections with no reference detection of the same class, score and box."""
     missing = []
     for box, score, label in zip(detections["boxes"], detections["scores"], detections["labels"]):
-        same = ((instances.pred_classes == label) & ((instances.scores - score).abs() < score_tol)
-                & ((boxes - box).abs().max(dim=1).values < box_tol))
+        same = ((reference["labels"] == label) & ((reference["scores"] - score).abs() < score_tol)
+                & ((reference["boxes"] - box).abs().max(dim=1).values < box_tol))
         if not bool(same.any()):
             missing.append((label.item(), round(score.item(), 4), [round(v, 1) for v in box.tolist()]))
     return missing
@@ -110,18 +111,12 @@ def test_model_card_snippet_finds_the_boxes_of_default_predictor(workdir):
     outputs, detections = scope["outputs"], scope["detections"]
     assert outputs["pred_logits"].shape[-1] == 3 and outputs["pred_boxes"].shape[-1] == 4
     assert len(detections["boxes"]) == 10
-    instances = predictor_instances(workdir)
-    assert len(instances) >= 10
-    assert unmatched(detections, instances) == []
+    predicted = predictor_detections(workdir)
+    assert len(predicted["scores"]) >= 10
+    assert unmatched(detections, predicted) == []
     # and the other way: DefaultPredictor's top 10 are the snippet's
-    top = instances[instances.scores.argsort(descending=True)[:10]]
-    back = dict(boxes=top.pred_boxes.tensor, scores=top.scores, labels=top.pred_classes)
-
-    class Found:  # the snippet's detections in DefaultPredictor's Instances interface
-        pred_classes, scores = detections["labels"], detections["scores"]
-        pred_boxes = type("B", (), {"tensor": detections["boxes"]})
-
-    assert unmatched(back, Found) == []
+    top = predicted["scores"].argsort(descending=True)[:10]
+    assert unmatched({k: v[top] for k, v in predicted.items()}, detections) == []
 
 
 def test_negative_control_normalized_input_finds_other_boxes(workdir):
@@ -129,5 +124,5 @@ def test_negative_control_normalized_input_finds_other_boxes(workdir):
                                   "model.predict(transform(image), topk=10, normalized=True)")
     assert "normalized=True" in code
     detections = run_snippet(workdir, code)["detections"]
-    missing = unmatched(detections, predictor_instances(workdir))
+    missing = unmatched(detections, predictor_detections(workdir))
     assert len(missing) >= 5, f"normalized=True should change the detections, only {len(missing)} differ"

@@ -216,29 +216,48 @@ def random_targets(batch: int, num_classes: int, device: str, n: int = 5) -> Lis
 # ---------------------------------------------------------------- the measured computations
 
 
-def staged_inference(model: DINOv2ObjectDetector, images: torch.Tensor, device: str) -> Dict[str, float]:
-    """``model(images)`` + top-k, split at the module boundaries; returns ms per stage."""
-    t, marks = [CLOCK["now"]()], []
+class Stopwatch:
+    """Milliseconds between named marks (synchronizing the device at each)."""
 
-    def mark(name):
-        _sync(device)
-        t.append(CLOCK["now"]())
-        marks.append(name)
+    def __init__(self, device: str):
+        self.device, self.t, self.names = device, [CLOCK["now"]()], []
 
-    x = model.normalize(images)
-    x, masks, valid_hw = model.pad(x, None)
-    mark("pre")
+    def mark(self, name: str) -> None:
+        _sync(self.device)
+        self.t.append(CLOCK["now"]())
+        self.names.append(name)
+
+    def ms(self) -> Dict[str, float]:
+        return {name: (b - a) * 1e3 for name, a, b in zip(self.names, self.t, self.t[1:])}
+
+
+def staged_forward(model: DINOv2ObjectDetector, images: torch.Tensor, clock: Stopwatch, targets=None,
+                   mark_pre: bool = True):
+    """``model(images, targets=targets)`` split at the module boundaries (pre, backbone, neck,
+    decoder marks; without ``mark_pre`` the padding counts to the backbone). Returns the outputs
+    and the (B, 2) image sizes."""
+    x, masks, valid_hw = model.pad(model.normalize(images), None)
+    if mark_pre:
+        clock.mark("pre")
     features, patch_mask = model.backbone.forward_padded(x, valid_hw)
-    mark("backbone")
+    clock.mark("backbone")
     prior = model.spatial_prior(x, masks) if model.spatial_prior is not None else None
     maps, level_masks = model.neck(features, patch_mask, prior)
-    mark("neck")
+    clock.mark("neck")
     sizes = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
-    out = model.decoder(maps, level_masks, model.valid_ratios(maps, sizes.to(x.dtype)))
-    mark("decoder")
+    # (the targets feed the denoising queries of a preset that has them)
+    out = model.decoder(maps, level_masks, model.valid_ratios(maps, sizes.to(x.dtype)), targets=targets)
+    clock.mark("decoder")
+    return out, sizes
+
+
+def staged_inference(model: DINOv2ObjectDetector, images: torch.Tensor, device: str) -> Dict[str, float]:
+    """``model(images)`` + top-k, split at the module boundaries; returns ms per stage."""
+    clock = Stopwatch(device)
+    out, sizes = staged_forward(model, images, clock)
     topk_detections(out["pred_logits"], out["pred_boxes"], sizes, 100)
-    mark("post")
-    return {name: (b - a) * 1e3 for name, a, b in zip(marks, t, t[1:])}
+    clock.mark("post")
+    return clock.ms()
 
 
 def end_to_end(model: DINOv2ObjectDetector, images: torch.Tensor):
@@ -249,30 +268,16 @@ def end_to_end(model: DINOv2ObjectDetector, images: torch.Tensor):
 
 def staged_train_step(model, meta, optimizer, images, targets, device) -> Dict[str, float]:
     """One training iteration split into forward parts, loss, backward and the optimizer step."""
-    t, marks = [CLOCK["now"]()], []
-
-    def mark(name):
-        _sync(device)
-        t.append(CLOCK["now"]())
-        marks.append(name)
-
-    x, masks, valid_hw = model.pad(model.normalize(images), None)
-    features, patch_mask = model.backbone.forward_padded(x, valid_hw)
-    mark("backbone")
-    prior = model.spatial_prior(x, masks) if model.spatial_prior is not None else None
-    maps, level_masks = model.neck(features, patch_mask, prior)
-    mark("neck")
-    sizes = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
-    out = model.decoder(maps, level_masks, model.valid_ratios(maps, sizes.to(x.dtype)), targets=targets)
-    mark("decoder")  # (the targets feed the denoising queries of a preset that has them)
+    clock = Stopwatch(device)
+    out, _ = staged_forward(model, images, clock, targets=targets, mark_pre=False)
     loss = sum(meta.weighted_losses(meta.criterion(out, targets)).values())
-    mark("loss")
+    clock.mark("loss")
     loss.backward()
-    mark("backward")
+    clock.mark("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mark("step")
-    return {name: (b - a) * 1e3 for name, a, b in zip(marks, t, t[1:])}
+    clock.mark("step")
+    return clock.ms()
 
 
 def median_stages(fn: Callable[[], Dict[str, float]], repeats: int, warmup: int) -> Dict[str, float]:

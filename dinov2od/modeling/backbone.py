@@ -192,8 +192,9 @@ class ViTBackbone(nn.Module):
     ``"dinov3"``) and ``forward(images, masks) -> (features, patch_mask)``. This class holds what the families
     share: the block loop (padding masks as attention keys, taps, stop after the last tap,
     windowed attention), peft LoRA injection, freezing and parameter logging. A family holds
-    its ViT in ``self.vit``, sets ``patch_size``, ``embed_dim``, ``num_heads`` and
-    ``num_register_tokens``, calls :meth:`_finish_init`, and implements:
+    its ViT (a transformers model) in ``self.vit``, calls :meth:`_finish_init` (which reads
+    ``patch_size``, ``embed_dim``, ``num_heads`` and ``num_register_tokens`` from its config), and
+    implements:
 
     * ``_layers`` (the blocks) and ``_final_norm`` (the norm applied to taps);
     * ``_embed(images, patch_valid_hw)`` -> (B, 1 + R + Hp*Wp, D) tokens;
@@ -207,7 +208,12 @@ class ViTBackbone(nn.Module):
 
     def _finish_init(self, *, out_indices, num_taps, apply_layernorm, window_size, window_blocks,
                      lora_targets, lora_rank, lora_alpha, lora_dropout, lora_blocks, freeze) -> None:
-        """Taps, windows, LoRA and trainability, once ``self.vit`` and its sizes are set."""
+        """Sizes (from ``self.vit.config``), taps, windows, LoRA and trainability."""
+        cfg = self.vit.config
+        self.patch_size = int(cfg.patch_size)
+        self.embed_dim = int(cfg.hidden_size)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_register_tokens = int(getattr(cfg, "num_register_tokens", 0) or 0)
         depth = len(self._layers)
         self.out_indices = self._resolve_out_indices(out_indices, num_taps, depth)
         self.apply_layernorm = apply_layernorm
@@ -548,11 +554,6 @@ class DINOv2Backbone(ViTBackbone):
                 n = int(math.isqrt(pe.shape[1] - 1))
                 pe[0, 0].zero_()
                 pe[0, 1:].copy_(sincos_pos_embed_2d(n, n, pe.shape[-1]).to(pe.dtype))
-        cfg = self.vit.config
-        self.patch_size = int(cfg.patch_size)
-        self.embed_dim = int(cfg.hidden_size)
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_register_tokens = int(getattr(cfg, "num_register_tokens", 0) or 0)
         self._finish_init(
             out_indices=out_indices, num_taps=num_taps, apply_layernorm=apply_layernorm,
             window_size=window_size, window_blocks=window_blocks, lora_targets=lora_targets,

@@ -40,7 +40,7 @@ def topk_detections(logits: Tensor, boxes: Tensor, image_sizes: Tensor, k: int =
     xyxy = box_cxcywh_to_xyxy(boxes.float()).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
     hw = image_sizes.to(xyxy)
     scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # (B, 1, 4)
-    xyxy = torch.minimum(torch.maximum(xyxy * scale, torch.zeros_like(scale)), scale)  # inside the image,
+    xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)  # inside the image,
     return xyxy, scores, labels  # as Detectron2's detector_postprocess and torchvision's detectors clip
 
 

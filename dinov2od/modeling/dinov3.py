@@ -170,11 +170,6 @@ class DINOv3Backbone(ViTBackbone):
         if drop_path_rate:
             overrides["drop_path_rate"] = drop_path_rate
         self.vit = load_dinov3_vit(arch, overrides, pretrained)
-        cfg = self.vit.config
-        self.patch_size = int(cfg.patch_size)
-        self.embed_dim = int(cfg.hidden_size)
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_register_tokens = int(cfg.num_register_tokens or 0)
         self.rope_train_augment = bool(rope_train_augment)
         self._finish_init(
             out_indices=out_indices, num_taps=num_taps, apply_layernorm=apply_layernorm,

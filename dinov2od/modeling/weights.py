@@ -374,27 +374,33 @@ def load_official_checkpoint(path: str, arch: Optional[str], registers: bool, ov
         )
     v5 = hasattr(model.encoder.layer[0].attention, "q_proj")
     hf_sd = official_to_hf_state_dict(sd, v5_layout=v5)
+    pos = hf_sd.get("embeddings.position_embeddings")
+    if pos is not None and pos.shape != model.embeddings.position_embeddings.shape:
+        model.embeddings.position_embeddings = nn.Parameter(torch.zeros_like(pos))  # the checkpoint's grid
+        model.config.image_size = found["image_size"]
+    _load_converted(model, hf_sd, path, "DINOv2")
+    logger.info("Loaded official DINOv2 checkpoint %s (arch=%s, registers=%s)", path, arch, registers)
+    return model
+
+
+def _load_converted(model: nn.Module, hf_sd: Dict[str, Tensor], path: str, family: str) -> None:
+    """Load an official checkpoint converted to ``model``'s keys: wrong shapes and missing weights
+    (other than the unused mask token) are errors naming ``path``; extra keys are logged."""
     own = model.state_dict()
     shape_bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in hf_sd.items()
-                 if k in own and v.shape != own[k].shape and k != "embeddings.position_embeddings"}
+                 if k in own and v.shape != own[k].shape}
     if shape_bad:
         raise ValueError(f"{path}: tensors of the wrong shape (checkpoint, model): {shape_bad}")
-    pos = hf_sd.get("embeddings.position_embeddings")
-    if pos is not None and pos.shape != own["embeddings.position_embeddings"].shape:
-        model.embeddings.position_embeddings = nn.Parameter(torch.zeros_like(pos))
-        model.config.image_size = found["image_size"]
     result = model.load_state_dict(hf_sd, strict=False)
     missing = [k for k in result.missing_keys if k != "embeddings.mask_token"]
     if missing:
         raise ValueError(
-            f"{path} lacks {len(missing)} weight(s) the DINOv2 model needs: {missing[:10]}"
+            f"{path} lacks {len(missing)} weight(s) the {family} model needs: {missing[:10]}"
             + (" ..." if len(missing) > 10 else "")
         )
     if result.unexpected_keys:
         logger.warning("%s: %d unexpected key(s) ignored: %s", path, len(result.unexpected_keys),
                        result.unexpected_keys[:10])
-    logger.info("Loaded official DINOv2 checkpoint %s (arch=%s, registers=%s)", path, arch, registers)
-    return model
 
 
 # ---------------------------------------------------------------------- DINOv3
@@ -610,20 +616,6 @@ def load_official_dinov3_checkpoint(path: str, arch: Optional[str], overrides: d
             )
     model = _dinov3_model_class()(config)
     hf_sd = dinov3_official_to_hf_state_dict(sd, v5_layout=hasattr(model, "model"), key_bias=config.key_bias)
-    own = model.state_dict()
-    shape_bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in hf_sd.items()
-                 if k in own and v.shape != own[k].shape}
-    if shape_bad:
-        raise ValueError(f"{path}: tensors of the wrong shape (checkpoint, model): {shape_bad}")
-    result = model.load_state_dict(hf_sd, strict=False)
-    missing = [k for k in result.missing_keys if k != "embeddings.mask_token"]
-    if missing:
-        raise ValueError(
-            f"{path} lacks {len(missing)} weight(s) the DINOv3 model needs: {missing[:10]}"
-            + (" ..." if len(missing) > 10 else "")
-        )
-    if result.unexpected_keys:
-        logger.warning("%s: %d unexpected key(s) ignored: %s", path, len(result.unexpected_keys),
-                       result.unexpected_keys[:10])
+    _load_converted(model, hf_sd, path, "DINOv3")
     logger.info("Loaded official DINOv3 checkpoint %s (arch=%s)", path, arch)
     return model
