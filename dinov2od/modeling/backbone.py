@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov2od.layers.fused_linear import fused_linear_enabled, linear
 from dinov2od.layers.resize import bicubic_resize_matrix
+from dinov2od.modeling.inference import InferenceBlockParts, inference_block_parts
 
 logger = logging.getLogger("dinov2od")
 
@@ -325,18 +327,23 @@ class ViTBackbone(nn.Module):
         b, t, _ = x.shape
         heads = self.num_heads
         q, k, v = (proj(x).view(b, t, heads, -1).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
+        out = o_proj(self._attend(q, k, v, key_valid, rope, windows, p_drop if self.training else 0.0))
+        if hasattr(att, "output"):
+            out = att.output.dropout(out)
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Optional[Tensor],
+                rope: Optional[Tuple[Tensor, Tensor]], windows, p_drop: float) -> Tensor:
+        """(B, heads, T, Dh) queries, keys, values -> (B, T, heads * Dh) attended values."""
+        b, _, t, _ = q.shape
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
-        p_drop = p_drop if self.training else 0.0
         if windows is None:
             mask = None if key_valid is None else key_valid[:, None, None, :]
             out = _sdpa(q, k, v, mask, p_drop)
         else:
             out = self._window_attention(q, k, v, *windows, p_drop)
-        out = o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
-        if hasattr(att, "output"):
-            out = att.output.dropout(out)
-        return out
+        return out.transpose(1, 2).reshape(b, t, -1)
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, hp, wp, patch_valid: Optional[Tensor],
                           p_drop: float) -> Tensor:
@@ -394,8 +401,29 @@ class ViTBackbone(nn.Module):
     def _block(self, layer: nn.Module, x: Tensor, key_valid: Optional[Tensor],
                rope: Optional[Tuple[Tensor, Tensor]] = None, windows=None) -> Tensor:
         """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
+        if not self.training and not torch.is_grad_enabled() and fused_linear_enabled(x):
+            parts = inference_block_parts(layer, self._attention_parts(layer.attention))
+            if parts is not None:
+                return self._block_inference(layer, parts, x, key_valid, rope, windows)
         x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid, rope, windows)))
         return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+
+    def _block_inference(self, layer: nn.Module, parts: "InferenceBlockParts", x: Tensor,
+                         key_valid: Optional[Tensor], rope: Optional[Tuple[Tensor, Tensor]], windows) -> Tensor:
+        """:meth:`_block` at CPU fp32 inference, same function: one fused q/k/v product with the
+        LoRA deltas merged, oneDNN linears with bias (and GELU) fused, ``addcmul`` residuals."""
+        b, t, _ = x.shape
+        qkv = linear(layer.norm1(x), parts.qkv_weight, parts.qkv_bias).view(b, t, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
+        out = linear(self._attend(q, k, v, key_valid, rope, windows, 0.0), *parts.out)
+        x = torch.addcmul(x, parts.scale1, out) if parts.scale1 is not None else x + layer.layer_scale1(out)
+        if parts.mlp is None:
+            out = layer.mlp(layer.norm2(x))
+        else:
+            (w1, b1), act, (w2, b2) = parts.mlp
+            out = linear(layer.norm2(x), w1, b1, "gelu" if act == "gelu" else None)
+            out = linear(out if act == "gelu" else act(out), w2, b2)
+        return torch.addcmul(x, parts.scale2, out) if parts.scale2 is not None else x + layer.layer_scale2(out)
 
     def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
         """
