@@ -324,3 +324,47 @@ def test_nothing_padded_skips_the_masks_and_gives_the_masked_result():
     torch.testing.assert_close(plain["pred_logits"], masked["pred_logits"], rtol=0, atol=0)
     torch.testing.assert_close(forced["pred_logits"][0], plain["pred_logits"][0], rtol=0, atol=1e-5)
     assert (forced["pred_logits"][1] - plain["pred_logits"][1]).abs().max() > 1e-3  # image 1 was masked
+
+
+def test_one_value_projection_for_all_decoder_layers_equals_one_per_layer(monkeypatch):
+    """DeformableDecoder._project_values: the layers' value projections of the memory in one product
+    give the outputs and gradients of one projection per layer (padded batch, training and eval)."""
+    from dinov2od.modeling.decoder import DeformableDecoder
+
+    torch.manual_seed(0)
+    model = tiny_detector(num_decoder_layers=3)
+    with torch.no_grad():  # the layers start as copies of one: make their projections differ
+        for layer in model.decoder.layers:
+            layer.cross_attn.value_proj.weight.add_(torch.randn_like(layer.cross_attn.value_proj.weight) * 0.1)
+            layer.cross_attn.value_proj.bias.normal_(0, 0.1)
+        for p in model.decoder.box_heads.parameters():  # zero-initialized: boxes would ignore the values
+            p.normal_(0, 0.1)
+    images = torch.rand(2, 3, 56, 70)
+    masks = torch.zeros(2, 56, 70, dtype=torch.bool)
+    masks[1, :, 42:] = True
+
+    def run(stacked, train):
+        monkeypatch.setattr(DeformableDecoder, "stack_value_proj", stacked)
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        out = model(images, masks)
+        if train:
+            (out["pred_boxes"].sum() + out["pred_logits"].sum()).backward()
+            return out, model.decoder.layers[1].cross_attn.value_proj.weight.grad.clone()
+        return out, None
+
+    for train in (True, False):
+        with torch.set_grad_enabled(train):
+            (a, ga), (b, gb) = run(False, train), run(True, train)
+        torch.testing.assert_close(b["pred_logits"], a["pred_logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b["pred_boxes"], a["pred_boxes"], rtol=1e-5, atol=1e-5)
+        if train:
+            assert ga.abs().max() > 0
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    # negative control: the stacked projections handed to the layers in the wrong order change the result
+    original = DeformableDecoder._project_values
+    monkeypatch.setattr(DeformableDecoder, "_project_values", lambda self, *a: original(self, *a)[::-1])
+    with torch.no_grad():
+        c, _ = run(True, False)
+    assert (c["pred_boxes"] - a["pred_boxes"]).abs().max() > 1e-3
+    assert (c["pred_logits"] - a["pred_logits"]).abs().max() > 1e-3

@@ -235,6 +235,7 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Optional[Tensor] = None,
         key_padding_mask: Optional[Tensor] = None,
+        projected_value: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
@@ -246,6 +247,9 @@ class MultiScaleDeformableAttention(nn.Module):
             spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
             level_start_index: (L,) int64; derived from ``spatial_shapes`` if omitted.
             key_padding_mask: (N, S) bool, True at padded positions (they contribute zero).
+            projected_value: (N, S, value_dim) ``value_proj(value)`` with padded positions zeroed,
+                computed by the caller (a decoder projects one memory for all its layers in one
+                product); then ``value`` and ``key_padding_mask`` are not read.
 
         Returns:
             (N, Lq, C)
@@ -261,9 +265,12 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"module was built for {num_levels} levels, got {spatial_shapes.shape[0]} feature levels"
             )
 
-        v = self.value_proj(value)
-        if key_padding_mask is not None:
-            v = v.masked_fill(key_padding_mask[..., None], 0.0)
+        if projected_value is None:
+            v = self.value_proj(value)
+            if key_padding_mask is not None:
+                v = v.masked_fill(key_padding_mask[..., None], 0.0)
+        else:
+            v = projected_value
         v = v.view(n, -1, m, self.value_dim // m)
 
         offsets = self.sampling_offsets(query).view(n, lq, m, num_levels, p, 2)

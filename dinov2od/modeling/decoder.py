@@ -43,6 +43,7 @@ from dinov2od.layers import (
     level_shapes,
     level_start_index_from_shapes,
 )
+from dinov2od.layers.fused_linear import linear
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
@@ -119,6 +120,7 @@ class DecoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start: Tensor,
         self_attn_mask: Optional[Tensor] = None,
+        projected_value: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
@@ -126,6 +128,8 @@ class DecoderLayer(nn.Module):
             memory: (B, S, C); memory_pos: (B, S, C) or None; memory_mask: (B, S) True=pad, or None.
             spatial_shapes: (L, 2); level_start: (L,).
             self_attn_mask: (Q, Q) bool, True where attention is not allowed.
+            projected_value: deformable cross-attention only: this layer's value projection of
+                ``memory``, padding zeroed (see :meth:`DeformableDecoder._project_values`), or None.
 
         Returns:
             (B, Q, C)
@@ -134,7 +138,8 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
                                                            need_weights=False)[0]))
         if self.cross_attn_type == "deformable":
-            out = self.cross_attn(tgt + query_pos, ref_per_level, memory, spatial_shapes, level_start, memory_mask)
+            out = self.cross_attn(tgt + query_pos, ref_per_level, memory, spatial_shapes, level_start, memory_mask,
+                                  projected_value=projected_value)
         else:
             out = self.cross_attn(tgt + query_pos, memory + memory_pos, memory, key_padding_mask=memory_mask,
                                   need_weights=False)[0]
@@ -174,6 +179,9 @@ class DeformableDecoder(nn.Module):
             targets repeated (the criterion's ``o2m_repeats``); with two-stage their reference
             boxes are the proposals ranked after the first ``num_queries``.
     """
+
+    # one value projection for all layers (see _project_values); False: each layer its own
+    stack_value_proj = True
 
     def __init__(
         self,
@@ -445,10 +453,11 @@ class DeformableDecoder(nn.Module):
 
         per_layer = []
         init_ref = ref
+        values = self._project_values(memory, memory_mask)
         for i, layer in enumerate(self.layers):
             query_pos = self.ref_point_head(coordinate_to_sine_embedding(ref, self.hidden_dim // 2).to(dtype))
             tgt = layer(tgt, query_pos, ref[:, :, None] * vr4, memory, memory_pos, memory_mask,
-                        spatial_shapes, level_start, attn_mask)
+                        spatial_shapes, level_start, attn_mask, values[i] if values is not None else None)
             h = i if self.box_refine else 0
             base = ref if self.box_refine else init_ref
             boxes = (inverse_sigmoid(base) + self.box_heads[h](tgt)).sigmoid()
@@ -464,6 +473,26 @@ class DeformableDecoder(nn.Module):
         if groups > 1:
             outputs["num_groups"] = groups
         return outputs
+
+    def _project_values(self, memory: Tensor, memory_mask: Optional[Tensor]) -> Optional[List[Tensor]]:
+        """Every layer's deformable value projection of the memory (the same for all layers) in one
+        (B S, C) x (C, layers x C) product instead of one per layer; on the CPU at inference with
+        oneDNN's fused bias (:func:`dinov2od.layers.fused_linear.linear`). Returns one (B, S, C)
+        view per layer (the CPU kernel reads it through its strides), or None where the layers
+        project their own: standard cross-attention, a single layer, or tracing (the exported
+        graph keeps one projection per layer), or layers whose projection is not an ``nn.Linear``."""
+        if self.cross_attn != "deformable" or len(self.layers) < 2 or not self.stack_value_proj \
+                or torch.jit.is_tracing():
+            return None
+        projs = [layer.cross_attn.value_proj for layer in self.layers]
+        if any(type(p) is not nn.Linear for p in projs):  # e.g. int8-quantized (dinov2od.modeling.quantize)
+            return None
+        weight = torch.cat([p.weight for p in projs])
+        bias = torch.cat([p.bias for p in projs])
+        values = linear(memory, weight, bias)
+        if memory_mask is not None:
+            values = values.masked_fill(memory_mask[..., None], 0.0)
+        return list(values.chunk(len(projs), -1))
 
 
 def _layers_output(per_layer: List[Dict[str, Tensor]], start: int, stop: Optional[int]) -> Dict:
