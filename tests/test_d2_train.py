@@ -75,6 +75,21 @@ def test_yacs_eval_only_reproduces_the_training_detections(yacs_run, train_net, 
     assert detections(tmp_path / "ev") != trained
 
 
+def test_eval_only_int8_evaluates_a_quantized_copy(yacs_run, train_net, tmp_path):
+    """TEST.QUANTIZE int8 (train.eval_quantize): the same evaluation on an int8 copy: other numbers
+    (so the copy ran), close scores; a bad value names the key. Its accuracy on a trained model: README."""
+    out, opts, trained = yacs_run
+    ev = [*opts[:-2], "OUTPUT_DIR", str(tmp_path / "q"), "MODEL.WEIGHTS", f"{out}/model_final.pth"]
+    train_net.run(YAML, *ev, "TEST.QUANTIZE", "int8", flags=["--eval-only"])
+    quantized = detections(tmp_path / "q")
+    assert len(quantized) == len(trained) and quantized != trained
+    by_image = lambda dets, i: sorted((d["score"] for d in dets if d["image_id"] == i), reverse=True)  # noqa: E731
+    for image_id in {d["image_id"] for d in trained}:
+        assert np.abs(np.array(by_image(quantized, image_id)) - np.array(by_image(trained, image_id))).max() < 0.05
+    with pytest.raises(ValueError, match="TEST.QUANTIZE = 'int4'"):
+        train_net.run(YAML, *ev, "TEST.QUANTIZE", "int4", flags=["--eval-only"])
+
+
 def test_yacs_eval_only_resume_loads_the_last_checkpoint(yacs_run, train_net, tmp_path):
     out, opts, trained = yacs_run
     copy = str(tmp_path / "copy")
@@ -142,6 +157,26 @@ def test_predict_folder_through_both_config_styles_matches_default_predictor(
             assert np.allclose([r["score"] for r in mine], scores, atol=1e-6), style
         assert {r["category_id"] for r in results} <= {1, 2, 3}  # the json's own category ids
         assert {r["category_name"] for r in results} <= {"circle", "square", "triangle"}
+
+
+def test_predict_int8_draws_close_detections(yacs_run, tiny_config, tmp_path):
+    """predict.py --int8: the int8 copy's detections on the same files (other numbers, close scores);
+    --int8 with --onnx is refused."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import predict
+
+    out, opts, _ = yacs_run
+    val = os.path.join(os.path.dirname(tiny_config), "shapes", "val")
+    args = ["--config-file", YAML, "--weights", os.path.join(out, "model_final_ema.pth"), "--device", "cpu",
+            "--input", os.path.join(val, "000000.jpg"), "--score-threshold", "0"]
+    fp32 = predict.main([*args, "--output", str(tmp_path / "fp32"), *opts[:-2]])
+    int8 = predict.main([*args, "--int8", "--output", str(tmp_path / "int8"), *opts[:-2]])
+    assert len(int8) == len(fp32) and int8 != fp32
+    scores = lambda rs: np.sort([r["score"] for r in rs])  # noqa: E731
+    assert np.abs(scores(int8) - scores(fp32)).max() < 0.05
+    assert os.path.isfile(tmp_path / "int8" / "000000.jpg")
+    with pytest.raises(SystemExit, match="--int8 quantizes the PyTorch model"):
+        predict.main(["--config-file", YAML, "--onnx", "model.onnx", "--int8", "--input", val])
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_config, train_net, tmp_path, monkeypatch):

@@ -6,6 +6,8 @@
 
     python tools/predict.py --config-file configs/shapes.py --onnx model.onnx --input img.jpg  # tools/export_onnx.py
 
+    python tools/predict.py ... --weights model_final.pth --device cpu --int8  # int8 linear layers (CPU)
+
 Writes one drawing per image (Detectron2's ``Visualizer``) and ``predictions.json``: COCO-style
 results (``file_name``, ``category_id``, ``category_name``, ``bbox`` XYWH in pixels, ``score``).
 Lazy (``.py``) and yacs (``.yaml``) configs are both accepted; yacs configs go through
@@ -43,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default="output/predict", help="folder for drawings and predictions.json")
     p.add_argument("--score-threshold", type=float, default=0.5, help="minimum score drawn")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU: run an int8 dynamic-quantized copy of the model (dinov2od.modeling.quantize)")
     p.add_argument("--dataset", default=None, help="registered dataset whose class names to use")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (key=value or KEY VALUE)")
     return p.parse_args(argv)
@@ -103,6 +107,8 @@ def _load_category_ids(metadata) -> None:
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dinov2od")
+    if args.int8 and args.onnx:
+        raise SystemExit("predict.py: --int8 quantizes the PyTorch model; it does not apply to --onnx")
     if args.onnx:
         from dinov2od.export.d2 import build_onnx_predictor
 
@@ -111,6 +117,10 @@ def main(argv=None):
         raise SystemExit("predict.py: give --weights CHECKPOINT.pth (or --onnx MODEL.onnx)")
     else:
         predictor, fmt, metadata = build_predictor(args)
+        if args.int8:
+            from dinov2od.modeling.quantize import quantize_dynamic_int8
+
+            predictor.model = quantize_dynamic_int8(predictor.model)
     _load_category_ids(metadata)
     os.makedirs(args.output, exist_ok=True)
     results, drawn = [], 0

@@ -10,6 +10,7 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,  # 0: only after training
     eval_after_train=True,
+    eval_quantize="",  # --eval-only on the CPU: "int8" (or "int8-backbone") evaluates an int8 copy
     log_period=20,
     accumulate_steps=1,  # micro-batches per optimizer step
     clip_grad=dict(max_norm=0.1, norm_type=2.0),  # the norm of all gradients together; 0 disables

@@ -118,6 +118,7 @@ KEYS: List[tuple] = [
     ("SOLVER.EMA.ENABLED", False, "train.ema.enabled"),
     ("SOLVER.EMA.DECAY", 0.9997, "train.ema.decay"),
     ("SOLVER.EMA.EVAL_EMA", True, "train.ema.eval_ema"),  # evaluate the EMA weights
+    ("TEST.QUANTIZE", "", "train.eval_quantize"),  # --eval-only: "int8" (CPU) evaluates an int8 copy
     ("INPUT.CROP.SIZE_RESIZE", [400, 500, 600], "dataloader.train.mapper.augmentations.crop_resize"),
 ]
 

@@ -65,6 +65,7 @@ class TrainSettings:
     max_to_keep: Optional[int] = None
     eval_period: int = 0  # 0: only after training
     eval_after_train: bool = True
+    eval_quantize: str = ""  # --eval-only: "int8" evaluates an int8 copy (dinov2od.modeling.quantize), CPU
     log_period: int = 20
     ddp: dict = dataclasses.field(default_factory=dict)  # create_ddp_model's keyword arguments
 
@@ -90,6 +91,7 @@ class TrainSettings:
             max_to_keep=ckpt.get("max_to_keep", None),
             eval_period=t.eval_period,
             eval_after_train=t.get("eval_after_train", True),
+            eval_quantize=t.get("eval_quantize", ""),
             log_period=t.log_period,
             ddp=dict(t.ddp),
         )
@@ -120,6 +122,7 @@ class TrainSettings:
             eval_ema=s.EMA.EVAL_EMA,
             checkpoint_period=s.CHECKPOINT_PERIOD,
             eval_period=cfg.TEST.EVAL_PERIOD,
+            eval_quantize=cfg.TEST.QUANTIZE,
             log_period=s.LOG_PERIOD,
             ddp={"broadcast_buffers": False},  # DefaultTrainer's
         )
@@ -147,7 +150,21 @@ def _evaluate_weights(model, settings: TrainSettings, evaluate: Callable, resume
         logger.warning("%s has no EMA weights; evaluating the model's own.", path or "(no checkpoint)")
         ema = None
     with eval_context(ema if settings.eval_ema else None):
+        if settings.eval_quantize:
+            return evaluate(_quantized(model, settings.eval_quantize))
         return evaluate(model)
+
+
+def _quantized(model, mode: str):
+    """The int8 copy that ``train.eval_quantize`` / ``TEST.QUANTIZE`` asks for."""
+    from dinov2od.modeling.quantize import quantize_dynamic_int8
+
+    scopes = {"int8": "all", "int8-backbone": "backbone"}
+    if mode not in scopes:
+        raise ValueError(f"train.eval_quantize / TEST.QUANTIZE = {mode!r}: expected '' (fp32), "
+                         f"{' or '.join(repr(k) for k in scopes)}")
+    logger.info("Evaluating an int8 dynamic-quantized copy of the model (%s)", mode)
+    return quantize_dynamic_int8(model, scopes[mode])
 
 
 class DetrTrainer(TrainerBase):
