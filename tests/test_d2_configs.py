@@ -41,6 +41,33 @@ def test_coco_model_builds_with_random_init_backbone():
     assert model.detector.num_queries == 300 and model.num_classes == 80
 
 
+def test_benchmarks_plain_presets_build_the_lazy_presets():
+    """tools/benchmark_model.py builds the presets without Detectron2 from PLAIN_PRESETS: the same
+    modules and options as the lazy configs (negative control: the default differs from efficient)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from benchmark_model import PLAIN_PRESETS, PRESETS
+
+    from dinov2od.modeling import DINOv2ObjectDetector
+
+    def signature(det):
+        bb = det.backbone
+        return ({k: tuple(v.shape) for k, v in det.state_dict().items()},
+                (bb.window_size, bb.window_blocks, getattr(bb, "lora_config", None), tuple(det.neck.scale_factors)))
+
+    built = {}
+    for preset, kwargs in PLAIN_PRESETS.items():
+        cfg = LazyConfig.load(os.path.join(ROOT, PRESETS[preset]))
+        cfg.model.detector.backbone.update(pretrained=None, arch="small")
+        lazy = instantiate(cfg.model).detector
+        plain = DINOv2ObjectDetector(num_classes=80, **dict(
+            kwargs, backbone=dict(kwargs.get("backbone", {}), arch="small", pretrained=None)))
+        built[preset] = signature(plain)
+        assert built[preset] == signature(lazy), preset
+    assert built["default"] != built["efficient"]
+
+
 def test_lr_schedule_warms_up_and_drops_late():
     cfg = load("coco.py")
     sched = instantiate(cfg.lr_multiplier)

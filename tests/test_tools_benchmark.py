@@ -14,18 +14,42 @@ def test_model_section_prints_rows_with_flops_parts_and_memory(capsys):
 
     threads = torch.get_num_threads()
     try:
-        benchmark.main(["--section", "model", "--presets", "demo", "--runtimes", "torch", "--dtypes", "fp32", "bf16",
+        benchmark.main(["--section", "model", "--presets", "demo", "--runtimes", "torch", "--dtypes", "fp32", "bf16", "int8",
                         "--train-batch", "1", "--model-repeats", "1", "--demo-size", "84", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "fp32 linear yardstick" in out
+    assert "linear yardstick in the rounds of demo" in out
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| demo |")]
     infer = [r for r in rows if r[3].startswith("torch")]
-    assert [r[4] for r in infer] == ["fp32", "bf16"] or "refused" in out  # bf16: this CPU may lack it
+    dtypes = [r[4] for r in infer]
+    assert dtypes == ["fp32", "bf16", "int8"] or ("refused" in out and dtypes == ["fp32", "int8"])  # bf16: CPU may lack it
+    assert float(infer[-1][5]) > 0 and float(infer[-1][13]) > 0  # int8: time, GFLOP/s (of the fp32 count)
     fp32 = infer[0]
     e2e, parts = float(fp32[5]), [float(v) for v in fp32[6:11]]
     assert float(fp32[12]) > 0 and float(fp32[13]) > 0  # GFLOP (attention included) and GFLOP/s
     assert sum(parts) <= e2e * 3  # the parts are one call's stages, e2e another call's total
     train = [r for r in rows if len(r) == 13]
     assert len(train) == 1 and float(train[0][3]) > 0 and float(train[0][10]) > 0  # iteration ms, GFLOP
+
+
+def test_targets_are_measured_in_shared_rounds(capsys):
+    """With both presets, the targets come from rounds shared by the presets, dtypes and yardstick."""
+    import benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        benchmark.main(["--section", "model", "--presets", "default", "efficient", "--runtimes", "torch",
+                        "--dtypes", "fp32", "fp32-plain", "int8", "--train-batch", "0", "--model-repeats", "1",
+                        "--sizes", "238", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    summary = out[out.index("measured in 1 shared rounds"):]
+    for variant in ("vits14-default fp32:", "vits14-default fp32-plain:", "vits14-default int8:",
+                    "vits14-efficient fp32:", "vits14-efficient int8:"):
+        assert variant in summary
+    assert "yardstick in these rounds: F.linear" in summary
+    for target in ("end-to-end / backbone alone", "efficient preset vs default", "windowed attention",
+                   "the CPU inference path", "int8 dynamic quantization vs fp32"):
+        assert target in summary

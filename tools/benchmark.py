@@ -258,8 +258,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--sizes", nargs="+", type=int, default=[448],
                        help="square image sizes in px for 14-px patches, e.g. 448 518 640 800")
     model.add_argument("--batches", nargs="+", type=int, default=[1], help="inference batches, e.g. 1 8")
-    model.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                       help="inference precision (bf16: autocast; refused on CPUs without native bf16)")
+    model.add_argument("--dtypes", nargs="+", default=["fp32", "fp32-plain", "bf16", "int8"],
+                       choices=["fp32", "fp32-plain", "bf16", "int8"],
+                       help="inference precision (fp32-plain: fp32 with the CPU inference path off, for an A/B; "
+                            "bf16: autocast, refused on CPUs without native bf16; int8: dynamic quantization "
+                            "of the linear layers, CPU)")
     model.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"],
                        help="onnx: also run the exported graph with onnxruntime (CPU)")
     model.add_argument("--train-batch", type=int, default=1, help="images of the training iteration (0: skip)")
