@@ -9,7 +9,7 @@
 #    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
 #    dinov2od/d2/amp.py, imports only torch, so it runs here without Detectron2);
 # 3. runs tools/benchmark.py on cuda: the op (PyTorch path vs CUDA kernel, float32 and bfloat16),
-#    then the whole detector (tools/benchmark_model.py; default preset without Detectron2).
+#    then the whole detector (tools/benchmark_model.py; the default preset, built without Detectron2).
 # Prints everything; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ DINOV2OD_EXPECT_CUDA_EXT=1 DINOV2OD_EXPECT_DETECTRON2=0 "$PY" -m pytest -q -rs -
 echo "== benchmark (cuda)"
 "$PY" tools/benchmark.py --section msda --device cuda --repeats 50 --warmup 5
 
-echo "== whole-model benchmark (cuda; without Detectron2 only the default preset)"
+echo "== whole-model benchmark (cuda; the default preset, built without Detectron2)"
 "$PY" tools/benchmark.py --section model --device cuda --presets default --runtimes torch \
   --backbones vits14 vitb14 dinov3-s16 --sizes 448 644 --batches 1 8 --dtypes fp32 bf16 --model-repeats 20
 
