@@ -375,6 +375,36 @@ def end_to_end(model: DINOv2ObjectDetector, images: torch.Tensor):
     return topk_detections(out["pred_logits"], out["pred_boxes"], sizes, 100)
 
 
+def variant(model: DINOv2ObjectDetector, dtype: str, device: str, quantized: dict):
+    """What a ``--dtypes`` entry runs: ``(module, autocast dtype, plain path)``, or None where it does
+    not apply (``int8`` and ``fp32-plain`` are CPU paths). ``quantized`` caches the int8 copy."""
+    if dtype in ("int8", "fp32-plain") and device.split(":")[0] != "cpu":
+        return None
+    if dtype == "int8":
+        if "int8" not in quantized:
+            from dinov2od.modeling.quantize import quantize_dynamic_int8
+
+            quantized["int8"] = quantize_dynamic_int8(model)
+        return quantized["int8"], "fp32", False
+    return model, ("fp32" if dtype == "fp32-plain" else dtype), dtype == "fp32-plain"
+
+
+def inference_calls(net, images: torch.Tensor, device: str, amp: str, plain: bool):
+    """``(e2e, staged)``: :func:`end_to_end` and :func:`staged_inference` of ``net`` under inference
+    mode, ``amp`` autocast and, with ``plain``, the CPU inference path off."""
+    dev = device.split(":")[0]
+
+    def e2e():
+        with torch.inference_mode(), autocast_context(dev, amp), plain_path(plain):
+            return end_to_end(net, images)
+
+    def staged():
+        with torch.inference_mode(), autocast_context(dev, amp), plain_path(plain):
+            return staged_inference(net, images, device)
+
+    return e2e, staged
+
+
 def staged_train_step(model, meta, optimizer, images, targets, device) -> Dict[str, float]:
     """One training iteration split into forward parts, loss, backward and the optimizer step."""
     clock = Stopwatch(device)
@@ -448,25 +478,15 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
     model, meta = build_model(backbone, preset, device)
     model.eval()
     size = token_size(px, backbone) if preset != "demo" else px
-    int8 = None
+    quantized: dict = {}
     for batch in args.batches:
         images = torch.rand(batch, 3, size, size, device=device)
         for dtype in args.dtypes:
-            if dtype == "int8":
-                if device != "cpu":
-                    continue
-                if int8 is None:
-                    from dinov2od.modeling.quantize import quantize_dynamic_int8
-
-                    int8 = quantize_dynamic_int8(model)
-            net = int8 if dtype == "int8" else model
-            amp = "fp32" if dtype in ("int8", "fp32-plain") else dtype
-            plain = dtype == "fp32-plain"
-
-            def e2e():
-                with torch.inference_mode(), autocast_context(device.split(":")[0], amp), plain_path(plain):
-                    return end_to_end(net, images)
-
+            v = variant(model, dtype, device, quantized)
+            if v is None:
+                continue
+            net, amp, plain = v
+            e2e, staged = inference_calls(net, images, device, amp, plain)
             try:
                 e2e()
             except RuntimeError as err:  # bf16 refused on this CPU: say so in the table
@@ -474,11 +494,6 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
                 continue
             with PeakMemory(device) as mem:
                 e2e()
-
-            def staged():
-                with torch.inference_mode(), autocast_context(device.split(":")[0], amp), plain_path(plain):
-                    return staged_inference(net, images, device)
-
             # the yardstick in the same rounds as the model: the machine's rate drifts on a shared host
             yard, e2e_ms, stage_ms = run_rounds({0: (e2e, staged)}, args.model_repeats, device)
             ms, parts = e2e_ms[0], stage_ms[0]
@@ -505,7 +520,7 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
             measure_onnx(args, model, name, size, batch, results)
     if args.train_batch and meta is not None:
         measure_train(args, model, meta, name, size, device, results)
-    del model, meta, int8
+    del model, meta, quantized
 
 
 def measure_onnx(args, model, name, size, batch, results):
@@ -567,66 +582,34 @@ def measure_train(args, model, meta, name, size, device, results):
     model.eval()
 
 
-def shared_rounds(args, backbone: str, px: int, device: str) -> dict:
+def shared_rounds(args, backbone: str, px: int, device: str, table: dict) -> dict:
     """The numbers of the speed targets, measured in shared rounds: each round runs the yardstick
-    kernels, then every variant (default and efficient presets; fp32, and the ``--dtypes`` among
-    fp32-plain / bf16 / int8) end to end and staged, batch 1. A ratio between two of them (efficient
-    vs default, int8 vs fp32, end to end vs backbone, model vs yardstick) then compares numbers taken
+    kernels, then every variant (default and efficient presets in each ``--dtypes`` entry that the
+    table measured at batch 1) end to end and staged. A ratio between two of them (efficient vs
+    default, int8 vs fp32, end to end vs backbone, model vs yardstick) then compares numbers taken
     under the same load of a shared host, which the table's one-row-after-another measurement
-    cannot. Returns results keyed as :func:`targets_summary` reads them."""
+    cannot. FLOP counts are the table's. Returns results keyed as :func:`targets_summary` reads them."""
     size = token_size(px, backbone)
     images = torch.rand(1, 3, size, size, device=device)
-    dev = device.split(":")[0]
-    variants = {}  # (name, dtype) -> (model, autocast dtype, plain path)
+    calls = {}
     for preset in ("default", "efficient"):
         model, _ = build_model(backbone, preset, device)
         model.eval()
-        name = f"{backbone}-{preset}"
-        variants[(name, "fp32")] = (model, "fp32", False)
-        if dev == "cpu" and "fp32-plain" in args.dtypes:
-            variants[(name, "fp32-plain")] = (model, "fp32", True)
-        if "bf16" in args.dtypes:
-            variants[(name, "bf16")] = (model, "bf16", False)
-        if dev == "cpu" and "int8" in args.dtypes:
-            from dinov2od.modeling.quantize import quantize_dynamic_int8
-
-            variants[(name, "int8")] = (quantize_dynamic_int8(model), "fp32", False)
-
-    def e2e(net, amp, plain):
-        with torch.inference_mode(), autocast_context(dev, amp), plain_path(plain):
-            return end_to_end(net, images)
-
-    def staged(net, amp, plain):
-        with torch.inference_mode(), autocast_context(dev, amp), plain_path(plain):
-            return staged_inference(net, images, device)
-
-    for key, (net, amp, plain) in list(variants.items()):
-        try:
-            e2e(net, amp, plain)
-        except RuntimeError:  # bf16 refused on this CPU
-            del variants[key]
-    yard, e2e_ms, stage_ms = run_rounds(
-        {key: ((lambda v=v: e2e(*v)), (lambda v=v: staged(*v))) for key, v in variants.items()},
-        args.model_repeats, device)
+        name, quantized = f"{backbone}-{preset}", {}
+        for dtype in args.dtypes:
+            v = variant(model, dtype, device, quantized)
+            if v is not None and (name, size, 1, "torch", dtype) in table:  # (bf16 refused: not in the table)
+                net, amp, plain = v
+                calls[(name, dtype)] = inference_calls(net, images, device, amp, plain)
+    yard, e2e_ms, stage_ms = run_rounds(calls, args.model_repeats, device)
     linear = yardstick_rates(yard)
     results: dict = {}
-    for (name, dtype), (net, amp, plain) in variants.items():
-        fp32_model = variants[(name, "fp32")][0]
-
-        def no_grad_call():
-            with torch.no_grad(), autocast_context(dev, amp), plain_path(plain):
-                return end_to_end(fp32_model, images)
-
-        with grads_off(fp32_model):  # int8: the fp32 model's count
-            flops = count_flops(no_grad_call)
-        results[(name, size, 1, "torch", dtype)] = dict(e2e=e2e_ms[(name, dtype)], flops=flops,
-                                                        **stage_ms[(name, dtype)])
+    for name, dtype in calls:
+        flops = table[(name, size, 1, "torch", dtype)]["flops"]
+        results[(name, size, 1, "torch", dtype)] = dict(e2e=e2e_ms[(name, dtype)], flops=flops, **stage_ms[(name, dtype)])
         results[(name, size, 1, dtype, "yardstick")] = linear
-        if dtype == "fp32":
-            with torch.no_grad(), grads_off(fp32_model):
-                x, _, valid_hw = fp32_model.pad(fp32_model.normalize(images), None)
-                results[(name, size, "backbone_flops")] = count_flops(
-                    lambda: fp32_model.backbone.forward_padded(x, valid_hw))
+        if (name, size, "backbone_flops") in table:
+            results[(name, size, "backbone_flops")] = table[(name, size, "backbone_flops")]
     return results
 
 
@@ -723,7 +706,7 @@ def section_model(args) -> list:
                     print(f"\ntargets of {backbone} at {size} px, batch 1, measured in {args.model_repeats} shared rounds "
                           "(each: the yardstick kernels, then every preset and dtype end to end and staged; "
                           f"{STAT['name']} per variant):")
-                    rounds = shared_rounds(args, backbone, px, device)
+                    rounds = shared_rounds(args, backbone, px, device, results)
                     onnx = results.get((f"{backbone}-default", size, 1, "onnx", "fp32"))
                     if onnx:  # not in the rounds: the table's
                         rounds[(f"{backbone}-default", size, 1, "onnx", "fp32")] = onnx
