@@ -120,6 +120,11 @@ class PeakMemory:
 def count_flops(fn: Callable[[], object]) -> float:
     """FLOPs (2 x multiply-adds) of one call, attention included (the CPU attention kernels are
     missing from torch's table in torch 2.3, so they are added here)."""
+    return count_flops_split(fn)[0]
+
+
+def count_flops_split(fn: Callable[[], object]) -> Tuple[float, float]:
+    """(FLOPs of one call, the part of them in attention kernels), as :func:`count_flops`."""
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
@@ -140,7 +145,9 @@ def count_flops(fn: Callable[[], object]) -> float:
         custom[torch.ops.mkldnn._linear_pointwise] = onednn_linear
     with fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
-    return float(counter.get_total_flops())
+    by_op = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in by_op.items() if "scaled_dot_product" in str(op))
+    return float(counter.get_total_flops()), float(attention)
 
 
 @contextlib.contextmanager
@@ -228,16 +235,18 @@ def yardstick_rates(yard: Dict[str, float]) -> Tuple[float, Optional[float]]:
 
 
 def run_rounds(calls: Dict[object, Tuple[Callable[[], object], Callable[[], Dict[str, float]]]], repeats: int,
-               device: str) -> Tuple[Dict[str, float], Dict[object, float], Dict[object, Dict[str, float]]]:
+               device: str, extra_kernels: Optional[Dict[str, Tuple[Callable[[], object], int]]] = None,
+               ) -> Tuple[Dict[str, float], Dict[object, float], Dict[object, Dict[str, float]]]:
     """Rounds shared by the yardstick and every ``(e2e, staged)`` pair of ``calls``: each round runs
-    every yardstick kernel twice, then for each pair ``e2e()`` once (timed) and ``staged()`` once
-    (its stage times), so that a shared host's changing load weighs on all of them alike (their
-    ratios are the targets). Reduced with ``--stat`` (median, or min: the best round of each).
+    every yardstick kernel (and each of ``extra_kernels``, ``{name: (call, FLOPs)}``) twice, then
+    for each pair ``e2e()`` once (timed) and ``staged()`` once (its stage times), so that a shared
+    host's changing load weighs on all of them alike (their ratios are the targets). Reduced with
+    ``--stat`` (median, or min: the best round of each).
 
     Returns:
-        ({yardstick kernel: GFLOP/s}, {key: end-to-end ms}, {key: {stage: ms}})
+        ({kernel: GFLOP/s}, {key: end-to-end ms}, {key: {stage: ms}})
     """
-    kernels = yardstick_kernels(device)
+    kernels = {**yardstick_kernels(device), **(extra_kernels or {})}
     for fn, _ in kernels.values():  # warm-up
         fn()
     for e2e, staged in calls.values():
@@ -507,8 +516,9 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
                     return end_to_end(model, images)
 
             with grads_off(model):  # int8: the fp32 model's count (int8 linears are not counted)
-                flops = count_flops(e2e_no_grad)
+                flops, attention_flops = count_flops_split(e2e_no_grad)
             if batch == 1 and dtype == "fp32":  # the backbone's own FLOPs (windowed attention check)
+                results[(name, size, "attention_flops")] = attention_flops
                 with torch.no_grad(), grads_off(model):
                     x, _, valid_hw = model.pad(model.normalize(images), None)
                     results[(name, size, "backbone_flops")] = count_flops(lambda: model.backbone.forward_padded(x, valid_hw))
@@ -591,26 +601,41 @@ def shared_rounds(args, backbone: str, px: int, device: str, table: dict) -> dic
     cannot. FLOP counts are the table's. Returns results keyed as :func:`targets_summary` reads them."""
     size = token_size(px, backbone)
     images = torch.rand(1, 3, size, size, device=device)
-    calls = {}
+    calls, extra = {}, {}
     for preset in ("default", "efficient"):
         model, _ = build_model(backbone, preset, device)
         model.eval()
+        if preset == "default":  # torch's attention kernel alone, at the default ViT's global attention
+            extra = attention_kernel(model.backbone, size, device)
         name, quantized = f"{backbone}-{preset}", {}
         for dtype in args.dtypes:
             v = variant(model, dtype, device, quantized)
             if v is not None and (name, size, 1, "torch", dtype) in table:  # (bf16 refused: not in the table)
                 net, amp, plain = v
                 calls[(name, dtype)] = inference_calls(net, images, device, amp, plain)
-    yard, e2e_ms, stage_ms = run_rounds(calls, args.model_repeats, device)
+    yard, e2e_ms, stage_ms = run_rounds(calls, args.model_repeats, device, extra)
     linear = yardstick_rates(yard)
-    results: dict = {}
+    results: dict = {("attention kernel", size): [(name, yard[name]) for name in extra]}
     for name, dtype in calls:
         flops = table[(name, size, 1, "torch", dtype)]["flops"]
         results[(name, size, 1, "torch", dtype)] = dict(e2e=e2e_ms[(name, dtype)], flops=flops, **stage_ms[(name, dtype)])
         results[(name, size, 1, dtype, "yardstick")] = linear
-        if (name, size, "backbone_flops") in table:
-            results[(name, size, "backbone_flops")] = table[(name, size, "backbone_flops")]
+        for what in ("backbone_flops", "attention_flops"):
+            if (name, size, what) in table:
+                results[(name, size, what)] = table[(name, size, what)]
     return results
+
+
+def attention_kernel(backbone, size: int, device: str) -> Dict[str, Tuple[Callable[[], object], int]]:
+    """``{name: (call, FLOPs)}`` of the attention kernel that a ViT block of ``backbone`` runs at
+    ``size`` px, batch 1, with global attention: ``F.scaled_dot_product_attention`` on q/k/v laid
+    out as the block makes them (strided views of one q/k/v product)."""
+    heads, dim = backbone.num_heads, backbone.embed_dim
+    tokens = (size // backbone.patch_size) ** 2 + 1 + backbone.num_register_tokens
+    qkv = torch.randn(1, tokens, 3, heads, dim // heads, device=device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    name = f"attention 1x{heads}x{tokens}x{dim // heads}"
+    return {name: ((lambda: F.scaled_dot_product_attention(q, k, v)), 4 * heads * tokens ** 2 * (dim // heads))}
 
 
 def targets_summary(results: dict, backbone: str = "vits14", px: int = 448) -> List[str]:
@@ -631,6 +656,7 @@ def targets_summary(results: dict, backbone: str = "vits14", px: int = 448) -> L
         lines.append(f"- {preset}: end-to-end / backbone alone {ratio:.2f}x (target <= 1.25x: "
                      f"{'met' if ratio <= 1.25 else 'NOT met'}); {g:.1f} GFLOP/s = {100 * g / flin:.0f}% of the fp32 "
                      f"F.linear rate {flin:.1f} (target >= 85%: {'met' if g >= 0.85 * flin else 'NOT met'}){strict}")
+    lines += floor_lines(results, backbone, px)
     if d and e:
         sp = d["e2e"] / e["e2e"]
         lines.append(f"- efficient preset vs default: {sp:.2f}x faster (target >= 1.3x: {'met' if sp >= 1.3 else 'NOT met'})")
@@ -658,6 +684,49 @@ def targets_summary(results: dict, backbone: str = "vits14", px: int = 448) -> L
     o = results.get((f"{backbone}-default", px, 1, "onnx", "fp32"))
     if d and o:
         lines.append(f"- onnxruntime vs PyTorch (fp32, b1): {d['e2e'] / o['e2e']:.2f}x")
+    return lines
+
+
+def floor_lines(results: dict, backbone: str, px: int) -> List[str]:
+    """What the first two targets ask of each part of the fp32 model, from its FLOP split and the
+    times of the same rounds:
+
+    * end to end <= 1.25x the backbone: the FLOPs after the backbone (neck, decoder, heads) over
+      the backbone's; at one rate per FLOP the ratio is ``total / backbone FLOPs``, so the target
+      asks the rest to run ``(total - backbone) / (0.25 backbone)`` times the backbone's rate per
+      FLOP, printed beside the rate ratio measured;
+    * >= 85% of the F.linear rate: with attention's share ``a`` of the FLOPs at the measured rate
+      ``s`` of torch's attention kernel alone (as a share of F.linear's), the other FLOPs and all
+      FLOP-free work must run at ``(1 - a) / (1 / 0.85 - a / s)`` of F.linear; printed beside what
+      they ran at (the end-to-end time less attention's FLOPs at the kernel's rate). Global
+      attention only: the kernel is measured at the default ViT's shape, so the windowed
+      (efficient) preset gets no such line."""
+    lines = []
+    for preset in ("default", "efficient"):
+        name = f"{backbone}-{preset}"
+        r, fb = results.get((name, px, 1, "torch", "fp32")), results.get((name, px, "backbone_flops"))
+        if not r or not fb or r["flops"] <= fb:
+            continue
+        rest, t_rest = r["flops"] - fb, r["e2e"] - r["backbone"]
+        measured = (rest / t_rest) / (fb / r["backbone"]) if t_rest > 0 else float("inf")
+        lines.append(f"- {preset}: after the backbone (neck, decoder, heads) {rest / 1e9:.1f} GFLOP = {100 * rest / fb:.0f}% "
+                     f"of the backbone's {fb / 1e9:.1f}: at one rate per FLOP end to end / backbone = "
+                     f"{r['flops'] / fb:.2f}x; the 1.25x target needs them at {rest / (0.25 * fb):.2f}x the backbone's "
+                     f"rate per FLOP, they ran at {measured:.2f}x")
+    r, fa = results.get((f"{backbone}-default", px, 1, "torch", "fp32")), results.get((f"{backbone}-default", px, "attention_flops"))
+    kernel = results.get(("attention kernel", px))
+    if r and fa and kernel:
+        (kname, rate), = kernel
+        flin = results[(f"{backbone}-default", px, 1, "fp32", "yardstick")][0]
+        a, s = fa / r["flops"], rate / flin
+        room = 1 / 0.85 - a / s
+        need = f"{100 * (1 - a) / room:.0f}%" if room > 0 else "more than any rate (unreachable)"
+        t_other = r["e2e"] * 1e-3 - fa / (rate * 1e9)
+        ran = f"{100 * (r['flops'] - fa) / t_other / 1e9 / flin:.0f}%" if t_other > 0 else "-"
+        lines.append(f"- default: attention is {100 * a:.0f}% of its FLOPs; torch's attention kernel alone ({kname}) ran "
+                     f"{rate:.1f} GFLOP/s = {100 * s:.0f}% of F.linear in these rounds, so the 85% target needs the other "
+                     f"{100 * (1 - a):.0f}% of the FLOPs, with all FLOP-free work (norms, softmax, sampling, copies), at "
+                     f"{need} of F.linear; they ran at {ran}")
     return lines
 
 
