@@ -149,3 +149,17 @@ def test_linear_matches_f_linear(activation, monkeypatch):
     torch.testing.assert_close(linear(x, w, b, activation), ref)
     with pytest.raises(ValueError, match="activation='silu'"):
         linear(x, w, b, "silu")
+
+
+def test_torch_compile_traces_the_plain_blocks(count_fused, monkeypatch):
+    """Under torch.compile the fused path stays out of the way (the compiler fuses on its own):
+    dynamo traces the plain blocks, without failing on the path's checks, to the same features."""
+    bb = make_backbone("dinov2", 4)
+    images = torch.randn(1, 3, 56, 56)
+    plain = features(bb, images, None, monkeypatch, fused=False)
+    monkeypatch.setenv(fused_linear.ENV, "1")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(FirstTap(bb), backend="eager")(images)
+    assert not count_fused
+    torch.testing.assert_close(compiled, plain[0], rtol=1e-5, atol=1e-5)

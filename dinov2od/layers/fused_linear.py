@@ -9,8 +9,8 @@ and GELU in 6.7 ms against 10.7 ms for ``F.gelu(F.linear(x, w, b))`` (``tools/be
 --section model`` measures the whole model both ways).
 
 :func:`linear` takes that path only where it computes the same function with no autograd, trace or
-autocast to preserve: CPU, float32, no gradient needed, not tracing/scripting/exporting, no CPU
-autocast, and the op present in this torch build. Everywhere else it is ``F.linear`` (+ the
+autocast to preserve: CPU, float32, no gradient needed, not tracing/scripting/exporting/compiling, no
+CPU autocast, and the op present in this torch build. Everywhere else it is ``F.linear`` (+ the
 activation). ``DINOV2OD_FUSED_LINEAR=0`` turns the oneDNN path off (for A/B timing or debugging).
 """
 from __future__ import annotations
@@ -35,11 +35,24 @@ def _op_available() -> bool:
 _OP_AVAILABLE = _op_available()
 
 
-def _cpu_autocast_on() -> bool:
+def _autocast_takes_device() -> bool:
     try:
-        return torch.is_autocast_enabled("cpu")  # torch >= 2.4
+        torch.is_autocast_enabled("cpu")  # torch >= 2.4
+        return True
     except TypeError:
-        return torch.is_autocast_cpu_enabled()
+        return False
+
+
+_AUTOCAST_TAKES_DEVICE = _autocast_takes_device()  # probed once: torch.compile cannot trace a try/except TypeError
+
+
+def _cpu_autocast_on() -> bool:
+    return torch.is_autocast_enabled("cpu") if _AUTOCAST_TAKES_DEVICE else torch.is_autocast_cpu_enabled()
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def fused_linear_enabled(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -52,8 +65,8 @@ def fused_linear_enabled(x: Tensor, *params: Optional[Tensor]) -> bool:
     params = [p for p in params if p is not None]
     if x.device.type != "cpu" or any(t.dtype != torch.float32 for t in (x, *params)):
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling():
+        return False  # (under torch.compile the compiler fuses on its own; the plain ops trace cleanly)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return False
     return not _cpu_autocast_on()
