@@ -256,6 +256,62 @@ def test_windowed_attention_one_window_equals_global_and_padding_is_invisible():
         torch.testing.assert_close(small_window(batch, mask)[0][0][:1, :, :5, :7], windowed)
 
 
+@pytest.mark.parametrize("family,registers,size", [
+    ("dinov2", False, (84, 112)),  # 6 x 8 patches: whole windows of 2
+    ("dinov2", True, (70, 98)),  # 5 x 7: ragged windows
+    ("dinov3", False, (80, 112)),  # RoPE, 4 register tokens, 5 x 7
+])
+def test_windows_written_once_compute_the_cat_formulation(family, registers, size, monkeypatch):
+    """The windowed attention that copies each activation once (the default) gives the features
+    and gradients of the first formulation (reshape + cat), alone and in a padded batch, in training
+    (LoRA, grads) and at inference; negative control: windows read in the wrong order differ."""
+    from dinov2od.modeling.backbone import ViTBackbone
+    from dinov2od.modeling.dinov3 import DINOv3Backbone
+
+    torch.manual_seed(0)
+    if family == "dinov2":
+        bb = DINOv2Backbone(arch="tiny", arch_overrides=TINY, registers=registers, out_indices=(2,),
+                            lora_rank=2, window_size=2)
+    else:
+        bb = DINOv3Backbone(arch="tiny", arch_overrides=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                             intermediate_size=64), out_indices=(2,), lora_rank=2, window_size=2)
+    assert bb.window_blocks == (0, 1)
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, *size)
+    mask = torch.zeros(2, *size, dtype=torch.bool)
+    mask[1, size[0] // 2:, :] = True
+    mask[1, :, size[1] // 3:] = True
+
+    def run(copies, train):
+        monkeypatch.setattr(ViTBackbone, "window_copies", copies)
+        torch.manual_seed(1)  # DINOv3's RoPE augmentation draws random numbers in training
+        bb.train(train)
+        bb.zero_grad()
+        outs = [bb(x)[0][0], bb(x, mask)[0][0]]
+        if train:
+            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+            return outs + [p.grad.clone() for p in bb.parameters() if p.requires_grad]
+        return outs
+
+    for train in (True, False):
+        with torch.set_grad_enabled(train):
+            once, cat = run("once", train), run("cat", train)
+        for a, b in zip(once, cat):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    original = ViTBackbone._window_attention_tokens_first
+
+    def swapped(self, q, k, v, *args):  # the windows of the second image read in reverse order
+        out = original(self, q, k, v, *args)
+        return torch.cat([out[:1], out[1:].flip(1)])
+
+    monkeypatch.setattr(ViTBackbone, "_window_attention_tokens_first", swapped)
+    with torch.no_grad():
+        assert (run("once", False)[1] - cat[1]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("freeze,lora_rank", [(False, 0), (False, 4), (True, 4)])
 def test_every_trainable_parameter_gets_a_gradient(freeze, lora_rank):
     """DDP-safe: blocks after the last tap (never run) and the mask token are not trainable."""

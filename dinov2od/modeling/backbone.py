@@ -341,9 +341,67 @@ class ViTBackbone(nn.Module):
         if windows is None:
             mask = None if key_valid is None else key_valid[:, None, None, :]
             out = _sdpa(q, k, v, mask, p_drop)
+        elif self.window_copies == "once" and not torch.jit.is_tracing():
+            return self._window_attention_tokens_first(q, k, v, *windows, p_drop).view(b, t, -1)
         else:
             out = self._window_attention(q, k, v, *windows, p_drop)
         return out.transpose(1, 2).reshape(b, t, -1)
+
+    # "once": the windowed attention moves every activation once on the way into the windows and
+    # once on the way out (:meth:`_window_attention_tokens_first`); "cat": the first formulation
+    # (reshape + cat each way, then a transpose: twice the copies), kept for tracing and as the
+    # reference the tests hold the other to.
+    window_copies = "once"
+
+    def _window_attention_tokens_first(self, q: Tensor, k: Tensor, v: Tensor, hp, wp,
+                                       patch_valid: Optional[Tensor], p_drop: float) -> Tensor:
+        """:meth:`_window_attention` (same function) with fewer copies: each of q, k, v is written
+        once into its windows (prefix tokens and patches in one buffer instead of a reshape and
+        a cat), and the windows' outputs once into a (B, T, heads, Dh) buffer, which is already
+        the layout of the output projection's input (no transpose copy after).
+
+        Returns:
+            (B, P + Hp*Wp, heads, Dh)
+        """
+        ws = self.window_size
+        b, heads, t, dh = q.shape
+        num_prefix = t - hp * wp
+        ph, pw = (-hp) % ws, (-wp) % ws
+        nh, nw = (hp + ph) // ws, (wp + pw) // ws
+        n, span = nh * nw, num_prefix + ws * ws
+
+        def windows(z: Tensor) -> Tensor:  # (B, heads, P + Hp*Wp, Dh) -> (B * n, heads, P + ws*ws, Dh)
+            grid = z[:, :, num_prefix:].unflatten(2, (hp, wp))
+            if ph or pw:
+                grid = F.pad(grid, (0, 0, 0, pw, 0, ph))
+            grid = grid.unflatten(3, (nw, ws)).unflatten(2, (nh, ws)).permute(0, 2, 4, 1, 3, 5, 6)
+            out = z.new_empty(b, nh, nw, heads, span, dh)
+            out[..., :num_prefix, :] = z[:, None, None, :, :num_prefix]
+            out[..., num_prefix:, :].unflatten(-2, (ws, ws)).copy_(grid)
+            return out.view(b * n, heads, span, dh)
+
+        mask = win_valid = None
+        if ph or pw or patch_valid is not None:
+            valid = patch_valid if patch_valid is not None else q.new_ones(b, hp, wp, dtype=torch.bool)
+            valid = F.pad(valid, (0, pw, 0, ph), value=False)
+            win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
+            mask = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)[:, None, None, :]
+        out = _sdpa(windows(q), windows(k), windows(v), mask, p_drop).view(b, nh, nw, heads, span, dh)
+        result = out.new_empty(b, t, heads, dh)
+        prefix = out[..., :num_prefix, :].reshape(b, n, heads, num_prefix, dh)
+        if win_valid is None:
+            prefix = prefix.mean(1)
+        else:  # mean over the windows that hold at least one image patch
+            used = win_valid.view(b, n, -1).any(-1).to(out.dtype)[:, :, None, None, None]  # (B, n, 1, 1, 1)
+            prefix = (prefix * used).sum(1) / used.sum(1).clamp(min=1)
+        result[:, :num_prefix] = prefix.transpose(1, 2)
+        grid = out[..., num_prefix:, :].unflatten(-2, (ws, ws)).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, ws, nw, ws, heads, Dh)
+        if ph or pw:
+            grid = grid.reshape(b, nh * ws, nw * ws, heads, dh)[:, :hp, :wp]
+            result[:, num_prefix:].unflatten(1, (hp, wp)).copy_(grid)
+        else:
+            result[:, num_prefix:].unflatten(1, (nh, ws, nw, ws)).copy_(grid)
+        return result
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, hp, wp, patch_valid: Optional[Tensor],
                           p_drop: float) -> Tensor:
