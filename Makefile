@@ -4,7 +4,8 @@ VENV ?= .venv
 MODERN_VENV ?= .venv-modern
 PYTEST_ARGS ?=
 # Tests that need no Detectron2; the modern environment runs exactly these.
-CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py)
+CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py) \
+	tests/test_export_onnx.py
 
 .PHONY: env env-modern demo test test-modern ci benchmark clean
 

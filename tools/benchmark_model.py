@@ -545,7 +545,7 @@ def measure_onnx(args, model, name, size, batch, results):
         try:
             export_detector(model, path, image_size=(size, size), batch_size=2)
             import onnxruntime  # noqa: F401
-        except ImportError as err:  # e.g. torch >= 2.9's exporter needs onnxscript; no onnxruntime
+        except ImportError as err:  # no onnx / onnxruntime installed
             print(f"| {name} | {size} | {batch} | onnxruntime | fp32 | skipped: {err} |", flush=True)
             results["onnx_files"][key] = None
             return

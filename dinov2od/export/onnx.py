@@ -22,6 +22,7 @@ The deformable attention is exported as its PyTorch path (``GridSample``, opset 
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -120,12 +121,21 @@ def _add_metadata(path: str, props: Dict[str, str]) -> None:
 
 def _quiet_export(module: nn.Module, args: tuple, path: str, **kwargs) -> None:
     """``torch.onnx.export`` (TorchScript tracing) without the tracer's warnings about Python
-    values: the graph's dynamic sizes are checked by running it at other sizes instead."""
+    values: the graph's dynamic sizes are checked by running it at other sizes instead.
+
+    torch >= 2.9 defaults to its torch.export-based exporter (``dynamo=True``), which cannot follow
+    the graph's data-dependent shapes (valid sizes, padding masks); the TorchScript exporter, which
+    these graphs are written and tested for, is asked for by name where the argument exists."""
+    if _EXPORT_HAS_DYNAMO_ARG:
+        kwargs.setdefault("dynamo", False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*(Constant folding|Exporting aten::index|"
-                                "The shape inference of prim::Constant).*")
+                                "The shape inference of prim::Constant|legacy TorchScript-based ONNX).*")
         torch.onnx.export(module, args, path, do_constant_folding=True, **kwargs)
+
+
+_EXPORT_HAS_DYNAMO_ARG = "dynamo" in inspect.signature(torch.onnx.export).parameters
 
 
 def sample_batch(image_size: Sequence[int], batch_size: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
