@@ -122,7 +122,7 @@ std::string compiled_cuda_archs() {
 }  // namespace dinov2od
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dinov2od compiled ops: multi-scale deformable attention (CPU, and CUDA if built)";
+  m.doc() = "dinov2od compiled ops: multi-scale deformable attention (CPU, and CUDA if built), CPU ViT attention";
   m.def("ms_deform_attn_forward", &dinov2od::ms_deform_attn_forward,
         "forward(value, spatial_shapes, level_start_index, sampling_locations, "
         "attention_weights) -> (N, Lq, M*D)");
@@ -135,4 +135,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &dinov2od::cpu_capability, "CPU inner loops in use: avx2 or default");
   m.def("set_cpu_capability", &dinov2od::set_cpu_capability,
         "select the CPU inner loops ('default' or 'avx2'); for tests and benchmarks");
+  m.def("attention_available", &dinov2od::attention_available,
+        "whether this build and CPU have the AVX-512 attention kernel");
+  m.def("attention_forward", &dinov2od::attention_forward_cpu,
+        "attention_forward(q, k, v) -> (B, T, H, 64): softmax(q k^T / 8) v of (B, H, T, 64) float32 "
+        "CPU tensors, no gradient");
 }

@@ -36,6 +36,11 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const MSDAInputs& in,
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);
 
+// ViT softmax attention at CPU fp32 inference (cpu/attention_cpu.cpp): (B, H, T, 64) q, k, v ->
+// (B, T, H, 64); AVX-512 only, no gradient
+bool attention_available();
+at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(const MSDAInputs& in);
 std::vector<at::Tensor> ms_deform_attn_backward_cuda(const MSDAInputs& in,

@@ -1,0 +1,55 @@
+"""ViT softmax attention at CPU fp32 inference through ``dinov2od._C``'s AVX-512 kernel.
+
+``softmax(q k^T / sqrt(64)) v`` for (B, H, T, 64) q, k, v without a mask or dropout, the shape of
+every DINOv2 and DINOv3 ViT's attention but DINOv3-7B's. The kernel (``layers/csrc/cpu/
+attention_cpu.cpp``) packs each head's keys and values once, computes a block of query rows'
+scores against all keys with an 8 x 32 AVX-512 register tile, an exact softmax per row (no online
+rescaling) and the weighted values with another 8 x 32 tile, and writes the (B, T, H, 64) layout the
+output projection reads (no transpose copy after). Against torch's own CPU kernel
+(``F.scaled_dot_product_attention``) it measured 1.3x faster at ViT-S's 1025 and 257 tokens
+(``tools/benchmark.py --section model`` measures both in the same rounds).
+
+It is taken only where it computes the same function with nothing to preserve: the conditions of
+:func:`dinov2od.layers.fused_linear.fused_linear_enabled` (CPU, float32, no gradient, not
+tracing/exporting/compiling, no autocast, ``DINOV2OD_FUSED_LINEAR`` not 0), no mask, no dropout,
+head dim 64, a CPU with AVX-512 (avx512f, avx512dq) and a build that has the kernel. Everywhere else
+the caller runs torch's kernel. ``DINOV2OD_CPU_ATTENTION=0`` turns this kernel alone off (A/B timing,
+debugging; torch's FLOP counter, which cannot see it, counts the model with it off).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from torch import Tensor
+
+from dinov2od.layers._ext import load_extension
+from dinov2od.layers.fused_linear import fused_linear_enabled
+
+__all__ = ["ENV", "cpu_attention", "cpu_attention_available", "cpu_attention_enabled"]
+
+ENV = "DINOV2OD_CPU_ATTENTION"
+HEAD_DIM = 64
+
+
+def cpu_attention_available() -> bool:
+    """Whether ``dinov2od._C`` loads, has the kernel, and this CPU runs it (AVX-512)."""
+    module = load_extension()
+    return module is not None and hasattr(module, "attention_available") and bool(module.attention_available())
+
+
+def cpu_attention_enabled(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, p_drop: float = 0.0) -> bool:
+    """Whether :func:`cpu_attention` applies to these inputs (see the module doc)."""
+    if mask is not None or p_drop or q.dim() != 4 or q.shape[-1] != HEAD_DIM:
+        return False
+    if os.environ.get(ENV, "1") in ("0", "false", "False"):
+        return False
+    if q.shape != k.shape or q.shape != v.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    return fused_linear_enabled(q, k, v) and cpu_attention_available()
+
+
+def cpu_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, T, 64) float32 CPU q, k, v -> (B, T, H, 64) attended values (check
+    :func:`cpu_attention_enabled` first)."""
+    return load_extension().attention_forward(q, k, v)

@@ -1,0 +1,140 @@
+"""The AVX-512 attention kernel of dinov2od._C (dinov2od.layers.cpu_attention) against torch's
+attention, and the ViT blocks that use it at CPU fp32 inference against the plain blocks.
+
+Skipped, with the reason, where the kernel cannot run (a CPU without AVX-512, or no compiled op):
+the blocks then use torch's kernel, which the other backbone tests cover."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov2od.layers import cpu_attention as ca
+from dinov2od.layers import fused_linear
+from dinov2od.modeling import DINOv2Backbone
+from dinov2od.modeling import backbone as backbone_mod
+from dinov2od.modeling.dinov3 import DINOv3Backbone
+
+pytestmark = pytest.mark.skipif(not ca.cpu_attention_available(),
+                                reason="no AVX-512 attention kernel here (CPU without avx512f/avx512dq, or no dinov2od._C)")
+
+WIDE2 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256, image_size=56)
+WIDE3 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256)
+
+
+def qkv_views(b, h, t, seed=0, scale=1.0):
+    """q, k, v as a ViT block makes them: strided views of one (B, T, 3, H, 64) product."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(b, t, 3, h, 64, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
+    return q * scale, k, v
+
+
+@pytest.mark.parametrize("b,h,t", [(1, 6, 1025), (4, 6, 257), (2, 3, 5), (1, 2, 33), (1, 1, 1), (3, 2, 48)])
+def test_kernel_matches_torch_attention(b, h, t):
+    q, k, v = qkv_views(b, h, t)
+    out = ca.cpu_attention(q, k, v)
+    assert out.shape == (b, t, h, 64) and out.is_contiguous()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2), rtol=0, atol=2e-6)
+    # contiguous inputs, other values
+    q, k, v = (x.contiguous() for x in qkv_views(b, h, t, seed=1))
+    torch.testing.assert_close(ca.cpu_attention(q, k, v), F.scaled_dot_product_attention(q, k, v).transpose(1, 2),
+                               rtol=0, atol=2e-6)
+
+
+def test_kernel_is_as_close_to_float64_as_torch_on_peaked_rows():
+    """Scores spread over +-100 (near one-hot rows): the exp and the sums hold up."""
+    q, k, v = qkv_views(1, 4, 300, scale=20.0)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+    ours = (ca.cpu_attention(q, k, v).double() - ref).abs().max().item()
+    torch_err = (F.scaled_dot_product_attention(q, k, v).transpose(1, 2).double() - ref).abs().max().item()
+    assert ours <= 2 * torch_err + 1e-6, (ours, torch_err)
+
+
+def test_kernel_refuses_what_it_was_not_built_for():
+    q, k, v = qkv_views(1, 2, 9)
+    with pytest.raises(RuntimeError, match="head dim 64"):
+        ca.cpu_attention(q[..., :32], k[..., :32], v[..., :32])
+    with pytest.raises(RuntimeError, match="float32"):
+        ca.cpu_attention(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="one shape"):
+        ca.cpu_attention(q, k[:, :, :5], v[:, :, :5])
+    assert not ca.cpu_attention_enabled(q, k, v, mask=torch.ones(1, 1, 1, 9, dtype=torch.bool))
+    assert not ca.cpu_attention_enabled(q, k, v, p_drop=0.1)
+    assert not ca.cpu_attention_enabled(q[..., :32], k[..., :32], v[..., :32])
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    original = backbone_mod.cpu_attention
+
+    def counted(q, k, v):
+        calls.append(tuple(q.shape))
+        return original(q, k, v)
+
+    monkeypatch.setattr(backbone_mod, "cpu_attention", counted)
+    return calls
+
+
+def make(family, window_size=None, registers=False):
+    torch.manual_seed(0)
+    if family == "dinov2":
+        bb = DINOv2Backbone(arch="tiny", arch_overrides=WIDE2, registers=registers, num_taps=2, lora_rank=4,
+                            window_size=window_size)
+    else:
+        bb = DINOv3Backbone(arch="tiny", arch_overrides=WIDE3, num_taps=2, lora_rank=4, window_size=window_size)
+    with torch.no_grad():  # non-trivial layer scales, biases and LoRA adapters
+        for p in bb.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return bb.eval()
+
+
+def run(bb, images, masks, monkeypatch, on):
+    monkeypatch.setenv(fused_linear.ENV, "1" if on else "0")
+    with torch.no_grad():
+        return bb(images, masks)[0]
+
+
+@pytest.mark.parametrize("family,window_size,registers", [
+    ("dinov2", None, False), ("dinov2", 2, True), ("dinov3", None, False), ("dinov3", 2, False),
+])
+def test_blocks_with_the_kernel_compute_the_plain_blocks(family, window_size, registers, kernel_calls, monkeypatch):
+    bb = make(family, window_size, registers)
+    images = torch.randn(1, 3, 112, 112)  # 8 x 8 patches (DINOv3: 7 x 7 of 16 px): whole windows of 2 for DINOv2
+    plain = run(bb, images, None, monkeypatch, on=False)
+    assert not kernel_calls  # DINOV2OD_FUSED_LINEAR=0: the plain path, torch's kernel
+    fast = run(bb, images, None, monkeypatch, on=True)
+    assert kernel_calls and all(s[-1] == 64 for s in kernel_calls)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # a padded batch: the masked attention runs torch's kernel, the result is unchanged
+    kernel_calls.clear()
+    batch = torch.randn(2, 3, 112, 140)
+    batch[0, :, :112, :112] = images[0]
+    mask = torch.ones(2, 112, 140, dtype=torch.bool)
+    mask[0, :112, :112] = False
+    mask[1, :84, :] = False
+    fast_batch = run(bb, batch, mask, monkeypatch, on=True)
+    assert not kernel_calls
+    for a, b in zip(fast_batch, plain):
+        torch.testing.assert_close(a[:1, :, : b.shape[2], : b.shape[3]], b, rtol=1e-4, atol=1e-4)
+    # with gradients the kernel stays out (it has no backward)
+    bb.train()
+    bb(images)[0][0].sum().backward()
+    assert not kernel_calls
+
+
+def test_a_wrong_kernel_would_be_caught(kernel_calls, monkeypatch):
+    """Negative control: a kernel that attends with the wrong temperature moves the features."""
+    bb = make("dinov2")
+    images = torch.randn(1, 3, 112, 112)
+    plain = run(bb, images, None, monkeypatch, on=False)
+    monkeypatch.setattr(backbone_mod, "cpu_attention", lambda q, k, v: ca.cpu_attention(q * 1.5, k, v))
+    wrong = run(bb, images, None, monkeypatch, on=True)
+    assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 1e-3
+
+
+def test_env_turns_the_kernel_off(kernel_calls, monkeypatch):
+    q, k, v = qkv_views(1, 2, 9)
+    with torch.no_grad():
+        assert ca.cpu_attention_enabled(q, k, v)
+        monkeypatch.setenv(ca.ENV, "0")
+        assert not ca.cpu_attention_enabled(q, k, v)
