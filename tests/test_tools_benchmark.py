@@ -52,7 +52,7 @@ def test_targets_are_measured_in_shared_rounds(capsys):
     assert "yardstick in these rounds: F.linear" in summary
     for target in ("end-to-end / backbone alone", "efficient preset vs default", "windowed attention",
                    "the CPU inference path", "int8 dynamic quantization vs fp32", "after the backbone (neck, decoder, heads)",
-                   "torch's attention kernel alone (attention 1x6x290x64)"):
+                   "the attention kernel it runs, alone", "attention 1x6x290x64"):
         assert target in summary
 
 
@@ -66,14 +66,14 @@ def test_floor_lines_split_the_targets_by_flops_and_kernel_rates():
         (name, 448, "backbone_flops"): 120e9,
         (name, 448, "attention_flops"): 30e9,
         (name, 448, 1, "fp32", "yardstick"): (1000.0, 1100.0),
-        ("attention kernel", 448): [("attention 1x6x1025x64", 800.0)],
+        ("attention kernel", 448): [("dinov2od attention 1x6x1025x64", 800.0), ("torch attention 1x6x1025x64", 700.0)],
     }
     split, rate = bm.floor_lines(results, "vits14", 448)
     # 30 GFLOP after a 120 GFLOP backbone: 1.25x at one rate; the target asks 30 / 30 = 1.00x, ran 1.00x
     assert "30.0 GFLOP = 25% of the backbone's 120.0" in split and "= 1.25x" in split
     assert "needs them at 1.00x the backbone's rate per FLOP, they ran at 1.00x" in split
     # a = 0.2 at s = 0.8: (1 - 0.2) / (1 / 0.85 - 0.25) = 86%; the rest: 120 GFLOP in 125 - 37.5 ms = 137%
-    assert "attention is 20% of its FLOPs" in rate and "= 80% of F.linear" in rate
+    assert "attention is 20% of its FLOPs" in rate and "(torch attention 1x6x1025x64: 700.0) = 80% of F.linear" in rate
     assert "at 86% of F.linear; they ran at 137%" in rate
-    results[("attention kernel", 448)] = [("attention 1x6x1025x64", 150.0)]  # s = 0.15: a / s > 1 / 0.85
+    results[("attention kernel", 448)] = [("torch attention 1x6x1025x64", 150.0)]  # s = 0.15: a / s > 1 / 0.85
     assert "unreachable" in bm.floor_lines(results, "vits14", 448)[1]
