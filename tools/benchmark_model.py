@@ -145,16 +145,9 @@ def count_flops_split(fn: Callable[[], object]) -> Tuple[float, float]:
         custom[torch.ops.mkldnn._linear_pointwise] = onednn_linear
     from dinov2od.layers import cpu_attention
 
-    env = os.environ.get(cpu_attention.ENV)
-    os.environ[cpu_attention.ENV] = "0"  # dinov2od's attention kernel is no aten op: count torch's (same FLOPs)
-    try:
-        with fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
-            fn()
-    finally:
-        if env is None:
-            os.environ.pop(cpu_attention.ENV, None)
-        else:
-            os.environ[cpu_attention.ENV] = env
+    # dinov2od's attention kernel is no aten op: count torch's (same FLOPs)
+    with env_set(cpu_attention.ENV, "0"), fc.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
     by_op = counter.get_flop_counts().get("Global", {})
     attention = sum(v for op, v in by_op.items() if "scaled_dot_product" in str(op))
     return float(counter.get_total_flops()), float(attention)
@@ -170,16 +163,26 @@ def plain_path(on: bool = True):
     from dinov2od.layers.fused_linear import ENV
     from dinov2od.modeling.decoder import DeformableDecoder
 
-    env, stacked = os.environ.get(ENV), DeformableDecoder.stack_value_proj
-    os.environ[ENV], DeformableDecoder.stack_value_proj = "0", False
+    stacked, DeformableDecoder.stack_value_proj = DeformableDecoder.stack_value_proj, False
+    try:
+        with env_set(ENV, "0"):
+            yield
+    finally:
+        DeformableDecoder.stack_value_proj = stacked
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside the block, restored after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        DeformableDecoder.stack_value_proj = stacked
-        if env is None:
-            os.environ.pop(ENV, None)
+        if old is None:
+            os.environ.pop(name, None)
         else:
-            os.environ[ENV] = env
+            os.environ[name] = old
 
 
 @contextlib.contextmanager

@@ -18,13 +18,12 @@ debugging; torch's FLOP counter, which cannot see it, counts the model with it o
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from torch import Tensor
 
 from dinov2od.layers._ext import load_extension
-from dinov2od.layers.fused_linear import fused_linear_enabled
+from dinov2od.layers.fused_linear import env_off, fused_linear_enabled
 
 __all__ = ["ENV", "cpu_attention", "cpu_attention_available", "cpu_attention_enabled"]
 
@@ -42,7 +41,7 @@ def cpu_attention_enabled(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
     """Whether :func:`cpu_attention` applies to these inputs (see the module doc)."""
     if mask is not None or p_drop or q.dim() != 4 or q.shape[-1] != HEAD_DIM:
         return False
-    if os.environ.get(ENV, "1") in ("0", "false", "False"):
+    if env_off(ENV):
         return False
     if q.shape != k.shape or q.shape != v.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
         return False

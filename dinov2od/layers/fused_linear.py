@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ENV", "fused_linear_enabled", "linear"]
+__all__ = ["ENV", "env_off", "fused_linear_enabled", "linear"]
 
 ENV = "DINOV2OD_FUSED_LINEAR"
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "relu": ("relu", "")}
@@ -55,12 +55,17 @@ def _compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
+def env_off(name: str) -> bool:
+    """Whether the switch ``name`` is set to off (``0``/``false``) in the environment."""
+    return os.environ.get(name, "1") in ("0", "false", "False")
+
+
 def fused_linear_enabled(x: Tensor, *params: Optional[Tensor]) -> bool:
     """Whether :func:`linear` takes the oneDNN path for input ``x`` and ``params`` (its weight and
     bias; see the module doc)."""
     if not _OP_AVAILABLE or not torch.backends.mkldnn.enabled:
         return False
-    if os.environ.get(ENV, "1") in ("0", "false", "False"):
+    if env_off(ENV):
         return False
     params = [p for p in params if p is not None]
     if x.device.type != "cpu" or any(t.dtype != torch.float32 for t in (x, *params)):

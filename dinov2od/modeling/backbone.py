@@ -348,6 +348,22 @@ class ViTBackbone(nn.Module):
             out = self._window_attention(q, k, v, *windows, p_drop)
         return out.transpose(1, 2).reshape(b, t, -1)
 
+    def _window_mask(self, q: Tensor, patch_valid: Optional[Tensor], hp: int, wp: int, num_prefix: int,
+                     ragged: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The key mask of the windows, (B * n, 1, 1, P + ws*ws) (prefix tokens always valid), and
+        each window's valid patches, (B * n, ws*ws); both None when every slot holds a valid patch
+        (not ``ragged``, nothing padded)."""
+        if not ragged and patch_valid is None:
+            return None, None
+        ws, b = self.window_size, q.shape[0]
+        ph, pw = (-hp) % ws, (-wp) % ws
+        nh, nw = (hp + ph) // ws, (wp + pw) // ws
+        valid = patch_valid if patch_valid is not None else q.new_ones(b, hp, wp, dtype=torch.bool)
+        valid = F.pad(valid, (0, pw, 0, ph), value=False)
+        win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * nh * nw, ws * ws)
+        mask = torch.cat([win_valid.new_ones(b * nh * nw, num_prefix), win_valid], 1)[:, None, None, :]
+        return mask, win_valid
+
     # "once": the windowed attention moves every activation once on the way into the windows and
     # once on the way out (:meth:`_window_attention_tokens_first`); "cat": the first formulation
     # (reshape + cat each way, then a transpose: twice the copies), kept for tracing and as the
@@ -381,20 +397,10 @@ class ViTBackbone(nn.Module):
             out[..., num_prefix:, :].unflatten(-2, (ws, ws)).copy_(grid)
             return out.view(b * n, heads, span, dh)
 
-        mask = win_valid = None
-        if ph or pw or patch_valid is not None:
-            valid = patch_valid if patch_valid is not None else q.new_ones(b, hp, wp, dtype=torch.bool)
-            valid = F.pad(valid, (0, pw, 0, ph), value=False)
-            win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
-            mask = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)[:, None, None, :]
+        mask, win_valid = self._window_mask(q, patch_valid, hp, wp, num_prefix, bool(ph or pw))
         out = _sdpa(windows(q), windows(k), windows(v), mask, p_drop).unflatten(0, (b, nh, nw))
         result = out.new_empty(b, t, heads, dh)
-        prefix = out[..., :num_prefix, :].reshape(b, n, heads, num_prefix, dh)
-        if win_valid is None:
-            prefix = prefix.mean(1)
-        else:  # mean over the windows that hold at least one image patch
-            used = win_valid.view(b, n, -1).any(-1).to(out.dtype)[:, :, None, None, None]  # (B, n, 1, 1, 1)
-            prefix = (prefix * used).sum(1) / used.sum(1).clamp(min=1)
+        prefix = _window_prefix_mean(out[..., :num_prefix, :].reshape(b, n, heads, num_prefix, dh), win_valid)
         result[:, :num_prefix] = prefix.transpose(1, 2)
         grid = out[..., num_prefix:, :].unflatten(-2, (ws, ws)).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, ws, nw, ws, heads, Dh)
         if ph or pw:
@@ -438,19 +444,9 @@ class ViTBackbone(nn.Module):
             prefix = z[:, None, :, :num_prefix].expand(b, n, heads, num_prefix, dh)
             return torch.cat([prefix.reshape(b * n, heads, num_prefix, dh), grid], 2)
 
-        mask = win_valid = None
-        if ragged or patch_valid is not None:
-            valid = patch_valid if patch_valid is not None else q.new_ones(b, hp, wp, dtype=torch.bool)
-            valid = F.pad(valid, (0, pw, 0, ph), value=False)
-            win_valid = valid.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b * n, ws * ws)
-            mask = torch.cat([win_valid.new_ones(b * n, num_prefix), win_valid], 1)[:, None, None, :]
+        mask, win_valid = self._window_mask(q, patch_valid, hp, wp, num_prefix, ragged)
         out = _sdpa(windows(q), windows(k), windows(v), mask, p_drop)
-        prefix = out[:, :, :num_prefix].reshape(b, n, heads, num_prefix, dh)
-        if win_valid is None:
-            prefix = prefix.mean(1)
-        else:  # mean over the windows that hold at least one image patch
-            used = win_valid.view(b, n, -1).any(-1).to(out.dtype)[:, :, None, None, None]  # (B, n, 1, 1, 1)
-            prefix = (prefix * used).sum(1) / used.sum(1).clamp(min=1)
+        prefix = _window_prefix_mean(out[:, :, :num_prefix].reshape(b, n, heads, num_prefix, dh), win_valid)
         grid = out[:, :, num_prefix:].reshape(b, nh, nw, heads, ws, ws, dh).permute(0, 3, 1, 4, 2, 5, 6)
         grid = grid.reshape(b, heads, nh * ws, nw * ws, dh)
         if ragged:
@@ -777,6 +773,16 @@ def build_backbone(family: str = "dinov2", **kwargs) -> ViTBackbone:
 
         return DINOv3Backbone(**kwargs)
     return DINOv2Backbone(**kwargs)
+
+
+def _window_prefix_mean(prefix: Tensor, win_valid: Optional[Tensor]) -> Tensor:
+    """(B, n, heads, P, Dh) prefix-token outputs of the n windows -> (B, heads, P, Dh): their mean
+    over the windows that hold at least one image patch (all of them when ``win_valid`` is None)."""
+    if win_valid is None:
+        return prefix.mean(1)
+    b, n = prefix.shape[:2]
+    used = win_valid.view(b, n, -1).any(-1).to(prefix.dtype)[:, :, None, None, None]  # (B, n, 1, 1, 1)
+    return (prefix * used).sum(1) / used.sum(1).clamp(min=1)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_drop: float) -> Tensor:
