@@ -1,20 +1,83 @@
 """The AVX-512 attention kernel of dinov2od._C (dinov2od.layers.cpu_attention) against torch's
 attention, and the ViT blocks that use it at CPU fp32 inference against the plain blocks.
 
-Skipped, with the reason, where the kernel cannot run (a CPU without AVX-512, or no compiled op):
-the blocks then use torch's kernel, which the other backbone tests cover."""
+Where the kernel must exist, its absence FAILS these tests, as tests/test_msda_kernels.py does for
+the deformable op: on x86-64 Linux with a CPU that has avx512f, avx512dq and fma (read from
+/proc/cpuinfo, the flags the kernel's own ``attention_available()`` checks), a ``dinov2od._C``
+that does not load, lacks the kernel (a stale build) or reports it unavailable is a failure.
+They are skipped, with the reason, where it cannot run: another CPU or OS, or
+``DINOV2OD_NO_EXT=1`` (the op deliberately not built); the blocks then use torch's kernel, which
+the other backbone tests cover."""
+import os
+import platform
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dinov2od.layers import _ext
 from dinov2od.layers import cpu_attention as ca
 from dinov2od.layers import fused_linear
 from dinov2od.modeling import DINOv2Backbone
 from dinov2od.modeling import backbone as backbone_mod
 from dinov2od.modeling.dinov3 import DINOv3Backbone
 
-pytestmark = pytest.mark.skipif(not ca.cpu_attention_available(),
-                                reason="no AVX-512 attention kernel here (CPU without avx512f/avx512dq, or no dinov2od._C)")
+KERNEL_FLAGS = {"avx512f", "avx512dq", "fma"}
+
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def kernel_expected():
+    """(whether this machine must have the kernel, why not)."""
+    if os.environ.get("DINOV2OD_NO_EXT", "0") == "1":
+        return False, "DINOV2OD_NO_EXT=1: dinov2od._C is deliberately not built"
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"the kernel is built for x86-64 Linux (GCC) only, this is {sys.platform}/{platform.machine()}"
+    flags = _cpu_flags()
+    if flags is None or not KERNEL_FLAGS <= flags:
+        return False, f"this CPU lacks {sorted(KERNEL_FLAGS - (flags or set()))} (the kernel needs AVX-512)"
+    return True, ""
+
+
+@pytest.fixture(autouse=True)
+def kernel_here():
+    """Skip where the kernel cannot run; fail where it must run but does not."""
+    if ca.cpu_attention_available():
+        return
+    expected, why = kernel_expected()
+    if not expected:
+        pytest.skip(why)
+    module = _ext.load_extension()
+    if module is None:
+        pytest.fail(f"dinov2od._C is not built or does not load ({_ext.load_error()!r}) on a CPU with "
+                    f"{sorted(KERNEL_FLAGS)}; build it with `pip install -e . --no-build-isolation`, or set "
+                    "DINOV2OD_NO_EXT=1 to skip these tests")
+    if not hasattr(module, "attention_available"):
+        pytest.fail("dinov2od._C has no attention kernel (a build older than layers/csrc/cpu/attention_cpu.cpp); "
+                    "rebuild it with `pip install -e . --no-build-isolation`")
+    if module.attention_available():
+        pytest.fail("dinov2od._C.attention_available() is True but "
+                    "dinov2od.layers.cpu_attention.cpu_attention_available() says False")
+    pytest.fail(f"dinov2od._C reports its attention kernel unavailable on a CPU with {sorted(KERNEL_FLAGS)}: "
+                "the build has no AVX-512 code (it needs GCC; a clang build leaves it out)")
+
+
+# Blocks with the kernel against the plain blocks: the two differ by ~1e-6 (fp32 rounding) on
+# features of magnitude ~4. The tolerance is absolute and tight because DINOv3's layer scales
+# (~0.05 here) shrink an attention error before it reaches the features: a 1% temperature error
+# moves DINOv3's features by ~1e-4 only (DINOv2's, layer scales ~1, by ~1e-3).
+BLOCK_ATOL = 1e-5
 
 WIDE2 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256, image_size=56)
 WIDE3 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256)
@@ -104,7 +167,7 @@ def test_blocks_with_the_kernel_compute_the_plain_blocks(family, window_size, re
     fast = run(bb, images, None, monkeypatch, on=True)
     assert kernel_calls and all(s[-1] == 64 for s in kernel_calls)
     for a, b in zip(fast, plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=0, atol=BLOCK_ATOL)
     # a padded batch: the masked attention runs torch's kernel, the result is unchanged
     kernel_calls.clear()
     batch = torch.randn(2, 3, 112, 140)
@@ -115,21 +178,53 @@ def test_blocks_with_the_kernel_compute_the_plain_blocks(family, window_size, re
     fast_batch = run(bb, batch, mask, monkeypatch, on=True)
     assert not kernel_calls
     for a, b in zip(fast_batch, plain):
-        torch.testing.assert_close(a[:1, :, : b.shape[2], : b.shape[3]], b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a[:1, :, : b.shape[2], : b.shape[3]], b, rtol=0, atol=BLOCK_ATOL)
     # with gradients the kernel stays out (it has no backward)
     bb.train()
     bb(images)[0][0].sum().backward()
     assert not kernel_calls
 
 
-def test_a_wrong_kernel_would_be_caught(kernel_calls, monkeypatch):
-    """Negative control: a kernel that attends with the wrong temperature moves the features."""
-    bb = make("dinov2")
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_a_wrong_kernel_would_be_caught(family, kernel_calls, monkeypatch):
+    """Negative control: a kernel that attends with a 1% wrong temperature moves the features by
+    more than the block test's tolerance, in both families."""
+    bb = make(family)
     images = torch.randn(1, 3, 112, 112)
     plain = run(bb, images, None, monkeypatch, on=False)
-    monkeypatch.setattr(backbone_mod, "cpu_attention", lambda q, k, v: ca.cpu_attention(q * 1.5, k, v))
+    monkeypatch.setattr(backbone_mod, "cpu_attention", lambda q, k, v: ca.cpu_attention(q * 1.01, k, v))
     wrong = run(bb, images, None, monkeypatch, on=True)
-    assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 1e-3
+    assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 3 * BLOCK_ATOL
+
+
+def _attention64(q, k, v):
+    """softmax(q k^T / sqrt(64)) v in float64, written out; (B, H, T, 64) -> (B, T, H, 64)."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / 8.0
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    return (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_kernel_output_inside_the_blocks_equals_float64_attention(family, monkeypatch):
+    """The attention the kernel computes in a real forward (DINOv3: rotary q/k, storage tokens),
+    compared with float64 attention of the same q, k, v, where layer scales cannot hide an error
+    (a 1% temperature error moves these outputs by ~2e-3)."""
+    bb = make(family)
+    seen = []
+    original = backbone_mod.cpu_attention
+
+    def recording(q, k, v):
+        out = original(q, k, v)
+        seen.append((q.clone(), k.clone(), v.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(backbone_mod, "cpu_attention", recording)
+    run(bb, torch.randn(1, 3, 112, 112), None, monkeypatch, on=True)
+    assert len(seen) == bb.out_indices[-1] + 1  # every block that runs
+    for q, k, v, out in seen:
+        assert q.shape[-1] == 64 and out.shape == (q.shape[0], q.shape[2], q.shape[1], 64)
+        torch.testing.assert_close(out.double(), _attention64(q, k, v), rtol=0, atol=5e-6)
 
 
 def test_env_turns_the_kernel_off(kernel_calls, monkeypatch):
