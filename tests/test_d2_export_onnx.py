@@ -80,7 +80,7 @@ def _predict(root, name, *args):
 
     out = str(root / name)
     predict.main(["--config-file", YAML, "--input", str(root / "images"), "--output", out,
-                  "--score-threshold", "0.3", "--dataset", "no_such_dataset", *args, *OPTS])
+                  "--score-threshold", "0.3", *args, *OPTS])
     with open(os.path.join(out, "predictions.json")) as f:
         return json.load(f), out
 
@@ -113,7 +113,7 @@ def test_predict_onnx_draws_the_same_boxes_as_pytorch(yacs_exports):
                 if gap > 1e-4:  # a clear rank: the same detection
                     assert a["category_id"] == b["category_id"], (fmt, k)
                     np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=0.05)
-        for name in ("0.jpg", "1.jpg"):  # the drawings (boxes scoring >= 0.3 and their labels)
+        for name in ("0.png.jpg", "1.png.jpg"):  # the drawings (boxes scoring >= 0.3 and their labels)
             a = np.asarray(Image.open(os.path.join(onnx_dir, name)), np.int16)
             b = np.asarray(Image.open(os.path.join(torch_dir, name)), np.int16)
             assert a.shape == b.shape and (np.abs(a - b) > 8).mean() < 0.002, (fmt, name)

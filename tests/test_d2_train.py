@@ -143,7 +143,8 @@ def test_predict_folder_through_both_config_styles_matches_default_predictor(
             results = predict.main(argv)
         assert "broken.jpg" in caplog.text, style  # skipped with a warning naming it
         pred_dir = tmp_path / style
-        assert sorted(os.listdir(pred_dir)) == ["000000.jpg", "000001.jpg", "predictions.json"], style
+        assert sorted(os.listdir(pred_dir)) == ["000000.jpg.jpg", "000001.jpg.jpg", "predictions.json",
+                                                "predictions.jsonl"], style
         with open(pred_dir / "predictions.json") as f:
             assert json.load(f) == results
         for name in ("000000.jpg", "000001.jpg"):
@@ -174,7 +175,7 @@ def test_predict_int8_draws_close_detections(yacs_run, tiny_config, tmp_path):
     assert len(int8) == len(fp32) and int8 != fp32
     scores = lambda rs: np.sort([r["score"] for r in rs])  # noqa: E731
     assert np.abs(scores(int8) - scores(fp32)).max() < 0.05
-    assert os.path.isfile(tmp_path / "int8" / "000000.jpg")
+    assert os.path.isfile(tmp_path / "int8" / "000000.jpg.jpg")
     with pytest.raises(SystemExit, match="--int8 quantizes the PyTorch model"):
         predict.main(["--config-file", YAML, "--onnx", "model.onnx", "--int8", "--input", val])
 

@@ -1,107 +1,244 @@
 #!/usr/bin/env python
 """Run a trained dinov2od model on image files or folders.
 
-    python tools/predict.py --config-file configs/shapes.py --weights output/shapes/model_final.pth \
+    python tools/predict.py --config-file configs/shapes.py --weights output/shapes/model_final.pth \\
         --input datasets/shapes/val --output output/predict
+
+    python tools/predict.py --config-file output/custom/config.yaml --weights output/custom/model_final.pth \\
+        --input photos/ --output output/photos    # a lazy run's saved config
 
     python tools/predict.py --config-file configs/shapes.py --onnx model.onnx --input img.jpg  # tools/export_onnx.py
 
     python tools/predict.py ... --weights model_final.pth --device cpu --int8  # int8 linear layers (CPU)
 
-Writes one drawing per image (Detectron2's ``Visualizer``) and ``predictions.json``: COCO-style
-results (``file_name``, ``category_id``, ``category_name``, ``bbox`` XYWH in pixels, ``score``).
-Lazy (``.py``) and yacs (``.yaml``) configs are both accepted; yacs configs go through
-Detectron2's ``DefaultPredictor``. Files that cannot be decoded are skipped with a warning.
+Configs: a lazy ``.py``, a lazy run's saved ``config.yaml``, or a yacs ``.yaml`` (run through
+Detectron2's ``DefaultPredictor``); none of them needs its dataset: a config whose class count comes
+from the data (``model.num_classes=None``, ``NUM_CLASSES: 0``) takes it from the checkpoint.
+
+Inputs: image files and folders; folders are searched with their sub-folders (``--no-recursive``:
+only the folder itself) for the extensions in ``IMAGE_EXTS``. Files that cannot be decoded are
+skipped with a warning. 16-bit grayscale PNGs are scaled to 0-255 (not clipped to white).
+
+Outputs, in ``--output`` (refused when it is, or is inside, an input folder, or when a drawing would
+land in an input folder or on an input file):
+
+* one drawing per image (Detectron2's ``Visualizer``, detections scoring >= ``--score-threshold``),
+  named by the image's path relative to the input root (the folder given; with several inputs, the
+  folder holding them all) with its own extension kept and ``.jpg`` appended:
+  ``--input photos`` draws ``photos/a/x.jpg`` as ``a/x.jpg.jpg`` and ``photos/x.png`` as ``x.png.jpg``.
+* ``predictions.jsonl``, written as the images are processed, one line per image, flushed: ``{"image_id",
+  "file_name", "drawing", "detections": [...]}``, or ``{"image_id", "file_name", "skipped": reason}``
+  for an undecodable file; a run that stops early keeps every image done before.
+* ``predictions.json`` at the end (written to a temporary file and renamed): every detection as a
+  COCO result list (``image_id``, ``file_name``, ``category_id``, ``category_name``, ``bbox`` XYWH
+  in pixels, ``score``), not filtered by ``--score-threshold``.
+
+``category_id`` and ``category_name`` are the training dataset's own ids and names, stored in the
+checkpoint (or the ONNX graph), so the dataset need not be registered. ``--dataset NAME`` (a
+registered dataset) reports its classes instead, e.g. for checkpoints saved before the classes were
+stored, which otherwise report ``class_0..class_{K-1}`` with ids ``0..K-1``. When no detection
+reaches ``--score-threshold`` the log gives the highest score seen and a threshold that draws it.
 """
 import argparse
-import glob
 import json
 import logging
+import math
 import os
 import sys
+from typing import List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401
+from dinov2od.d2.checkpoint import atomic_write  # noqa: E402
+from dinov2od.d2.dataset_mapper import read_image  # noqa: E402
 from dinov2od.d2.evaluation import detections_to_coco_results  # noqa: E402
 from dinov2od.d2.visualize import draw_instances  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DRAWING_SUFFIX = ".jpg"  # appended to the image's relative path: x.png -> x.png.jpg
 logger = logging.getLogger("dinov2od.predict")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="lazy .py or yacs .yaml config")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--config-file", required=True, help="lazy .py, a lazy run's saved config.yaml, or a yacs .yaml")
     p.add_argument("--weights", default=None, help="checkpoint (.pth) to load (required unless --onnx)")
     p.add_argument("--onnx", default=None, help="run this graph (tools/export_onnx.py) with onnxruntime instead")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
-    p.add_argument("--output", default="output/predict", help="folder for drawings and predictions.json")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="minimum score drawn")
+    p.add_argument("--no-recursive", action="store_true", help="do not search the sub-folders of an input folder")
+    p.add_argument("--output", default="output/predict",
+                   help="folder for the drawings, predictions.jsonl and predictions.json (not inside an input folder)")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="minimum score drawn (predictions.json keeps every detection)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     p.add_argument("--int8", action="store_true",
                    help="CPU: run an int8 dynamic-quantized copy of the model (dinov2od.modeling.quantize)")
-    p.add_argument("--dataset", default=None, help="registered dataset whose class names to use")
+    p.add_argument("--dataset", default=None,
+                   help="a registered dataset whose class names and ids to report instead of the checkpoint's")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (key=value or KEY VALUE)")
     return p.parse_args(argv)
 
 
-def list_images(inputs):
-    """Expand files and folders into a sorted list of image paths."""
-    files = []
+# ---------------------------------------------------------------------------- inputs and outputs
+def list_images(inputs: Sequence[str], recursive: bool = True) -> List[Tuple[str, str]]:
+    """Expand files and folders into ``(path, name)`` pairs, sorted by name.
+
+    ``name`` is the path relative to the input root: a folder input's files relative to that folder;
+    a file input's base name; with several inputs, relative to the deepest folder that holds them
+    all (``--input a b`` names ``a/x.jpg`` and ``b/x.jpg`` apart). Distinct files get distinct names.
+
+    Args:
+        inputs: image files (any extension) and folders (searched for ``IMAGE_EXTS``).
+        recursive: search the sub-folders of a folder.
+
+    Raises:
+        FileNotFoundError: an input that does not exist, or no image at all.
+    """
+    found = []  # (path as found, folder the input stands for)
     for path in inputs:
         if os.path.isdir(path):
-            files.extend(f for f in sorted(glob.glob(os.path.join(path, "*"))) if f.lower().endswith(IMAGE_EXTS))
+            for folder, dirs, files in os.walk(path):
+                dirs.sort()
+                found.extend((os.path.join(folder, f), path) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS))
+                if not recursive:
+                    break
         elif os.path.isfile(path):
-            files.append(path)
+            found.append((path, os.path.dirname(path) or "."))
         else:
             raise FileNotFoundError(f"--input {path!r} is neither a file nor a folder.")
-    if not files:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) found in {inputs}.")
-    return files
+    if not found:
+        raise FileNotFoundError(
+            f"No images ({', '.join(IMAGE_EXTS)}) found in {list(inputs)}"
+            + (" (sub-folders not searched: --no-recursive)." if not recursive else "."))
+    roots = {os.path.abspath(root) for _, root in found}
+    base = next(iter(roots)) if len(roots) == 1 else os.path.commonpath(sorted(roots))
+    out, seen = [], set()
+    for path, _ in found:
+        key = os.path.abspath(path)
+        if key not in seen:  # the same file given twice
+            seen.add(key)
+            out.append((path, os.path.relpath(key, base)))
+    return sorted(out, key=lambda item: item[1])
+
+
+def drawing_name(name: str) -> str:
+    """The drawing's path inside ``--output`` for an image named ``name`` (see :func:`list_images`):
+    the extension is kept and ``.jpg`` appended (``a/x.png`` -> ``a/x.png.jpg``), so ``x.jpg`` and
+    ``x.png`` do not overwrite each other."""
+    return name + DRAWING_SUFFIX
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(output: str, inputs: Sequence[str], images: Sequence[Tuple[str, str]]) -> None:
+    """Refuse an output that would overwrite the user's files or land among them.
+
+    Raises:
+        SystemExit: ``output`` is, or is inside, an input folder; or a drawing would be written into
+            an input folder or over an input file.
+    """
+    out = os.path.realpath(output)
+    folders = [(given, os.path.realpath(given)) for given in inputs if os.path.isdir(given)]
+    for given, folder in folders:
+        if _inside(out, folder):
+            raise SystemExit(
+                f"predict.py: --output {output!r} is {'the' if out == folder else 'inside the'} input folder "
+                f"{given!r}: the drawings would be written among your images (and found as inputs next time). "
+                f"Give an --output outside it, e.g. --output {os.path.join(os.path.dirname(folder), 'predict')}.")
+    files = {os.path.realpath(path): path for path, _ in images}
+    for path, name in images:
+        target = os.path.realpath(os.path.join(output, drawing_name(name)))
+        if target in files:
+            raise SystemExit(f"predict.py: the drawing of {path!r} would overwrite the input file {files[target]!r}; "
+                             "give another --output.")
+        for given, folder in folders:
+            if _inside(target, folder):
+                raise SystemExit(f"predict.py: the drawing of {path!r} would be written into the input folder "
+                                 f"{given!r} ({target}); give another --output.")
+
+
+# ---------------------------------------------------------------------------- the model
+def classes_in_checkpoint(path: str):
+    """``(names, dataset ids)`` stored in a checkpoint's ``class_metadata`` buffer (a Detectron2
+    checkpoint of the meta-architecture or a plain detector ``state_dict``), or None."""
+    import torch
+
+    from dinov2od.modeling.classes import decode_class_metadata
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else {}
+    for key in ("detector.class_metadata", "class_metadata"):
+        if isinstance(sd, dict) and key in sd:
+            return decode_class_metadata(torch.as_tensor(sd[key]))
+    return None
+
+
+def _num_classes_from_checkpoint(weights: str, key: str, override: str) -> int:
+    """The class count stored in ``weights``, for a config that leaves ``key`` to the data."""
+    classes = classes_in_checkpoint(weights)
+    if classes is None:
+        raise SystemExit(
+            f"predict.py: the config leaves {key} to the data, and {weights} holds no class names (saved before "
+            f"dinov2od stored them): give the class count on the command line, e.g. {override}.")
+    logger.info("%s=%d from %s: %s", key, len(classes[0]), weights, classes[0])
+    return len(classes[0])
 
 
 def build_predictor(args):
-    """(predictor taking a BGR/RGB image in its ``input_format``, input_format, metadata)."""
-    if args.config_file.endswith(".py"):
-        from detectron2.config import LazyConfig
+    """(predictor taking an image in its channel order, that order, metadata with the classes to report)."""
+    from dinov2od.d2.config import is_lazy, load_config
+    from dinov2od.d2.metadata import metadata_for_model
 
+    cfg = load_config(args.config_file, args.opts, resolve_data=False)  # the classes come from the checkpoint
+    if is_lazy(cfg):
         from dinov2od.d2.predictor import LazyPredictor
 
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        if cfg.model.get("num_classes", None) is None:
+            cfg.model.num_classes = _num_classes_from_checkpoint(args.weights, "model.num_classes",
+                                                                 "model.num_classes=3")
         predictor = LazyPredictor(cfg, args.weights, device=args.device)
-        names = cfg.dataloader.test.dataset.names
-        dataset = args.dataset or (names if isinstance(names, str) else names[0])
-        return predictor, predictor.input_format, MetadataCatalog.get(dataset)
-    from detectron2.config import get_cfg
-    from detectron2.engine import DefaultPredictor
+        fmt = predictor.input_format
+    else:
+        from detectron2.engine import DefaultPredictor
 
-    from dinov2od.d2 import add_dinov2od_config
+        from dinov2od.d2.checkpoint import load_inference_weights
 
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.WEIGHTS = args.weights
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
-    # DefaultPredictor takes BGR images and converts them to cfg.INPUT.FORMAT itself
-    return DefaultPredictor(cfg), "BGR", MetadataCatalog.get(dataset)
+        if not cfg.MODEL.DINOV2OD.NUM_CLASSES:
+            cfg.MODEL.DINOV2OD.NUM_CLASSES = _num_classes_from_checkpoint(
+                args.weights, "MODEL.DINOV2OD.NUM_CLASSES", "MODEL.DINOV2OD.NUM_CLASSES 3")
+        cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's loader skips tensors that do not fit; load strictly below
+        if args.device:
+            cfg.MODEL.DEVICE = args.device
+        predictor = DefaultPredictor(cfg)
+        load_inference_weights(predictor.model, args.weights)
+        fmt = "BGR"  # DefaultPredictor takes BGR images and converts them to cfg.INPUT.FORMAT itself
+    return predictor, fmt, metadata_for_model(predictor.model, args.dataset)
 
 
-def _load_category_ids(metadata) -> None:
-    """Load a registered dataset once so that its metadata maps class indices to json ids."""
-    from detectron2.data import DatasetCatalog
-
-    if metadata.name in DatasetCatalog.list() and not metadata.get("thing_dataset_id_to_contiguous_id", None):
-        DatasetCatalog.get(metadata.name)
+# ---------------------------------------------------------------------------- main
+def _threshold_hint(best, threshold: float, num_images: int) -> None:
+    """Log the highest score seen when nothing reached ``threshold``."""
+    if best is None:
+        return
+    score, path = best
+    if score >= threshold:
+        return
+    suggestion = math.floor(score * 100) / 100 if score >= 0.01 else score
+    logger.warning(
+        "No detection reached --score-threshold %g in %d image(s), so the drawings show none: the highest score "
+        "was %.4f (%s). A briefly trained model scores low; try --score-threshold %g (predictions.json holds "
+        "every detection).", threshold, num_images, score, path, suggestion)
 
 
 def main(argv=None):
@@ -109,42 +246,59 @@ def main(argv=None):
     setup_logger(name="dinov2od")
     if args.int8 and args.onnx:
         raise SystemExit("predict.py: --int8 quantizes the PyTorch model; it does not apply to --onnx")
-    if args.onnx:
-        from dinov2od.export.d2 import build_onnx_predictor
-
-        predictor, fmt, metadata = build_onnx_predictor(args.config_file, args.onnx, args.opts, args.dataset)
-    elif not args.weights:
+    if not args.onnx and not args.weights:
         raise SystemExit("predict.py: give --weights CHECKPOINT.pth (or --onnx MODEL.onnx)")
-    else:
-        predictor, fmt, metadata = build_predictor(args)
-        if args.int8:
-            from dinov2od.modeling.quantize import quantize_dynamic_int8
+    images = list_images(args.input, recursive=not args.no_recursive)
+    check_output(args.output, args.input, images)  # before anything is built or written
+    try:
+        if args.onnx:
+            from dinov2od.export.d2 import build_onnx_predictor
 
-            predictor.model = quantize_dynamic_int8(predictor.model)
-    _load_category_ids(metadata)
+            predictor, fmt, metadata = build_onnx_predictor(args.config_file, args.onnx, args.opts, args.dataset)
+        else:
+            predictor, fmt, metadata = build_predictor(args)
+    except KeyError as e:  # an unregistered --dataset
+        raise SystemExit(f"predict.py: {e.args[0] if e.args else e}") from e
+    if args.int8:
+        from dinov2od.modeling.quantize import quantize_dynamic_int8
+
+        predictor.model = quantize_dynamic_int8(predictor.model)
     os.makedirs(args.output, exist_ok=True)
-    results, drawn = [], 0
-    for i, path in enumerate(list_images(args.input)):
-        try:
-            image = utils.read_image(path, format=fmt)  # grayscale/RGBA are converted
-        except Exception as e:  # undecodable file: skip it, say which
-            logger.warning("Skipping %s: cannot decode it (%s: %s)", path, type(e).__name__, e)
-            continue
-        instances = predictor(image)["instances"].to("cpu")
-        rgb = image[:, :, ::-1] if fmt == "BGR" else image
-        drawing = draw_instances(rgb, instances, metadata, args.score_threshold)
-        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".jpg")
-        Image.fromarray(drawing).save(out_path)
-        drawn += 1
-        for r in detections_to_coco_results(instances, image_id=i, metadata=metadata):
-            r["file_name"] = path
-            results.append(r)
+    jsonl_path = os.path.join(args.output, "predictions.jsonl")
     json_path = os.path.join(args.output, "predictions.json")
-    with open(json_path, "w") as f:
+    if os.path.isfile(json_path):  # an earlier run's: a predictions.json is always this run's, complete
+        os.remove(json_path)
+    results, drawn, best = [], 0, None
+    with open(jsonl_path, "w") as jsonl:
+        for i, (path, name) in enumerate(images):
+            try:
+                image = read_image(path, format=fmt)  # grayscale (16-bit too) and RGBA are converted
+            except Exception as e:  # undecodable file: skip it, say which
+                logger.warning("Skipping %s: cannot decode it (%s: %s)", path, type(e).__name__, e)
+                jsonl.write(json.dumps({"image_id": i, "file_name": path, "skipped": f"{type(e).__name__}: {e}"}) + "\n")
+                jsonl.flush()
+                continue
+            instances = predictor(image)["instances"].to("cpu")
+            if len(instances) and (best is None or float(instances.scores.max()) > best[0]):
+                best = (float(instances.scores.max()), path)
+            rgb = image[:, :, ::-1] if fmt == "BGR" else image
+            drawing = draw_instances(rgb, instances, metadata, args.score_threshold)
+            out_path = os.path.join(args.output, drawing_name(name))
+            os.makedirs(os.path.dirname(out_path), exist_ok=True)
+            Image.fromarray(drawing).save(out_path, format="JPEG")
+            drawn += 1
+            dets = detections_to_coco_results(instances, image_id=i, metadata=metadata)
+            for r in dets:
+                r["file_name"] = path
+            results.extend(dets)
+            jsonl.write(json.dumps({"image_id": i, "file_name": path, "drawing": drawing_name(name),
+                                    "detections": dets}) + "\n")
+            jsonl.flush()
+    with atomic_write(json_path, "w") as f:
         json.dump(results, f)
-    logger.info(
-        "Wrote %d detections for %d images to %s and drawings to %s/", len(results), drawn, json_path, args.output
-    )
+    logger.info("Wrote %d detections for %d images to %s (and %s) and drawings to %s/",
+                len(results), drawn, json_path, jsonl_path, args.output)
+    _threshold_hint(best, args.score_threshold, drawn)
     return results
 
 

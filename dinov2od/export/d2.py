@@ -71,11 +71,17 @@ class OnnxPredictor:
         input_format: channel order of the images given to ``__call__`` ("RGB" or "BGR").
         topk: detections kept for the plain-detector graph (its own top-k is an upper bound).
         threads: onnxruntime intra-op threads.
+
+    ``class_names`` / ``class_ids`` (the dataset's category id of each label) are those stored in
+    the graph's metadata (None when it holds none) and ``num_classes`` the graph's class count, so
+    :func:`dinov2od.d2.metadata.metadata_for_model` takes a predictor as it takes a model.
     """
 
     def __init__(self, path: str, augmentations: Sequence, input_format: str = "BGR", topk: int = 100,
                  threads: Optional[int] = None):
         import onnxruntime as ort
+
+        from .onnx import onnx_classes
 
         meta = onnx_metadata(path)
         self.kind = meta.get(KIND_KEY)
@@ -85,6 +91,9 @@ class OnnxPredictor:
         self.input_format = input_format
         self.model_format = meta.get("input_format", "RGB")
         self.topk = topk
+        classes = onnx_classes(meta)
+        self.class_names, self.class_ids = classes if classes is not None else (None, None)
+        self.num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
         if self.kind == "detector":
             self.runner = OnnxDetector(path, threads)
         else:
@@ -128,31 +137,31 @@ def build_onnx_predictor(config_file: str, onnx_path: str, opts: List[str] = (),
                          dataset: Optional[str] = None) -> Tuple[OnnxPredictor, str, object]:
     """An :class:`OnnxPredictor` with a config's test-time resize (``tools/predict.py --onnx``).
 
-    Returns:
-        (predictor, the channel order it takes, the dataset's metadata), as ``tools/predict.py``'s
-        ``build_predictor``.
-    """
-    if config_file.endswith(".py"):
-        from detectron2.config import LazyConfig, instantiate
+    Args:
+        config_file: the lazy (``.py`` or a run's saved ``config.yaml``) or yacs config.
+        onnx_path: the graph.
+        opts: config overrides.
+        dataset: a registered dataset whose classes to report instead of the graph's (an
+            unregistered name is an error).
 
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    Returns:
+        (predictor, the channel order it takes, metadata with the classes to report: the graph's own
+        names and dataset ids, see :func:`dinov2od.d2.metadata.metadata_for_model`), as
+        ``tools/predict.py``'s ``build_predictor``.
+    """
+    from dinov2od.d2.config import is_lazy, load_config
+    from dinov2od.d2.metadata import metadata_for_model
+
+    cfg = load_config(config_file, opts, resolve_data=False)  # the classes come from the graph
+    if is_lazy(cfg):
+        from detectron2.config import instantiate
+
         augs = instantiate(cfg.dataloader.test.mapper.get("augmentations", []))
         fmt = cfg.model.get("input_format", "RGB")
-        names = cfg.dataloader.test.dataset.names
-        name = dataset or (names if isinstance(names, str) else names[0])
         topk = cfg.model.get("test_topk", 100)
     else:
-        from detectron2.config import get_cfg
-
-        from dinov2od.d2 import add_dinov2od_config
-
-        cfg = get_cfg()
-        add_dinov2od_config(cfg)
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
         augs = [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
         fmt = "BGR"  # as DefaultPredictor, which converts to cfg.INPUT.FORMAT itself
-        name = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
         topk = cfg.MODEL.DINOV2OD.TEST_TOPK
     predictor = OnnxPredictor(onnx_path, augs, fmt, topk)
-    return predictor, fmt, MetadataCatalog.get(name)
+    return predictor, fmt, metadata_for_model(predictor, dataset)

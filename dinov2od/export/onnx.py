@@ -19,10 +19,17 @@ model computes from them (padding to whole patches, the per-image position-embed
 pyramid levels, the deformable-attention level shapes) is a value of the graph, not a constant.
 
 The deformable attention is exported as its PyTorch path (``GridSample``, opset >= 16).
+
+The file's ``metadata_props`` (:func:`onnx_metadata`) describe the graph and, when the model holds
+them (:meth:`DINOv2ObjectDetector.set_classes`; a trained checkpoint does), its classes:
+``class_names`` and ``class_ids`` (the dataset's own category id of each label), both JSON lists
+(:func:`class_metadata_props`, read back by :func:`onnx_classes`). :meth:`OnnxDetector.predict`
+then returns ``category_ids`` and ``names`` as the plain API does.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -36,14 +43,18 @@ __all__ = [
     "DetectorGraph",
     "OnnxDetector",
     "check_exportable",
+    "class_metadata_props",
     "export_detector",
     "masks_from_sizes",
+    "onnx_classes",
     "onnx_metadata",
 ]
 
 OUTPUT_NAMES = ("pred_logits", "pred_boxes", "boxes", "scores", "labels")
 MIN_OPSET = 17  # LayerNormalization (17), GridSample (16)
 KIND_KEY = "dinov2od.graph"
+CLASS_NAMES_KEY = "class_names"  # JSON list: the name of label i
+CLASS_IDS_KEY = "class_ids"  # JSON list: the dataset's category id of label i
 
 
 def check_exportable(detector: nn.Module) -> None:
@@ -107,6 +118,29 @@ def onnx_metadata(path: str) -> Dict[str, str]:
     import onnx
 
     return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+
+
+def class_metadata_props(detector: nn.Module) -> Dict[str, str]:
+    """The ``metadata_props`` that carry ``detector``'s classes into an ONNX file: ``class_names``
+    and ``class_ids`` as JSON lists, or ``{}`` when the model holds none (saved before models
+    stored their classes)."""
+    names, ids = getattr(detector, "class_names", None), getattr(detector, "class_ids", None)
+    if names is None:
+        return {}
+    return {CLASS_NAMES_KEY: json.dumps(list(names), ensure_ascii=False),
+            CLASS_IDS_KEY: json.dumps([int(i) for i in ids])}
+
+
+def onnx_classes(meta: Dict[str, str]) -> Optional[Tuple[List[str], List[int]]]:
+    """``(names, dataset ids)`` stored in an ONNX file's metadata (:func:`onnx_metadata`, or
+    onnxruntime's ``custom_metadata_map``), or None when the file has none."""
+    if CLASS_NAMES_KEY not in meta:
+        return None
+    names = [str(n) for n in json.loads(meta[CLASS_NAMES_KEY])]
+    ids = [int(i) for i in json.loads(meta[CLASS_IDS_KEY])] if CLASS_IDS_KEY in meta else list(range(len(names)))
+    if len(ids) != len(names):
+        raise ValueError(f"The graph's metadata has {len(names)} class names but {len(ids)} class ids.")
+    return names, ids
 
 
 def _add_metadata(path: str, props: Dict[str, str]) -> None:
@@ -189,7 +223,7 @@ def export_detector(detector: DINOv2ObjectDetector, path: str, image_size: Seque
         KIND_KEY: "detector", "input": "images: (B,3,H,W) float32 RGB in [0,1]; image_sizes: (B,2) int64 (h,w)",
         "num_classes": d.num_classes, "num_queries": d.num_queries, "topk": topk,
         "patch_size": d.backbone.patch_size, "dynamic_size": int(dynamic_size),
-        "export_size": f"{images.shape[-2]}x{images.shape[-1]}"})
+        "export_size": f"{images.shape[-2]}x{images.shape[-1]}", **class_metadata_props(d)})
     return path
 
 
@@ -222,6 +256,11 @@ class OnnxDetector:
         if names != ["images", "image_sizes"]:
             raise ValueError(f"{path} is not a dinov2od detector graph (inputs {names}; expected images, "
                              "image_sizes): export it with tools/export_onnx.py --format detector")
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        classes = onnx_classes(self.metadata)
+        #: the name and the dataset's category id of each label (None: the graph holds no classes)
+        self.class_names, self.class_ids = classes if classes is not None else (None, None)
+        self.num_classes = int(self.metadata["num_classes"]) if "num_classes" in self.metadata else None
 
     def __call__(self, images: ImageLike, image_sizes: ImageLike) -> Dict[str, np.ndarray]:
         """Run the graph on a padded batch (see the module docstring); returns the five outputs."""
@@ -244,8 +283,16 @@ class OnnxDetector:
 
     def predict(self, images: Sequence[ImageLike], threshold: float = 0.0) -> List[Dict[str, np.ndarray]]:
         """Like :meth:`DINOv2ObjectDetector.predict`: per image ``boxes`` (n, 4) ``(x0, y0, x1, y1)``
-        in pixels, ``scores`` (n,), ``labels`` (n,), for (3, H_i, W_i) RGB images in [0, 1]."""
+        in pixels, ``scores`` (n,), ``labels`` (n,) (contiguous ``0..K-1``), for (3, H_i, W_i) RGB
+        images in [0, 1]; when the graph holds its classes, also ``category_ids`` (n,) int64 (the
+        dataset's own ids) and ``names`` (a list of n class names)."""
         out = self(*self.batch(images))
         keep = out["scores"] >= threshold
-        return [dict(boxes=b[k], scores=s[k], labels=lab[k])
-                for b, s, lab, k in zip(out["boxes"], out["scores"], out["labels"], keep)]
+        results = [dict(boxes=b[k], scores=s[k], labels=lab[k])
+                   for b, s, lab, k in zip(out["boxes"], out["scores"], out["labels"], keep)]
+        if self.class_names is not None:
+            id_table = np.asarray(self.class_ids, np.int64)
+            for r in results:
+                r["category_ids"] = id_table[r["labels"]]
+                r["names"] = [self.class_names[i] for i in r["labels"].tolist()]
+        return results
