@@ -91,6 +91,52 @@ def test_checkpointer_tags_only_complete_files(tmp_path):
     assert load(ckpt.get_checkpoint_file())["iteration"] == 1
 
 
+def test_checkpointer_refuses_non_finite_weights_of_the_model_and_the_ema(tmp_path):
+    """Defence in depth behind the training loop's checks: a save of non-finite model or EMA
+    weights raises FloatingPointError, writes nothing and leaves the tag; so does the EMA export."""
+    from dinov2od.d2.ema import ModelEMA, export_ema_weights
+
+    model = torch.nn.Linear(2, 2)
+    ema = ModelEMA(model, decay=0.5)
+    ckpt = CrashSafeCheckpointer(model, str(tmp_path), ema=ema)
+    ckpt.save("model_0000001", iteration=1)  # control: finite weights are saved and tagged
+    assert tag_of(tmp_path) == "model_0000001.pth"
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"Refusing to save model_0000002: non-finite weights in bias"):
+        ckpt.save("model_0000002", iteration=2)
+    with torch.no_grad():
+        model.bias[1] = 0.0
+    ema.shadow["weight"][0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"ema:weight"):
+        ckpt.save("model_final", iteration=3)
+    with pytest.raises(FloatingPointError, match="model_final_ema.pth"):
+        export_ema_weights(ema, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert tag_of(tmp_path) == "model_0000001.pth"
+
+
+def test_checkpointer_skips_a_save_while_a_floating_point_error_propagates(tmp_path):
+    """What a hook's after_train (e.g. a PeriodicCheckpointer saving model_final when the last
+    iteration failed) would write after the loop stopped on a non-finite value: nothing."""
+    model = torch.nn.Linear(2, 2)
+    ckpt = CrashSafeCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    with pytest.raises(FloatingPointError):
+        try:
+            raise FloatingPointError("Non-finite gradient norm (nan) at iteration 2: ...")
+        finally:
+            ckpt.save("model_final", iteration=2)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    # control: another exception (a crash that is not about the weights) does not block the save
+    with pytest.raises(KeyError):
+        try:
+            raise KeyError("x")
+        finally:
+            ckpt.save("model_final", iteration=2)
+    assert tag_of(tmp_path) == "model_final.pth"
+
+
 # ---------------------------------------------------------------------------- EMA export
 def test_ema_export_does_not_retag_and_resume_continues(tiny_config, train_net, tmp_path):
     """Training with EMA to the end, then --resume with a larger max_iter continues from the

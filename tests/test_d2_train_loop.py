@@ -1,5 +1,7 @@
 """The training-loop extras (accumulation, full-model clipping, non-finite stop, AMP) and the EMA,
 on a toy model whose gradients are known in closed form."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,67 @@ def test_amp_bfloat16_on_cpu_steps_and_saves_scaler_state():
     loop.load_state_dict(state)
     with pytest.raises(ValueError, match="precision"):
         DetrTrainerLoop(Toy(), iter(data), opt, amp_enabled=True, amp_precision="int8")
+
+
+# ---------------------------------------------------------------------------- non-finite gradients and weights
+def _poison_gradient_at(model, iteration_box, bad_iter):
+    """Make w's gradient NaN at iteration ``bad_iter`` while the loss stays finite."""
+    model.w.register_hook(lambda g: g * float("nan") if iteration_box[0] == bad_iter else g)
+
+
+@pytest.mark.parametrize("kw", [{}, {"clip_max_norm": 0.01}, {"amp_enabled": True, "amp_precision": "bfloat16"}],
+                         ids=["no-clip", "clip", "bf16"])
+def test_non_finite_gradient_stops_before_the_optimizer_step(kw):
+    """A finite loss with a NaN gradient: FloatingPointError naming the iteration and the parameter,
+    with the weights and the optimizer state of the last good step (SGD momentum would carry the NaN)."""
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loop = DetrTrainerLoop(model, iter(_data(3)), opt, **kw)
+    box = [0]
+    _poison_gradient_at(model, box, 1)
+    with EventStorage(0) as loop.storage:
+        loop.iter = 0
+        loop.run_step()
+        before = model.w.detach().clone()
+        momentum = opt.state[model.w]["momentum_buffer"].clone()
+        assert not torch.equal(before, Toy().w.detach())  # iteration 0 did step
+        loop.iter = box[0] = 1
+        with pytest.raises(FloatingPointError, match=r"gradient norm \(nan\) at iteration 1.*gradients of: w"):
+            loop.run_step()
+    assert torch.equal(model.w.detach(), before)
+    assert torch.equal(opt.state[model.w]["momentum_buffer"], momentum)
+
+
+def test_non_finite_weights_after_a_step_stop_before_the_hooks(tmp_path):
+    """Finite gradients, but a step that overflows the weights (lr=inf): the error names the
+    iteration and the parameter, and raises inside run_step, so the EMA hook and the checkpointer
+    (period 1) never see the weights."""
+    from detectron2.engine import hooks
+
+    from dinov2od.d2.checkpoint import CrashSafeCheckpointer
+
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    loop = DetrTrainerLoop(model, iter(_data(2)), opt)
+    ema = ModelEMA(model, decay=0.5)
+    checkpointer = CrashSafeCheckpointer(model, str(tmp_path), ema=ema)
+    loop.register_hooks([EMAHook(ema), hooks.PeriodicCheckpointer(checkpointer, 1)])
+    with pytest.raises(FloatingPointError, match=r"after the optimizer step of iteration 0 \(w\)"):
+        loop.train(0, 2)
+    assert not torch.isfinite(model.w).all()  # the step did overflow
+    assert ema.num_updates == 0 and torch.isfinite(ema.shadow["w"]).all()
+    assert os.listdir(tmp_path) == []
+
+
+def test_finite_weights_whose_norm_overflows_are_finite():
+    """The cheap check (one norm) confirms an overflowing norm element-wise before it stops training."""
+    from dinov2od.d2.train_loop import _all_finite, total_norm
+
+    big = [torch.full((4,), 1e20), torch.ones(3)]
+    assert not torch.isfinite(total_norm(big))  # the sum of squares overflows float32
+    assert _all_finite(big)
+    assert not _all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not _all_finite([torch.tensor([float("nan")])])
+    g = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
+    assert float(total_norm(g)) == pytest.approx(13.0) and float(total_norm(g, 1.0)) == pytest.approx(19.0)
+    assert float(total_norm(g, float("inf"))) == pytest.approx(12.0)

@@ -62,11 +62,11 @@ def build_model(args):
         from dinov2od.d2.predictor import LazyPredictor
 
         return LazyPredictor(cfg, args.weights, device="cpu").model
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model as d2_build_model
 
     from dinov2od.d2 import add_dinov2od_config
+    from dinov2od.d2.checkpoint import load_inference_weights
 
     cfg = get_cfg()
     add_dinov2od_config(cfg)
@@ -74,8 +74,8 @@ def build_model(args):
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"
     model = d2_build_model(cfg).eval()
-    if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
+    if args.weights:  # refused unless the file fits the model (its EMA weights when it has them)
+        load_inference_weights(model, args.weights)
     else:
         logger.warning("no --weights: exporting a randomly initialized model")
     return model

@@ -18,7 +18,7 @@ from torch import nn
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, non_finite_entries
 from .train_loop import unwrap_model
 
 __all__ = ["EMA_WEIGHTS_FILE", "EMAHook", "ModelEMA", "export_ema_weights"]
@@ -120,7 +120,8 @@ def export_ema_weights(ema: Optional[ModelEMA], output_dir: str) -> Optional[str
     """Write the EMA weights as a plain weights file, ``<output_dir>/model_final_ema.pth``.
 
     The file holds only ``{"model": averaged weights}`` (what ``DefaultPredictor`` loads). It is
-    written crash-safely and does not touch ``last_checkpoint``.
+    written crash-safely and does not touch ``last_checkpoint``; non-finite weights raise
+    FloatingPointError and write nothing.
 
     Returns:
         the path written, or None without EMA or off the main process.
@@ -128,5 +129,12 @@ def export_ema_weights(ema: Optional[ModelEMA], output_dir: str) -> Optional[str
     if ema is None or not comm.is_main_process():
         return None
     path = os.path.join(output_dir, EMA_WEIGHTS_FILE)
-    atomic_save({"model": ema.averaged_state_dict()}, path)
+    weights = ema.averaged_state_dict()
+    bad = non_finite_entries(weights)
+    if bad:
+        raise FloatingPointError(
+            f"Refusing to write {path}: the EMA weights are not finite ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); nothing was written."
+        )
+    atomic_save({"model": weights}, path)
     return path

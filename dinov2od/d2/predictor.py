@@ -7,10 +7,9 @@ import numpy as np
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 
-from .ema import ModelEMA
+from .checkpoint import load_inference_weights
 
 __all__ = ["LazyPredictor"]
 
@@ -19,7 +18,8 @@ class LazyPredictor:
     """Like Detectron2's ``DefaultPredictor``, for a lazy config.
 
     Builds ``cfg.model``, loads ``checkpoint`` (its EMA weights when it holds them and
-    ``use_ema``), and applies the test loader's resize. Takes one image in the model's
+    ``use_ema``; a file that does not fit the model is refused: :func:`load_inference_weights`),
+    and applies the test loader's resize. Takes one image in the model's
     ``input_format`` (``predictor.input_format``).
     """
 
@@ -32,10 +32,7 @@ class LazyPredictor:
             use_ema: use the checkpoint's EMA weights when it has them.
         """
         self.model = instantiate(cfg.model).to(device or cfg.train.device).eval()
-        ema = ModelEMA(self.model)
-        DetectionCheckpointer(self.model, ema=ema).load(checkpoint)
-        if use_ema and ema.num_updates > 0:  # a training checkpoint with EMA weights
-            self.model.load_state_dict(ema.averaged_state_dict())
+        load_inference_weights(self.model, checkpoint, use_ema)
         augs = instantiate(cfg.dataloader.test.mapper.get("augmentations", []))
         self.aug = T.AugmentationList(list(augs))
         self.input_format = self.model.input_format

@@ -7,7 +7,9 @@ Detectron2's ``AMPTrainer`` lacks. Each extra is written down where it lives:
   :meth:`dinov2od.d2.amp.MixedPrecision.step`;
 * autocast on the model's device, CPU included, in fp16 or bf16: :mod:`dinov2od.d2.amp`;
 * a non-finite loss stops every rank together, before any weight changes:
-  :meth:`DetrTrainerLoop._check_finite`.
+  :meth:`DetrTrainerLoop._check_finite`;
+* a non-finite gradient norm stops training before the optimizer step, and non-finite weights
+  after a step stop it before the EMA update and any checkpoint: :meth:`DetrTrainerLoop._apply_step`.
 
 Hooks, writers, checkpoints and the LR schedule stay Detectron2's own.
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict
+import math
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -29,12 +32,46 @@ from dinov2od.layers.precision import check_cpu_autocast
 
 from .amp import MixedPrecision
 
-__all__ = ["DetrTrainerLoop", "unwrap_model"]
+__all__ = ["DetrTrainerLoop", "total_norm", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _grouped(tensors: List[torch.Tensor]) -> Dict[tuple, List[torch.Tensor]]:
+    """``tensors`` by (device, dtype), the unit of torch's ``_foreach`` kernels."""
+    groups: Dict[tuple, List[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def total_norm(tensors: List[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The ``norm_type``-norm of all ``tensors`` together, as ``clip_grad_norm_`` computes it
+    (one ``_foreach_norm`` per device and dtype), as a 0-d float32 tensor left on the device (no sync)."""
+    if not tensors:
+        return torch.zeros(())
+    device = tensors[0].device
+    norms = []
+    for group in _grouped(tensors).values():
+        try:
+            norms.extend(torch._foreach_norm(group, norm_type))
+        except (RuntimeError, TypeError):  # a torch without this norm in _foreach_norm
+            norms.extend(torch.linalg.vector_norm(t, norm_type) for t in group)
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]), norm_type)
+
+
+def _all_finite(tensors: List[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one sync).
+
+    The common case costs one norm: a finite norm means finite elements. A non-finite norm can
+    also come from finite values beyond ~1e19 overflowing the sum of squares, so it is
+    confirmed element-wise."""
+    if not tensors or math.isfinite(float(total_norm(tensors))):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class DetrTrainerLoop(SimpleTrainer):
@@ -128,10 +165,65 @@ class DetrTrainerLoop(SimpleTrainer):
                 summed[name] = summed.get(name, 0) + v / self.accumulate_steps
         self.after_backward()
         self._write_metrics(summed, data_time)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = self.amp.step(self.optimizer, params, self.clip_max_norm, self.clip_norm_type)
+        grad_norm = self._apply_step()
         if grad_norm is not None and comm.is_main_process():
             get_event_storage().put_scalar("grad_norm", grad_norm)
+
+    def _apply_step(self) -> Optional[float]:
+        """Clip and apply the gradients, unless they or the weights they give are not finite.
+
+        A non-finite gradient norm raises FloatingPointError *before* the optimizer step, so the
+        weights, the optimizer state and the last saved checkpoint stay those of the last good
+        step. Under fp16 with a GradScaler, the scaler checks the gradients itself and skips such
+        a step (lowering its scale), as AMP intends; without a scaler (fp32, bf16) nothing else
+        would. The norm is the one clipping computes anyway (without clipping, one more
+        ``_foreach_norm``); all ranks hold the same all-reduced gradients, so they stop together.
+        After the step, non-finite trainable weights (a step that overflowed) raise before the
+        hooks run, so neither the EMA nor a checkpoint ever takes them.
+
+        Returns:
+            the gradient norm before clipping (None without clipping).
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.amp.scaler.is_enabled():
+            grad_norm = self.amp.step(self.optimizer, params, self.clip_max_norm, self.clip_norm_type)
+        else:
+            grads = [p.grad for p in params]
+            norm = total_norm(grads, self.clip_norm_type)
+            grad_norm = float(norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"Non-finite gradient norm ({grad_norm}) at iteration {self.iter}: training stopped "
+                    f"before the optimizer step; the weights and the last saved checkpoint are intact. "
+                    f"{self._non_finite_grads(params)}Lower the learning rate, enable gradient clipping "
+                    "(it bounds a finite norm, not this one), or check the data of this iteration."
+                )
+            if self.clip_max_norm > 0 and grads:  # clip_grad_norm_'s scaling, with the norm checked above
+                coef = torch.clamp(self.clip_max_norm / (norm + 1e-6), max=1.0)
+                for group in _grouped(grads).values():
+                    torch._foreach_mul_(group, coef.to(group[0].device))
+            self.amp.step(self.optimizer, params, 0.0)  # no scaler: the optimizer's own step
+            grad_norm = grad_norm if self.clip_max_norm > 0 else None
+        trainable = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not _all_finite([p.detach() for p in trainable]):
+            names = self._names([p for p in trainable if not torch.isfinite(p.detach()).all()])
+            raise FloatingPointError(
+                f"Non-finite weights after the optimizer step of iteration {self.iter} ({names}): "
+                "training stopped before the EMA update and before any checkpoint was written; the "
+                "last saved checkpoint is intact. Lower the learning rate or enable gradient clipping."
+            )
+        return grad_norm
+
+    def _names(self, params: List[torch.Tensor], limit: int = 5) -> str:
+        """The model's names of ``params`` (the first ``limit``, and how many in all)."""
+        ids = {id(p) for p in params}
+        names = [n for n, p in unwrap_model(self.model).named_parameters() if id(p) in ids]
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+
+    def _non_finite_grads(self, params: List[torch.Tensor]) -> str:
+        bad = [p for p in params if not torch.isfinite(p.grad).all()]
+        return f"Non-finite gradients of: {self._names(bad)}. " if bad else ""
 
     def state_dict(self) -> dict:
         ret = super().state_dict()

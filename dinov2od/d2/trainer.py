@@ -246,7 +246,13 @@ class DetrTrainer(TrainerBase):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume from ``last_checkpoint`` in the output folder (with ``resume`` and when it exists:
-        every state, from the next iteration), else load ``settings.init_checkpoint``'s weights."""
+        every state, from the next iteration), else load ``settings.init_checkpoint``'s weights.
+
+        First removes the temporary files of a save that was killed. The checkpoint must fit the
+        model; fine-tuning (not resuming) may change the class count (``CrashSafeCheckpointer``).
+        """
+        self.checkpointer.remove_temporary_files()
+        self.checkpointer.allow_class_change = not (resume and self.checkpointer.has_checkpoint())
         self.checkpointer.resume_or_load(self.settings.init_checkpoint, resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
