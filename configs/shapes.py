@@ -17,8 +17,6 @@ The README's comparison rows are one override each:
 model.detector.backbone.lora_rank=0`` (from scratch) and ``model.detector.backbone.freeze=False
 model.detector.backbone.lora_rank=0`` (pretrained, fully fine-tuned).
 """
-import os
-
 from .common.data import dataloader
 from .common.models.dinov2_detr import model
 from .common.optim import AdamW as optimizer
@@ -29,7 +27,7 @@ from .common.train import train
 model.num_classes = 3  # circle, square, triangle
 bb = model.detector.backbone
 bb.arch = "tiny"
-bb.pretrained = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "weights", "dinov2od_tiny_glyphs.pth")
+bb.pretrained = "weights/dinov2od_tiny_glyphs.pth"  # found from any working directory (the project's root)
 bb.arch_overrides = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=384)
 bb.num_taps = 2
 bb.lora_rank = 8  # on query/value, as the COCO recipe

@@ -19,6 +19,7 @@ idle OpenMP threads sleep instead of spinning (``make demo`` sets it); the tool 
 OpenMP's settings to the user.
 """
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -26,13 +27,12 @@ import time
 STARTED = time.time()  # the summary's wall time counts from here (dataset generation included)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import LazyConfig, get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
-from dinov2od.d2.config import add_dinov2od_config  # noqa: E402
+from dinov2od.d2.config import is_lazy, load_config  # noqa: E402
 from dinov2od.d2.report import run_summary  # noqa: E402
 from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
@@ -46,30 +46,31 @@ def _report(output_dir: str, vis_dir: str = "", curve_rows: int = 0) -> None:
 
 
 def setup(args):
-    """The config (lazy for ``.py``, yacs for ``.yaml``) with the command line's overrides applied."""
-    if args.config_file.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    """The config (lazy or yacs, :func:`~dinov2od.d2.config.load_config`) with the command line's
+    overrides applied and its own data registered."""
+    early = logging.handlers.BufferingHandler(capacity=10000)  # what load_config logs, shown once the
+    logger.addHandler(early)                                     # logger is set up below
+    logger.setLevel(logging.DEBUG)
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    finally:
+        logger.removeHandler(early)
+    if is_lazy(cfg):
         output_dir = cfg.train.output_dir
-    elif args.config_file.endswith((".yaml", ".yml")):
-        cfg = get_cfg()
-        add_dinov2od_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+    else:
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
-    else:
-        raise SystemExit(
-            f"--config-file must be a lazy config (.py) or a yacs config (.yaml), got {args.config_file!r}"
-        )
     default_setup(cfg, args)
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
+    for record in early.buffer:
+        logger.handle(record)
     return cfg
 
 
 def main(args):
     """Train (or with ``--eval-only``, evaluate); returns the last evaluation results."""
     cfg = setup(args)
-    lazy = args.config_file.endswith(".py")
+    lazy = is_lazy(cfg)
     trainer_class = LazyTrainer if lazy else Trainer
     if args.eval_only:
         return trainer_class.eval_only(cfg, resume=args.resume)

@@ -18,23 +18,36 @@ tree as ``configs/common/models/dinov2_detr.py``; adding a model option is addin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import yaml
 
 from detectron2.config import CfgNode as CN
-from detectron2.data import MetadataCatalog
+from detectron2.config import LazyConfig, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from dinov2od.modeling import backbone_lr_decay
 
+logger = logging.getLogger("dinov2od")
+
 __all__ = [
     "KEYS",
     "add_dinov2od_config",
+    "config_style",
+    "dataset_classes",
+    "is_lazy",
+    "resolve_dataset",
+    "load_config",
     "build_backbone_from_cfg",
     "build_criterion_from_cfg",
     "build_detector_from_cfg",
     "build_optimizer_from_cfg",
+    "check_datasets",
     "check_num_classes",
     "model_arguments",
 ]
@@ -120,6 +133,15 @@ KEYS: List[tuple] = [
     ("SOLVER.EMA.EVAL_EMA", True, "train.ema.eval_ema"),  # evaluate the EMA weights
     ("TEST.QUANTIZE", "", "train.eval_quantize"),  # --eval-only: "int8" (CPU) evaluates an int8 copy
     ("INPUT.CROP.SIZE_RESIZE", [400, 500, 600], "dataloader.train.mapper.augmentations.crop_resize"),
+    ("SOLVER.MAX_EPOCHS", 0, "train.epochs"),  # > 0: MAX_ITER (and STEPS, scaled) from the train set's size
+    # --- your own COCO data (dinov2od.d2.datasets.folder), registered by load_config ------------
+    ("DATASETS.ROOT", "", "dataset.root"),  # a Roboflow/RF-DETR export or COCO's folder layout
+    ("DATASETS.NAME", "custom", "dataset.name"),  # registered as <NAME>_train, <NAME>_val
+    ("DATASETS.TRAIN_JSON", "", "dataset.train_json"),  # explicit files instead of (or over) ROOT
+    ("DATASETS.TRAIN_IMAGES", "", "dataset.train_images"),
+    ("DATASETS.TEST_JSON", "", "dataset.val_json"),
+    ("DATASETS.TEST_IMAGES", "", "dataset.val_images"),
+    ("DATASETS.CHECK", True, "dataset.check"),  # check every file before training
 ]
 
 
@@ -233,21 +255,233 @@ def build_optimizer_from_cfg(cfg: CN, model):
     return maybe_add_gradient_clipping(cfg, optimizer)
 
 
+def dataset_classes(name: str) -> Optional[List[str]]:
+    """The class names of registered dataset ``name``: its metadata's ``thing_classes``, else the
+    categories of the json its metadata names (read without loading the dataset), else None."""
+    meta = MetadataCatalog.get(name)
+    classes = meta.get("thing_classes", None)
+    if classes is None and meta.get("json_file", None) and os.path.isfile(meta.json_file):
+        from .datasets.folder import read_coco_categories
+
+        classes = read_coco_categories(meta.json_file)[0]
+    return None if classes is None else list(classes)
+
+
+def _num_classes_error(name: str, classes: Sequence[str], num_classes: int) -> ValueError:
+    return ValueError(
+        f"Dataset {name!r} has {len(classes)} classes ({list(classes)[:10]}"
+        f"{'...' if len(classes) > 10 else ''}) but the model has num_classes={num_classes}. "
+        f"Set num_classes={len(classes)} in the config (lazy: `num_classes` at the top of the "
+        "model config, e.g. `model.num_classes=N`, or None to take it from dataset.root; yacs: "
+        "MODEL.DINOV2OD.NUM_CLASSES, 0 to take it from DATASETS.ROOT)."
+    )
+
+
 def check_num_classes(model, dataset_names: Sequence[str]) -> None:
     """Raise a clear error when a dataset's class count differs from the model's ``num_classes``.
 
     Args:
-        model: the meta-architecture (or a DDP wrapper of it).
+        model: the meta-architecture (or a DDP wrapper of it), or the ``num_classes`` itself.
         dataset_names: a name or list of registered dataset names.
     """
-    num_classes = getattr(model, "module", model).num_classes
+    num_classes = model if isinstance(model, int) or model is None else getattr(model, "module", model).num_classes
+    if num_classes is None:  # not resolved yet (a lazy config that takes it from its data)
+        return
     names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
     for name in names:
-        classes = MetadataCatalog.get(name).get("thing_classes")
+        classes = dataset_classes(name)
         if classes is not None and len(classes) != num_classes:
-            raise ValueError(
-                f"Dataset {name!r} has {len(classes)} classes ({list(classes)[:10]}"
-                f"{'...' if len(classes) > 10 else ''}) but the model has num_classes={num_classes}. "
-                f"Set num_classes={len(classes)} in the config (lazy: `num_classes` at the top of the "
-                "model config, e.g. `model.num_classes=N`; yacs: MODEL.DINOV2OD.NUM_CLASSES)."
-            )
+            raise _num_classes_error(name, classes, num_classes)
+
+
+_CHECKED: set = set()
+
+
+def check_datasets(dataset_names: Sequence[str]) -> None:
+    """Run :func:`~dinov2od.d2.datasets.check_coco_dataset` (files, sizes, ids, boxes) on each dataset
+    registered with the check on (``register_coco_dataset(check=True)``: ``dataset.root`` /
+    ``DATASETS.ROOT`` data), once per process, before the model is built."""
+    from .datasets.folder import check_coco_dataset
+
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        key = (meta.get("json_file", None), meta.get("image_root", None))
+        if not meta.get("dinov2od_check", False) or key in _CHECKED:
+            continue
+        s = check_coco_dataset(*key)
+        _CHECKED.add(key)
+        logger.info(
+            "Checked %s: %d images (%d with boxes), %d boxes, %d classes; every file decodes and has the "
+            "json's size", name, s.num_images, s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes))
+
+
+# ---------------------------------------------------------------------------- loading a config
+def config_style(path: str) -> str:
+    """``"lazy"`` or ``"yacs"``: by extension for ``.py``, by content for YAML (a lazy run's saved
+    ``config.yaml`` has lower-case ``model``/``train``/``dataloader`` sections, yacs upper-case ones).
+    """
+    if path.endswith(".py"):
+        return "lazy"
+    if not path.endswith((".yaml", ".yml")):
+        raise ValueError(f"A config is a lazy config (.py or a saved config.yaml) or a yacs .yaml, got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    lazy_sections = {"model", "train", "dataloader", "optimizer", "lr_multiplier"}
+    return "lazy" if isinstance(content, dict) and lazy_sections & set(content) else "yacs"
+
+
+def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = True):
+    """Load a lazy (``.py``, or a lazy run's saved ``config.yaml``) or yacs (``.yaml``) config, apply
+    the command line's overrides, then register the config's own data (``dataset.root`` /
+    ``DATASETS.ROOT``, see :func:`resolve_dataset`).
+
+    Args:
+        path: the config file.
+        overrides: ``key=value`` (lazy) or ``KEY VALUE`` (yacs) items.
+        resolve_data: register and check the config's datasets; prediction and export, which need
+            no data, pass False (the classes then come from the checkpoint).
+
+    Returns:
+        an OmegaConf ``DictConfig`` (lazy) or an unfrozen yacs ``CfgNode``.
+    """
+    if config_style(path) == "lazy":
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
+    else:
+        cfg = get_cfg()
+        add_dinov2od_config(cfg)
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(overrides))
+    if resolve_data:
+        resolve_dataset(cfg)
+    return cfg
+
+
+def is_lazy(cfg) -> bool:
+    """Whether ``cfg`` is a lazy config (else yacs)."""
+    return not isinstance(cfg, CN)
+
+
+def _dataset_options(cfg) -> Dict[str, Any]:
+    if is_lazy(cfg):
+        d = cfg.get("dataset", None) or {}
+        opts = {k: d.get(k, None) for k in ("root", "name", "train_json", "train_images", "val_json", "val_images")}
+        opts["check"] = d.get("check", True)
+        return opts
+    d = cfg.DATASETS
+    return {"root": d.ROOT, "name": d.NAME, "train_json": d.TRAIN_JSON, "train_images": d.TRAIN_IMAGES,
+            "val_json": d.TEST_JSON, "val_images": d.TEST_IMAGES, "check": d.CHECK}
+
+
+def _dataset_names(cfg) -> Dict[str, List[str]]:
+    """{"train": [...], "test": [...]} dataset names a config trains and evaluates on."""
+    if not is_lazy(cfg):
+        return {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)}
+    out = {}
+    for split in ("train", "test"):
+        loader = cfg.get("dataloader", {}).get(split, None)
+        names = loader.dataset.get("names", None) if loader is not None and "dataset" in loader else None
+        out[split] = [] if names is None else [names] if isinstance(names, str) else list(names)
+    return out
+
+
+def resolve_dataset(cfg) -> None:
+    """Complete ``cfg`` from its data, in place, before anything is built.
+
+    * ``dataset.root`` / ``DATASETS.ROOT`` (or the explicit json + images keys): register the splits
+      (:func:`~dinov2od.d2.datasets.register_coco_folder`), train on ``<name>_train`` and evaluate
+      on ``<name>_val``; ``num_classes`` comes from the data when unset (lazy None, yacs 0).
+    * every dataset the config names must be registered (else an error with the fix), and its class
+      count must equal ``num_classes`` (else an error naming both numbers).
+    * ``train.epochs`` / ``SOLVER.MAX_EPOCHS`` > 0: iterations from the training images with boxes
+      (``ceil(epochs * images / (batch * accumulate_steps))``); yacs ``STEPS`` are scaled with
+      ``MAX_ITER``. Each derived value is logged.
+    """
+    from .datasets.folder import register_coco_folder
+
+    opts = _dataset_options(cfg)
+    lazy = is_lazy(cfg)
+    if opts["root"] or opts["train_json"]:
+        names = register_coco_folder(
+            opts["root"] or None, opts["name"] or "custom", opts["train_json"] or None, opts["train_images"] or None,
+            opts["val_json"] or None, opts["val_images"] or None, check=bool(opts["check"]),
+        )
+        test = [names["val"]] if "val" in names else []
+        if not test:
+            logger.warning("No validation split found: evaluation is turned off (give dataset.val_json).")
+        if lazy:
+            cfg.dataloader.train.dataset.names = names["train"]
+            if "test" in cfg.dataloader:
+                cfg.dataloader.test.dataset.names = test[0] if test else names["train"]
+            if not test:
+                cfg.dataloader.evaluator = None
+        else:
+            cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (names["train"],), tuple(test)
+        classes = dataset_classes(names["train"])
+        num_classes = cfg.model.get("num_classes", None) if lazy else cfg.MODEL.DINOV2OD.NUM_CLASSES
+        if not num_classes:  # lazy None / yacs 0: from the data
+            if lazy:
+                cfg.model.num_classes = len(classes)
+            else:
+                cfg.MODEL.DINOV2OD.NUM_CLASSES = len(classes)
+            logger.info("num_classes=%d from %s: %s", len(classes), names["train"], classes)
+    _check_registered_and_classes(cfg)
+    _epochs_to_iterations(cfg)
+
+
+def _check_registered_and_classes(cfg) -> None:
+    lazy = is_lazy(cfg)
+    num_classes = cfg.get("model", {}).get("num_classes", None) if lazy else cfg.MODEL.DINOV2OD.NUM_CLASSES
+    registered = set(DatasetCatalog.list())
+    all_names = _dataset_names(cfg)
+    if not all_names["train"] and not all_names["test"]:
+        raise ValueError(
+            "The config names no dataset. For your own COCO data set "
+            + ("dataset.root=FOLDER" if lazy else "DATASETS.ROOT FOLDER") + " (see docs/your_data.md)."
+        )
+    for split, names in all_names.items():
+        for name in names:
+            if name not in registered:
+                key = "dataloader.%s.dataset.names" % split if lazy else "DATASETS.%s" % split.upper()
+                raise KeyError(
+                    f"Dataset {name!r} ({key}) is not registered. For your own COCO data set "
+                    + ("dataset.root=FOLDER (or dataset.train_json=... dataset.train_images=...)" if lazy else
+                       "DATASETS.ROOT FOLDER (or DATASETS.TRAIN_JSON / TRAIN_IMAGES): a yacs config cannot run "
+                       "Python to register it")
+                    + "; see docs/your_data.md."
+                )
+            classes = dataset_classes(name)
+            if isinstance(num_classes, int) and classes is not None and len(classes) != num_classes:
+                raise _num_classes_error(name, classes, num_classes)
+
+
+def _epochs_to_iterations(cfg) -> None:
+    from .datasets.folder import check_coco_dataset
+
+    lazy = is_lazy(cfg)
+    epochs = (cfg.get("train", {}).get("epochs", None) if lazy else cfg.SOLVER.MAX_EPOCHS) or 0
+    if epochs <= 0:
+        return
+    names = _dataset_names(cfg)["train"]
+    images = 0
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        if not meta.get("json_file", None):
+            raise ValueError(f"train.epochs / SOLVER.MAX_EPOCHS needs the size of {name!r}, which names no json_file.")
+        images += check_coco_dataset(meta.json_file, meta.image_root, check_files=False).num_images_with_boxes
+    if lazy:
+        batch, accumulate = cfg.dataloader.train.total_batch_size, cfg.train.get("accumulate_steps", 1)
+    else:
+        batch, accumulate = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUMULATE_STEPS
+    max_iter = max(1, math.ceil(epochs * images / (batch * accumulate)))
+    how = f"{epochs} epochs x {images} training images with boxes / ({batch} images x {accumulate} accumulation)"
+    if lazy:
+        cfg.train.max_iter = max_iter
+        logger.info("train.max_iter=%d: %s", max_iter, how)
+        return
+    old = cfg.SOLVER.MAX_ITER
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = tuple(max(1, round(s * max_iter / old)) for s in cfg.SOLVER.STEPS if s < old)
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max_iter // 10)
+    logger.info("SOLVER.MAX_ITER=%d: %s; STEPS scaled to %s", max_iter, how, cfg.SOLVER.STEPS)

@@ -9,6 +9,8 @@ Differences from Detectron2's mapper:
 
   - an image file that cannot be decoded -> ``ValueError`` naming the file;
   - grayscale, palette or RGBA images -> converted to the configured 3-channel format;
+  - 16-bit (and 32-bit integer) grayscale images -> scaled to 8 bits (:func:`read_image`; PIL's
+    own conversion clips every value above 255, which makes a 16-bit PNG all white);
   - an image with no annotations -> an empty ``Instances`` (the loss handles it);
   - a box with zero or negative width/height -> skipped with a warning naming the file.
 
@@ -28,9 +30,44 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 
-__all__ = ["DetrDatasetMapper", "build_detr_augmentation"]
+__all__ = ["DetrDatasetMapper", "build_detr_augmentation", "read_image"]
 
 logger = logging.getLogger(__name__)
+
+# PIL modes of grayscale images with more than 8 bits per pixel, and their full-scale value
+_WIDE_GRAY_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def read_image(file_name: str, format: str = "RGB") -> np.ndarray:
+    """Detectron2's ``read_image`` (EXIF orientation, conversion to ``format``) that also reads
+    16-bit grayscale images: their values are scaled to 0-255 (``v * 255 / 65535``). A 32-bit integer
+    (``I``) image is scaled the same way when its values fit in 16 bits, else by its own maximum;
+    a float (``F``) image is taken as 0-1 when its maximum is at most 1, else as 0-255 (clipped).
+
+    Args:
+        file_name: the image file.
+        format: "RGB", "BGR" or another PIL mode (as Detectron2's).
+
+    Returns:
+        (H, W, C) uint8 in ``format``.
+    """
+    from PIL import Image
+
+    with open(file_name, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    image = utils._apply_exif_orientation(image)
+    if image.mode in _WIDE_GRAY_MODES or image.mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        if image.mode == "F":
+            full = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        elif image.mode == "I":
+            full = 65535.0 if a.size == 0 or a.max() <= 65535 else float(a.max())
+        else:
+            full = float(_WIDE_GRAY_MODES[image.mode])
+        a = np.clip(np.nan_to_num(a) * (255.0 / full), 0, 255)
+        image = Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+    return utils.convert_PIL_to_numpy(image, format)
 
 
 def build_detr_augmentation(
@@ -127,7 +164,7 @@ class DetrDatasetMapper(DatasetMapper):
         """Decode the image; a file that cannot be decoded raises an error naming it."""
         file_name = dataset_dict["file_name"]
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
             raise ValueError(
                 f"Cannot decode image file {file_name!r} ({type(e).__name__}: {e}). "

@@ -11,6 +11,7 @@ from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
 from dinov2od.layers.precision import autocast_context
 
 from .backbone import build_backbone, pad_to_multiple, valid_sizes_from_mask
+from .classes import CLASS_METADATA_BYTES, decode_class_metadata, encode_class_metadata
 from .decoder import DeformableDecoder
 from .neck import ConvSpatialPrior, SimpleFeaturePyramid
 
@@ -127,6 +128,8 @@ class DINOv2ObjectDetector(nn.Module):
                 f"{decoder.num_levels} levels of width {decoder.hidden_dim}")
         self.num_classes = decoder.num_classes
         self.num_queries = decoder.num_queries
+        # class names and the dataset's category ids, saved with the weights (dinov2od.modeling.classes)
+        self.register_buffer("class_metadata", torch.zeros(CLASS_METADATA_BYTES, dtype=torch.uint8))
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         logger.info("DINOv2ObjectDetector: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
@@ -252,6 +255,23 @@ class DINOv2ObjectDetector(nn.Module):
         return self.decoder(maps, level_masks, self.valid_ratios(maps, valid_hw.to(images.dtype)),
                             targets=targets)
 
+    def set_classes(self, names: Sequence[str], ids: Optional[Sequence[int]] = None) -> None:
+        """Store the class names (``names[i]`` for label ``i``) and the dataset's category ids
+        (None: ``0..K-1``) in the model; they are saved with its weights."""
+        self.class_metadata.copy_(encode_class_metadata(names, ids, self.num_classes))
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The stored class names (label ``i`` is ``class_names[i]``), or None if none were stored."""
+        meta = decode_class_metadata(self.class_metadata)
+        return None if meta is None else meta[0]
+
+    @property
+    def class_ids(self) -> Optional[List[int]]:
+        """The dataset's category id of each label (e.g. COCO's 1..90), or None if none were stored."""
+        meta = decode_class_metadata(self.class_metadata)
+        return None if meta is None else meta[1]
+
     def load_checkpoint(self, path: str, strict: bool = True) -> "DINOv2ObjectDetector":
         """Load weights saved by this project: a plain ``state_dict`` of this module, or a
         Detectron2 checkpoint of the meta-architecture (``{"model": ...}``, keys ``detector.*``,
@@ -272,9 +292,10 @@ class DINOv2ObjectDetector(nn.Module):
             result = self.load_state_dict(sd, strict=False)
         except RuntimeError as e:  # tensors of another shape
             raise ValueError(f"{path} does not fit this detector: {str(e).splitlines()[-1].strip()} {fix}") from e
-        if strict and (result.missing_keys or result.unexpected_keys):
+        missing = [k for k in result.missing_keys if k != "class_metadata"]  # files saved before it existed
+        if strict and (missing or result.unexpected_keys):
             raise ValueError(
-                f"{path} does not fit this detector: missing {result.missing_keys[:5]}, unexpected "
+                f"{path} does not fit this detector: missing {missing[:5]}, unexpected "
                 f"{result.unexpected_keys[:5]}. {fix}")
         return self
 
@@ -293,8 +314,11 @@ class DINOv2ObjectDetector(nn.Module):
 
         Returns:
             one dict per image: ``boxes`` (n, 4) ``(x0, y0, x1, y1)`` in pixels of the input image,
-            ``scores`` (n,), ``labels`` (n,) int64.
+            ``scores`` (n,), ``labels`` (n,) int64 (contiguous ``0..K-1``) and, when the model
+            holds its classes (:meth:`set_classes`; a trained checkpoint does), ``category_ids``
+            (n,) int64, the dataset's own ids, and ``names``, a list of n class names.
         """
+        self._warn_if_large(images)
         images, masks = self._batch(images, None)
         with autocast_context(images.device.type, precision):
             out = self(images, masks, normalized=normalized)
@@ -304,4 +328,25 @@ class DINOv2ObjectDetector(nn.Module):
             sizes = valid_sizes_from_mask(masks)
         boxes, scores, labels = topk_detections(out["pred_logits"], out["pred_boxes"], sizes, topk)
         keep = scores >= threshold
-        return [dict(boxes=b[k], scores=s[k], labels=lab[k]) for b, s, lab, k in zip(boxes, scores, labels, keep)]
+        results = [dict(boxes=b[k], scores=s[k], labels=lab[k]) for b, s, lab, k in zip(boxes, scores, labels, keep)]
+        meta = decode_class_metadata(self.class_metadata)
+        if meta is not None:
+            names, ids = meta
+            id_table = torch.tensor(ids, dtype=torch.int64, device=labels.device)
+            for r in results:
+                r["category_ids"] = id_table[r["labels"]]
+                r["names"] = [names[i] for i in r["labels"].tolist()]
+        return results
+
+    #: :meth:`predict` warns above this many pixels on the longer side (Detectron2's test resize
+    #: caps it at 1333); the ViT's cost grows with the square of the pixel count.
+    LARGE_IMAGE_SIDE = 2048
+
+    def _warn_if_large(self, images: ImagesLike) -> None:
+        sides = [max(im.shape[-2:]) for im in (images if isinstance(images, (list, tuple)) else [images])]
+        if sides and max(sides) > self.LARGE_IMAGE_SIDE:
+            logger.warning(
+                "predict() got an image of %d px on its longer side; the model runs at the size it is given "
+                "(attention cost grows with the square of the pixel count: minutes on a CPU). Resize it first, "
+                "e.g. to 1333 px on the longer side as Detectron2's DefaultPredictor does "
+                "(torch.nn.functional.interpolate), and scale the boxes back.", max(sides))

@@ -101,6 +101,20 @@ def is_random_init(pretrained: Optional[str]) -> bool:
     return pretrained is None or (isinstance(pretrained, str) and pretrained.strip() in _NO_WEIGHTS)
 
 
+#: the repository (or source tree) holding the ``dinov2od`` package and the project's ``weights/``
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_local_path(path: str) -> str:
+    """``path`` as given when it exists (or is absolute, or a hub id); a relative path that does not
+    exist from the working directory but does from the project's root (e.g.
+    ``weights/dinov2od_tiny_glyphs.pth``) is taken from there, so configs run from any directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(PROJECT_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 def load_vit(arch: Optional[str], registers: bool, overrides: dict, pretrained: Optional[str]) -> nn.Module:
     """Build the ViT (random init) or load it from ``pretrained`` (see the module docstring).
 
@@ -110,7 +124,7 @@ def load_vit(arch: Optional[str], registers: bool, overrides: dict, pretrained: 
     if is_random_init(pretrained):
         config = build_dinov2_config(arch or "small", registers, **overrides)
         return _model_class(registers)(config)
-    pretrained = os.fspath(pretrained)
+    pretrained = resolve_local_path(os.fspath(pretrained))
     if pretrained.endswith((".pth", ".pt", ".bin")) and not os.path.isdir(pretrained):
         return load_official_checkpoint(pretrained, arch, registers, overrides)
     return _load_hf(pretrained, arch, registers, overrides)
@@ -418,7 +432,7 @@ def load_dinov3_vit(arch: Optional[str], overrides: dict, pretrained: Optional[s
     """Build a ``DINOv3ViTModel`` (random init) or load it from ``pretrained`` (module docstring)."""
     if is_random_init(pretrained):
         return _dinov3_model_class()(build_dinov3_config(arch or "small", **overrides))
-    pretrained = os.fspath(pretrained)
+    pretrained = resolve_local_path(os.fspath(pretrained))
     if pretrained.endswith((".pth", ".pt", ".bin")) and not os.path.isdir(pretrained):
         return load_official_dinov3_checkpoint(pretrained, arch, overrides)
     return _load_hf_dinov3(pretrained, arch, overrides)

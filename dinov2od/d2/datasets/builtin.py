@@ -11,11 +11,11 @@ import os
 from typing import Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from .shapes import SHAPES_CLASSES, SHAPES_SPLITS, default_shapes_root, ensure_shapes_split
 
-__all__ = ["register_coco_dataset", "register_shapes", "subset_dataset_dicts"]
+__all__ = ["register_shapes", "subset_dataset_dicts"]
 
 
 def register_shapes(
@@ -54,22 +54,6 @@ def register_shapes(
             evaluator_type="coco",
             thing_classes=list(SHAPES_CLASSES),
         )
-
-
-def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
-    """Register a custom COCO-format detection dataset (a thin wrapper over Detectron2's).
-
-    After registering, set ``num_classes`` once in the config to the number of categories
-    in ``json_file``; training stops with a clear error if the two disagree.
-
-    Args:
-        name: dataset name to use in configs, e.g. ``"my_train"``.
-        json_file: COCO instances json (``images``, ``annotations``, ``categories``).
-        image_root: folder the json's ``file_name`` entries are relative to.
-    """
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"COCO json {json_file!r} for dataset {name!r} does not exist.")
-    register_coco_instances(name, {}, json_file, image_root)
 
 
 def subset_dataset_dicts(names, num_images: int, filter_empty: bool = True) -> List[dict]:
