@@ -33,10 +33,11 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_loader
-from .config import build_optimizer_from_cfg, check_num_classes
+from .config import build_optimizer_from_cfg, check_datasets, check_num_classes
 from .dataset_mapper import DetrDatasetMapper
 from .ema import EMAHook, ModelEMA, export_ema_weights
 from .evaluation import eval_context, run_evaluation
+from .metadata import set_model_classes
 from .train_loop import DetrTrainerLoop, unwrap_model
 
 __all__ = ["DetrTrainer", "LazyTrainer", "TrainSettings", "Trainer", "unwrap_model", "wrap_model_for_ddp"]
@@ -68,6 +69,7 @@ class TrainSettings:
     eval_quantize: str = ""  # --eval-only: "int8" evaluates an int8 copy (dinov2od.modeling.quantize), CPU
     log_period: int = 20
     ddp: dict = dataclasses.field(default_factory=dict)  # create_ddp_model's keyword arguments
+    train_dataset: str = ""  # its classes (names, original ids) are stored in the model and its checkpoints
 
     @classmethod
     def from_lazy(cls, cfg) -> "TrainSettings":
@@ -94,6 +96,7 @@ class TrainSettings:
             eval_quantize=t.get("eval_quantize", ""),
             log_period=t.log_period,
             ddp=dict(t.ddp),
+            train_dataset=_first_name(cfg.dataloader.train.dataset.get("names", "")),
         )
 
     @classmethod
@@ -125,7 +128,12 @@ class TrainSettings:
             eval_quantize=cfg.TEST.QUANTIZE,
             log_period=s.LOG_PERIOD,
             ddp={"broadcast_buffers": False},  # DefaultTrainer's
+            train_dataset=_first_name(cfg.DATASETS.TRAIN),
         )
+
+
+def _first_name(names) -> str:
+    return names if isinstance(names, str) else (list(names) or [""])[0]
 
 
 def wrap_model_for_ddp(model, device: str, **kwargs):
@@ -265,6 +273,8 @@ class DetrTrainer(TrainerBase):
         Returns:
             the last evaluation results (None without evaluation).
         """
+        if self.settings.train_dataset:  # after loading: an init checkpoint may hold other classes
+            set_model_classes(self.model, self.settings.train_dataset)
         per_rank = self.settings.ims_per_batch // comm.get_world_size()
         position_train_loader(self._trainer.data_loader, self.start_iter * per_rank * self.settings.accumulate_steps)
         TrainerBase.train(self, self.start_iter, self.max_iter)
@@ -299,15 +309,21 @@ class DetrTrainer(TrainerBase):
 
 
 # ---------------------------------------------------------------------------- lazy configs
-def build_lazy_model(cfg):
-    """Instantiate ``cfg.model`` on ``cfg.train.device`` and check it against the datasets."""
-    model = instantiate(cfg.model)
-    model.to(cfg.train.device)
+def build_lazy_model(cfg, splits=("train", "test")):
+    """Check the datasets (files and class count), then instantiate ``cfg.model`` on ``cfg.train.device``.
+
+    Args:
+        splits: the dataloader splits whose datasets are checked (``--eval-only``: test only).
+    """
     names = []
-    for split in ("train", "test"):
-        if split in cfg.dataloader:
+    for split in splits:
+        if split in cfg.dataloader and "names" in cfg.dataloader[split].dataset:
             n = cfg.dataloader[split].dataset.names
             names.extend([n] if isinstance(n, str) else list(n))
+    check_datasets(names)
+    check_num_classes(cfg.model.num_classes, names)
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
     check_num_classes(model, names)
     return model
 
@@ -348,7 +364,7 @@ class LazyTrainer(DetrTrainer):
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``train.init_checkpoint`` (the last checkpoint with ``resume``) and evaluate."""
         settings = TrainSettings.from_lazy(cfg)
-        return _evaluate_weights(build_lazy_model(cfg), settings, partial(evaluate_lazy, cfg), resume)
+        return _evaluate_weights(build_lazy_model(cfg, ("test",)), settings, partial(evaluate_lazy, cfg), resume)
 
 
 # ---------------------------------------------------------------------------- yacs configs
@@ -364,8 +380,9 @@ class Trainer(DetrTrainer, DefaultTrainer):
     def __init__(self, cfg):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.cfg = cfg
+        check_datasets([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+        check_num_classes(cfg.MODEL.DINOV2OD.NUM_CLASSES, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
         model = self.build_model(cfg)
-        check_num_classes(model, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
         optimizer = self.build_optimizer(cfg, model)
         super().__init__(
             model,
@@ -385,8 +402,9 @@ class Trainer(DetrTrainer, DefaultTrainer):
     @classmethod
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``MODEL.WEIGHTS`` (the last checkpoint in ``OUTPUT_DIR`` with ``resume``) and evaluate."""
+        check_datasets(list(cfg.DATASETS.TEST))
+        check_num_classes(cfg.MODEL.DINOV2OD.NUM_CLASSES, list(cfg.DATASETS.TEST))
         model = cls.build_model(cfg)
-        check_num_classes(model, list(cfg.DATASETS.TEST))
         return _evaluate_weights(model, TrainSettings.from_yacs(cfg), partial(cls.test, cfg), resume)
 
     @classmethod
