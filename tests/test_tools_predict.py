@@ -376,3 +376,42 @@ def test_16_bit_grayscale_png_is_read_as_its_values(ckpt, tmp_path):
     assert strip(deep) != strip(as_white)  # negative control: the white reading predicts otherwise
     drawing = np.asarray(Image.open(tmp_path / "o" / "deep.png.jpg"), np.float64)  # nothing drawn
     assert np.abs(drawing - gray8[:, :, None]).mean() < 3
+
+
+def test_training_drawings_read_16_bit_pngs_keep_same_named_images_apart_and_use_the_models_classes(
+        ckpt, tmp_path, monkeypatch):
+    """dinov2od.d2.visualize.draw_dataset_predictions (train.visualize): the same reading, naming and
+    labels as predict.py."""
+    from PIL import Image
+
+    from detectron2.config import LazyConfig
+    from detectron2.data.datasets import register_coco_instances
+
+    import dinov2od.d2.visualize as visualize
+
+    model, _, _, _ = ckpt
+    ramp = (np.linspace(0, 40000, 120)[None, :] + np.linspace(0, 20000, 90)[:, None]).astype(np.uint16)
+    os.makedirs(tmp_path / "imgs" / "a")
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "a" / "x.png")  # 16-bit grayscale
+    _write(str(tmp_path / "imgs" / "b" / "x.png"), np.full((90, 120, 3), 200, np.uint8))
+    coco = {"images": [{"id": i + 1, "file_name": f"{d}/x.png", "height": 90, "width": 120} for i, d in enumerate("ab")],
+            "annotations": [], "categories": [{"id": 1, "name": "the_datasets_own"}, {"id": 2, "name": "b"},
+                                              {"id": 3, "name": "c"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    name = f"vis16_{tmp_path.name}"
+    register_coco_instances(name, {}, str(tmp_path / "coco.json"), str(tmp_path / "imgs"))
+    loader = LazyConfig.load(os.path.join(ROOT, "configs/common/data.py")).dataloader.test
+    loader.dataset.names = name
+    loader.mapper.augmentations.min_size_test = 112
+    loader.mapper.image_format = model.input_format
+    loader.num_workers = 0
+    labels = []
+    draw = visualize.draw_instances
+    monkeypatch.setattr(visualize, "draw_instances", lambda img, inst, meta, t: labels.append(meta) or draw(img, inst, meta, t))
+    paths = visualize.draw_dataset_predictions(model, loader, str(tmp_path / "out"), num_images=2, score_threshold=1.01)
+    assert sorted(os.path.relpath(p, tmp_path / "out") for p in paths) == ["a/x.png.jpg", "b/x.png.jpg"]
+    gray8 = np.rint(ramp * (255.0 / 65535))
+    drawing = np.asarray(Image.open(tmp_path / "out" / "a" / "x.png.jpg"), np.float64)
+    assert np.abs(drawing - gray8[:, :, None]).mean() < 3  # not white
+    assert np.abs(np.asarray(Image.open(tmp_path / "out" / "b" / "x.png.jpg"), np.float64) - 200).mean() < 3
+    assert [list(m.thing_classes) for m in labels] == [NAMES, NAMES]

@@ -9,10 +9,11 @@ import torch
 
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.utils.visualizer import Visualizer
 
+from .dataset_mapper import read_image
 from .evaluation import eval_context
+from .metadata import metadata_for_model, model_classes
 from .train_loop import unwrap_model
 
 __all__ = ["draw_dataset_predictions", "draw_instances"]
@@ -50,17 +51,25 @@ def draw_dataset_predictions(
     Args:
         model: the meta-architecture.
         test_loader_cfg: the lazy config of the test loader (``cfg.dataloader.test``).
-        out_dir: folder for the ``.jpg`` drawings.
+        out_dir: folder for the ``.jpg`` drawings, named by each image's path relative to the
+            dataset's ``image_root`` (else its base name) with ``.jpg`` appended (``a/x.png`` ->
+            ``a/x.png.jpg``), so images of the same name do not overwrite each other.
         num_images: how many images to draw.
         score_threshold: minimum score drawn.
         ema: a ModelEMA whose weights are used, or None.
+
+    The labels are the classes stored in the model (the training dataset's, see
+    :mod:`dinov2od.d2.metadata`), else the test dataset's; images are read with
+    :func:`~dinov2od.d2.dataset_mapper.read_image` (16-bit grayscale PNGs are not drawn white).
 
     Returns:
         paths of the written images.
     """
     os.makedirs(out_dir, exist_ok=True)
     names = test_loader_cfg.dataset.names
-    metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0])
+    dataset_meta = MetadataCatalog.get(names if isinstance(names, str) else names[0])
+    metadata = metadata_for_model(model) if model_classes(model) is not None else dataset_meta
+    image_root = dataset_meta.get("image_root", None)
     model = unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -70,15 +79,26 @@ def draw_dataset_predictions(
             for inputs, outputs in zip(batch, model(batch)):
                 if len(paths) >= num_images:
                     break
-                image = utils.read_image(inputs["file_name"], format="RGB")
+                image = read_image(inputs["file_name"], format="RGB")
                 drawing = draw_instances(image, outputs["instances"], metadata, score_threshold)
-                path = os.path.join(out_dir, os.path.basename(inputs["file_name"]).rsplit(".", 1)[0] + ".jpg")
+                path = os.path.join(out_dir, _drawing_name(inputs["file_name"], image_root))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 _save(drawing, path)
                 paths.append(path)
             if len(paths) >= num_images:
                 break
     model.train(was_training)
     return paths
+
+
+def _drawing_name(file_name: str, image_root=None) -> str:
+    """``file_name`` relative to ``image_root`` when inside it (else its base name), ``.jpg`` appended."""
+    name = os.path.basename(file_name)
+    if image_root:
+        rel = os.path.relpath(os.path.abspath(file_name), os.path.abspath(image_root))
+        if not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            name = rel
+    return name + ".jpg"
 
 
 def _save(image_rgb: np.ndarray, path: str) -> None:
