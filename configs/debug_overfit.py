@@ -6,7 +6,7 @@ The demo's model (pretrained tiny ViT frozen + LoRA, denoising queries) trains o
 the first 64 images of ``shapes_train`` at one fixed size without flips, with a higher LR and no
 EMA (an average lags behind weights that are meant to move fast), then COCOEvaluator scores the
 same 64 images. The run summary prints the loss curve and the wall time; bbox AP on the training
-images should pass 90 (README, "Debug mode", has the measured run). Point it at another dataset
+images should pass 90 (docs/demo.md, "Debug mode", has the measured run). Point it at another dataset
 with ``dataloader.train.dataset.names=... model.num_classes=N`` (the test split follows).
 """
 from detectron2.config import LazyCall as L

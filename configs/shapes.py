@@ -10,9 +10,9 @@ evaluates with COCOEvaluator, and draws predictions into ``output/shapes/predict
 
 The decoder trains with contrastive denoising queries (DN-DETR/DINO) and one-to-many queries
 (H-DETR); the schedule is sized to <= 15 minutes of ``make demo`` on the slowest 2-core machines
-met (the README's demo section has the measured time, the AP and the trials behind each choice).
+met (docs/demo.md has the measured time, the AP and the trials behind each choice).
 
-The README's comparison rows are one override each:
+The comparison rows of docs/demo.md are one override each:
 ``model.detector.backbone.pretrained=None model.detector.backbone.freeze=False
 model.detector.backbone.lora_rank=0`` (from scratch) and ``model.detector.backbone.freeze=False
 model.detector.backbone.lora_rank=0`` (pretrained, fully fine-tuned).
@@ -39,7 +39,7 @@ det.num_queries = 50
 det.num_decoder_layers = 3
 det.num_heads = 4
 det.dim_feedforward = 256
-det.dn_groups = 5  # denoising queries: +7.7 AP at 400 iterations (README, demo trials)
+det.dn_groups = 5  # denoising queries: +7.7 AP at 400 iterations (docs/demo.md, the levers)
 det.o2m_queries = 150  # one-to-many queries: +3.6 AP alone, +2.6 on top of DN
 model.criterion.class_loss = "quality_focal"  # IoU-aware scores: rank boxes by localization quality
 del bb, det  # aliases only; keep them out of the saved config

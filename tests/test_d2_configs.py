@@ -98,7 +98,7 @@ def test_shapes_demo_is_a_cpu_config_on_the_pretrained_frozen_lora_path():
     assert sum(p.numel() for p in model.parameters()) < 5e6
     assert isinstance(model.detector.backbone.vit.config.hidden_size, int)
     assert torch.is_tensor(model.pixel_mean)
-    # the README's from-scratch row: everything but the mask token trains
+    # docs/demo.md's from-scratch row: everything but the mask token trains
     cfg = load("shapes.py", "model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
                "model.detector.backbone.lora_rank=0")
     model = instantiate(cfg.model)
@@ -146,7 +146,7 @@ def test_backbone_lr_decay_on_both_config_routes():
     from dinov2od.d2.trainer import Trainer
 
     full = ["model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
-            "model.detector.backbone.lora_rank=0"]  # the README's from-scratch row: the whole ViT trains
+            "model.detector.backbone.lora_rank=0"]  # docs/demo.md's from-scratch row: the whole ViT trains
     cfg = load("shapes.py", "optimizer.params.lr_factor_func.decay=0.8", *full)
     torch.manual_seed(0)
     model = instantiate(cfg.model)  # a random-init 4-block ViT, all trained

@@ -77,7 +77,7 @@ def test_yacs_eval_only_reproduces_the_training_detections(yacs_run, train_net, 
 
 def test_eval_only_int8_evaluates_a_quantized_copy(yacs_run, train_net, tmp_path):
     """TEST.QUANTIZE int8 (train.eval_quantize): the same evaluation on an int8 copy: other numbers
-    (so the copy ran), close scores; a bad value names the key. Its accuracy on a trained model: README."""
+    (so the copy ran), close scores; a bad value names the key. Its accuracy on a trained model: docs/speed.md."""
     out, opts, trained = yacs_run
     ev = [*opts[:-2], "OUTPUT_DIR", str(tmp_path / "q"), "MODEL.WEIGHTS", f"{out}/model_final.pth"]
     train_net.run(YAML, *ev, "TEST.QUANTIZE", "int8", flags=["--eval-only"])

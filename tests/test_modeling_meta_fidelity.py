@@ -1,4 +1,4 @@
-"""The backbone's features equal Meta's DINOv2 at every input size (design.md, "Backbone fidelity").
+"""The backbone's features equal Meta's DINOv2 at every input size (docs/backbones.md, "Meta-exact DINOv2 features").
 
 The reference below is written here from the semantics of Meta's ``DinoVisionTransformer``
 (``dinov2/models/vision_transformer.py``): it reads an official-layout state dict directly, so it

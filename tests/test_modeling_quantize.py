@@ -1,5 +1,5 @@
 """int8 dynamic quantization of the linear layers (dinov2od.modeling.quantize). Accuracy on a trained
-model (the demo's AP) is measured by `train.eval_quantize=int8` (README); here: what the copy holds,
+model (the demo's AP) is measured by `train.eval_quantize=int8` (docs/speed.md); here: what the copy holds,
 that the LoRA adapters are in it, and that its outputs follow the fp32 model's."""
 import pytest
 import torch

@@ -701,7 +701,7 @@ def targets_summary(results: dict, backbone: str = "vits14", px: int = 448) -> L
     if d and q:
         sp = d["e2e"] / q["e2e"]
         lines.append(f"- int8 dynamic quantization vs fp32 inference: {sp:.2f}x faster (target >= 1.3x: "
-                     f"{'met' if sp >= 1.3 else 'NOT met'}; its AP: README)")
+                     f"{'met' if sp >= 1.3 else 'NOT met'}; its AP: docs/speed.md)")
     o = results.get((f"{backbone}-default", px, 1, "onnx", "fp32"))
     if d and o:
         lines.append(f"- onnxruntime vs PyTorch (fp32, b1): {d['e2e'] / o['e2e']:.2f}x")

@@ -4,7 +4,7 @@ At CPU fp32 inference ``F.linear`` goes through ``addmm``, which first copies th
 output (an extra pass over it) and then calls the BLAS; an activation after it is one more pass.
 oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch's own inductor uses for
 linear + pointwise fusion on the CPU) adds the bias and applies GELU/ReLU while the output tile is
-in cache. On the 2-core Zen 4 of the README it runs the ViT-S MLP's 1024 x 384 -> 1536 with bias
+in cache. On the 2-core Zen 4 of docs/speed.md it runs the ViT-S MLP's 1024 x 384 -> 1536 with bias
 and GELU in 6.7 ms against 10.7 ms for ``F.gelu(F.linear(x, w, b))`` (``tools/benchmark.py
 --section model`` measures the whole model both ways).
 

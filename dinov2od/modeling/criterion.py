@@ -10,7 +10,7 @@ Every loss is a sum over the batch divided by ``num_boxes``, the number of targe
 initialized, clamped to >= 1.
 
 Options from later DETRs (off by default, which is the Deformable-DETR recipe; on the CPU demo
-only the first one measurably helped, see the README):
+only the first one measurably helped, see docs/demo.md):
 
 - ``class_loss="quality_focal"``: IoU-aware classification (GFL's quality focal loss): a
   matched query's target is the IoU of its box with its target box instead of 1, so the

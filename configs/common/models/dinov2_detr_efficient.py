@@ -7,7 +7,7 @@
 * three decoder layers instead of six.
 
 Use it like the default: ``from .common.models.dinov2_detr_efficient import model``.
-Measured speed: README, "Export and deploy".
+Measured speed: docs/speed.md, "The efficient preset".
 """
 from .dinov2_detr import model
 
