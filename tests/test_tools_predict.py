@@ -126,6 +126,12 @@ def test_list_images_names_by_relative_path_and_searches_sub_folders(tmp_path):
     assert [n for _, n in predict.list_images([os.path.join(root, "x.png")])] == ["x.png"]
     drawings = [predict.drawing_name(n) for _, n in predict.list_images([root])]
     assert len(set(drawings)) == len(drawings) and "x.png.jpg" in drawings and "x.jpg.jpg" in drawings
+    # an output holding the input folders (not inside one) is fine unless a drawing lands in one
+    a, b = os.path.join(root, "a"), os.path.join(root, "b")
+    predict.check_output(str(tmp_path / "elsewhere"), [a, b], predict.list_images([a, b]))
+    with pytest.raises(SystemExit, match="would be written into the input folder"):
+        predict.check_output(root, [a, b], predict.list_images([a, b]))  # root/a/x.jpg.jpg
+    predict.check_output(root, [a], predict.list_images([a]))  # root/x.jpg.jpg: beside the input folder
 
 
 def test_drawings_of_same_named_images_do_not_overwrite_each_other(ckpt, tmp_path):
@@ -256,6 +262,8 @@ def test_dataset_override_reports_a_registered_datasets_classes(ckpt, tiny_confi
     with open(MetadataCatalog.get("shapes_tiny_val").json_file) as f:
         cats = {c["id"]: c["name"] for c in json.load(f)["categories"]}
     assert {(r["category_id"], r["category_name"]) for r in results} == set(cats.items())
+    with pytest.raises(SystemExit, match="has 80 classes but the model predicts 3"):  # Detectron2's built-in COCO
+        _run("--weights", weights, "--input", path, "--output", str(tmp_path / "c"), "--dataset", "coco_2017_val")
 
 
 @pytest.fixture(scope="module")

@@ -259,6 +259,10 @@ def main(argv=None):
             predictor, fmt, metadata = build_predictor(args)
     except KeyError as e:  # an unregistered --dataset
         raise SystemExit(f"predict.py: {e.args[0] if e.args else e}") from e
+    num_classes = getattr(getattr(predictor, "model", predictor), "num_classes", None)
+    if num_classes and len(metadata.thing_classes) != num_classes:
+        raise SystemExit(f"predict.py: --dataset {args.dataset} has {len(metadata.thing_classes)} classes but the "
+                         f"model predicts {num_classes}; leave --dataset out to use the checkpoint's classes.")
     if args.int8:
         from dinov2od.modeling.quantize import quantize_dynamic_int8
 
