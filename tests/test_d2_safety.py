@@ -288,3 +288,26 @@ def test_load_inference_weights_prefers_the_ema_weights(tmp_path):
     assert torch.equal(model.weight, weights["weight"])
     with pytest.raises(ValueError, match="does not exist"):
         load_inference_weights(model, str(tmp_path / "missing.pth"))
+
+
+def test_fine_tuning_tolerates_training_only_layers_that_inference_refuses(caplog):
+    """A recipe with denoising queries adds ``dn_label_embed``: fine-tuning from a run without them
+    keeps their initialization with one warning; evaluation or prediction with the same mismatch is
+    refused. Another shape outside the class head is refused in both."""
+    from fvcore.common.checkpoint import _IncompatibleKeys
+
+    model = torch.nn.Linear(2, 2)
+    lacking = _IncompatibleKeys(missing_keys=["detector.decoder.dn_label_embed.weight"], unexpected_keys=[],
+                                incorrect_shapes=[])
+    caplog.set_level(logging.WARNING)
+    from dinov2od.d2.checkpoint import check_fit
+
+    assert check_fit(model, lacking, "ft.pth", allow_class_change=True) is None
+    assert "Fine-tuning from ft.pth: 1 layers of the model start fresh (detector.decoder.dn_label_embed.weight)" \
+        in caplog.text
+    with pytest.raises(ValueError, match=r"ft\.pth does not fit this model: 1 keys of the model missing"):
+        check_fit(model, lacking, "ft.pth", allow_class_change=False)
+    reshaped = _IncompatibleKeys(missing_keys=[], unexpected_keys=[],
+                                 incorrect_shapes=[("detector.neck.proj.weight", (64, 8), (32, 8))])
+    with pytest.raises(ValueError, match="1 tensors of another shape"):
+        check_fit(model, reshaped, "ft.pth", allow_class_change=True)

@@ -302,7 +302,7 @@ def test_onnx_route_reports_the_graphs_ids_and_names(ckpt, onnx_exports, tmp_pat
     import onnx
 
     from dinov2od.export.d2 import OnnxPredictor
-    from dinov2od.export.onnx import _add_metadata, class_metadata_props, onnx_metadata
+    from dinov2od.export.onnx import onnx_classes, onnx_metadata
 
     model, weights, _, _ = ckpt
     det, d2 = onnx_exports
@@ -316,16 +316,18 @@ def test_onnx_route_reports_the_graphs_ids_and_names(ckpt, onnx_exports, tmp_pat
     assert {r["category_id"] for r in ours} == set(IDS)
     with pytest.raises(SystemExit, match="not a registered dataset"):
         _run("--onnx", det, "--input", path, "--output", str(tmp_path / "x"), "--dataset", "no_such_dataset")
-    # the Detectron2 graph: OnnxPredictor reports the classes its metadata holds (export_meta_arch
-    # does not store them yet: added here as export_detector stores them)
-    assert "class_names" not in onnx_metadata(d2)
-    assert OnnxPredictor(d2, []).class_names is None  # negative control
-    tagged = str(tmp_path / "d2_classes.onnx")
-    onnx.save(onnx.load(d2), tagged)
-    _add_metadata(tagged, class_metadata_props(model.detector))
-    d2_results = _run("--onnx", tagged, "--input", path, "--output", str(tmp_path / "d2"), "--score-threshold", "0")
+    # the Detectron2 graph carries the classes too (export_meta_arch stores them)
+    assert onnx_classes(onnx_metadata(d2)) == (NAMES, IDS)
+    d2_results = _run("--onnx", d2, "--input", path, "--output", str(tmp_path / "d2"), "--score-threshold", "0")
     assert [(r["category_id"], r["category_name"]) for r in top(d2_results)] == \
         [(r["category_id"], r["category_name"]) for r in top(reference)]
+    # negative control: the same graph without the classes reports none
+    stripped = onnx.load(d2)
+    kept = [p for p in stripped.metadata_props if p.key not in ("class_names", "class_ids")]
+    del stripped.metadata_props[:]
+    stripped.metadata_props.extend(kept)
+    onnx.save(stripped, str(tmp_path / "bare.onnx"))
+    assert OnnxPredictor(str(tmp_path / "bare.onnx"), []).class_names is None
 
 
 # ---------------------------------------------------------------------------- problem 4: the threshold

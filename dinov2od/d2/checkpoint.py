@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +52,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# what atomic_write leaves when killed: <name>.pth.tmp.<pid> / last_checkpoint.tmp.<pid> (".tmp" alone: earlier versions)
+_TEMPORARY = re.compile(r"^(.+\.pth|last_checkpoint)\.tmp(\.\d+)?$")
+
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb"):
@@ -58,17 +62,22 @@ def atomic_write(path: str, mode: str = "wb"):
 
     On leaving the block the file is flushed and fsynced, renamed to ``path`` and the folder is
     fsynced (so the rename itself survives a power cut). If the block raises, ``path`` is left
-    as it was and the temporary file is removed.
+    as it was and the temporary file is removed. The temporary file, ``<path>.tmp.<pid>``, is
+    the writer's own: processes writing the same name at once never share one.
 
     Args:
         path: the final file name.
         mode: "wb" or "w".
     """
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
+            # fsync cannot be observed by a test: its effect shows only after a power cut or kernel
+            # crash. Without it, os.replace can give the final name to a file whose bytes are still
+            # only in the page cache, and such a crash leaves an empty or truncated checkpoint under
+            # that name. Keep it, and the folder fsync below (it makes the rename durable).
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -132,9 +141,10 @@ def check_fit(model: torch.nn.Module, incompatible: _IncompatibleKeys, path: str
     fvcore only warns (one line per tensor) and keeps the model's initial values for every key it
     could not load, so a checkpoint of another architecture would run near-random weights. Here
     any missing key (other than :data:`OPTIONAL_KEYS`), unexpected key or tensor of another shape
-    is one ``ValueError`` listing them. The one exception, with ``allow_class_change`` (fine-tuning
-    from a checkpoint of another dataset): the class-specific layers of another class count, which
-    then keep their fresh initialization.
+    is one ``ValueError`` listing them. With ``allow_class_change`` (fine-tuning from a checkpoint
+    of another dataset or recipe): the class-specific layers of another class count keep their
+    fresh initialization (one line), and missing or unexpected keys (training-only parts such as
+    denoising queries present on one side only) are one warning; other shapes are still refused.
 
     Args:
         model: the model loaded into (``num_classes`` is read from it when it has one).
@@ -157,6 +167,13 @@ def check_fit(model: torch.nn.Module, incompatible: _IncompatibleKeys, path: str
     theirs = next(iter(counts)) if len(counts) == 1 else None
     shapes = [f"{k}: {tuple(c)} in the file, {tuple(m)} in the model"
               for k, c, m in incompatible.incorrect_shapes if theirs is None or k not in class_keys]
+    if allow_class_change and not shapes and (missing or unexpected):
+        # fine-tuning from a run with other training-only parts (denoising, one-to-many queries): the
+        # layers the file lacks keep their initialization, the ones the model lacks are dropped
+        logger.warning(
+            "Fine-tuning from %s: %d layers of the model start fresh (%s), %d of the file are not used (%s).",
+            path, len(missing), _listed(sorted(missing)), len(unexpected), _listed(sorted(unexpected)))
+        missing, unexpected = [], []
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -191,8 +208,9 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
     * :meth:`save` refuses (``FloatingPointError``, nothing written, the tag untouched) when a
       floating tensor of the model or of the EMA is not finite, and skips a save requested while
       a ``FloatingPointError`` propagates (e.g. a hook's ``after_train`` at the last iteration).
-    * :meth:`remove_temporary_files` deletes what a killed save left (``*.pth.tmp``,
-      ``last_checkpoint.tmp``); the training driver calls it when it starts.
+    * :meth:`remove_temporary_files` deletes what a killed save left (``*.pth.tmp.<pid>``,
+      ``last_checkpoint.tmp.<pid>``; ``.tmp`` alone from earlier versions); the training driver
+      calls it when it starts.
     * Loading refuses a file that does not fit the model (:func:`check_fit`); with
       ``allow_class_change`` (fine-tuning) the class count may differ. A file that cannot be read
       raises an error naming the last complete checkpoint beside it.
@@ -256,18 +274,19 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
             f.write(last_filename_basename)
 
     def remove_temporary_files(self) -> List[str]:
-        """Delete the temporary files a killed save left in the folder (``*.pth.tmp``,
-        ``last_checkpoint.tmp``), with a log line naming them. Call it only where no save can be
-        under way: when training starts, on the main process (a no-op elsewhere).
+        """Delete the temporary files a killed save left in the folder (``*.pth.tmp.<pid>``,
+        ``last_checkpoint.tmp.<pid>``, and ``*.pth.tmp`` / ``last_checkpoint.tmp`` of earlier
+        versions), with a log line naming them. Call it only where no save can be under way: when
+        training starts, on the main process (a no-op elsewhere).
 
         Returns:
             the paths removed.
         """
         if not self.save_to_disk or not self._local():
             return []
-        leftovers = sorted(glob.glob(os.path.join(glob.escape(self.save_dir), "*.pth.tmp")))
-        tag = os.path.join(self.save_dir, "last_checkpoint.tmp")
-        leftovers += [tag] if os.path.isfile(tag) else []
+        folder = glob.escape(self.save_dir)
+        candidates = glob.glob(os.path.join(folder, "*.pth.tmp*")) + glob.glob(os.path.join(folder, "last_checkpoint.tmp*"))
+        leftovers = sorted(p for p in candidates if _TEMPORARY.search(os.path.basename(p)) and os.path.isfile(p))
         for path in leftovers:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

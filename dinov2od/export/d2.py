@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.data import MetadataCatalog
 from detectron2.export import TracingAdapter
 from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .onnx import KIND_KEY, MIN_OPSET, OnnxDetector, _add_metadata, _quiet_export, check_exportable, onnx_metadata
+from .onnx import (KIND_KEY, MIN_OPSET, OnnxDetector, _add_metadata, _quiet_export, check_exportable,
+                   class_metadata_props, onnx_metadata)
 
 __all__ = ["D2_OUTPUT_NAMES", "OnnxPredictor", "build_onnx_predictor", "export_meta_arch"]
 
@@ -58,7 +58,8 @@ def export_meta_arch(model, path: str, image: torch.Tensor, opset: int = MIN_OPS
                   dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in D2_OUTPUT_NAMES[:3]}})
     _add_metadata(path, {KIND_KEY: "detectron2", "input_format": model.input_format,
                          "input": "image: (3,H,W) float32 0-255 in input_format, after the test resize",
-                         "num_classes": model.num_classes, "topk": model.test_topk})
+                         "num_classes": model.num_classes, "topk": model.test_topk,
+                         **class_metadata_props(model.detector)})
     return path
 
 
