@@ -51,33 +51,26 @@ def parse_args(argv=None):
 def build_model(args):
     """The meta-architecture with the weights ``tools/predict.py`` would run (EMA when present)."""
     import dinov2od.d2  # noqa: F401  (registers the meta-architecture)
+    from dinov2od.d2.config import is_lazy
+    from dinov2od.d2.predictor import LazyPredictor, load_inference_config
 
-    if args.config_file.endswith(".py"):
-        from detectron2.config import LazyConfig, instantiate
-
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = load_inference_config(args.config_file, args.opts, args.weights)  # classes from the checkpoint
+    if not args.weights:
+        logger.warning("no --weights: exporting a randomly initialized model")
+    if is_lazy(cfg):
         if not args.weights:
-            logger.warning("no --weights: exporting a randomly initialized model")
-            return instantiate(cfg.model).eval()
-        from dinov2od.d2.predictor import LazyPredictor
+            from detectron2.config import instantiate
 
+            return instantiate(cfg.model).eval()
         return LazyPredictor(cfg, args.weights, device="cpu").model
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model as d2_build_model
 
-    from dinov2od.d2 import add_dinov2od_config
     from dinov2od.d2.checkpoint import load_inference_weights
 
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = "cpu"
     model = d2_build_model(cfg).eval()
     if args.weights:  # refused unless the file fits the model (its EMA weights when it has them)
         load_inference_weights(model, args.weights)
-    else:
-        logger.warning("no --weights: exporting a randomly initialized model")
     return model
 
 

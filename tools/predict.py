@@ -169,44 +169,19 @@ def check_output(output: str, inputs: Sequence[str], images: Sequence[Tuple[str,
 
 
 # ---------------------------------------------------------------------------- the model
-def classes_in_checkpoint(path: str):
-    """``(names, dataset ids)`` stored in a checkpoint's ``class_metadata`` buffer (a Detectron2
-    checkpoint of the meta-architecture or a plain detector ``state_dict``), or None."""
-    import torch
-
-    from dinov2od.modeling.classes import decode_class_metadata
-
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    sd = obj.get("model", obj) if isinstance(obj, dict) else {}
-    for key in ("detector.class_metadata", "class_metadata"):
-        if isinstance(sd, dict) and key in sd:
-            return decode_class_metadata(torch.as_tensor(sd[key]))
-    return None
-
-
-def _num_classes_from_checkpoint(weights: str, key: str, override: str) -> int:
-    """The class count stored in ``weights``, for a config that leaves ``key`` to the data."""
-    classes = classes_in_checkpoint(weights)
-    if classes is None:
-        raise SystemExit(
-            f"predict.py: the config leaves {key} to the data, and {weights} holds no class names (saved before "
-            f"dinov2od stored them): give the class count on the command line, e.g. {override}.")
-    logger.info("%s=%d from %s: %s", key, len(classes[0]), weights, classes[0])
-    return len(classes[0])
-
-
 def build_predictor(args):
     """(predictor taking an image in its channel order, that order, metadata with the classes to report)."""
-    from dinov2od.d2.config import is_lazy, load_config
+    from dinov2od.d2.config import is_lazy
     from dinov2od.d2.metadata import metadata_for_model
+    from dinov2od.d2.predictor import load_inference_config
 
-    cfg = load_config(args.config_file, args.opts, resolve_data=False)  # the classes come from the checkpoint
+    try:  # the classes come from the checkpoint
+        cfg = load_inference_config(args.config_file, args.opts, args.weights)
+    except ValueError as e:
+        raise SystemExit(f"predict.py: {e}") from None
     if is_lazy(cfg):
         from dinov2od.d2.predictor import LazyPredictor
 
-        if cfg.model.get("num_classes", None) is None:
-            cfg.model.num_classes = _num_classes_from_checkpoint(args.weights, "model.num_classes",
-                                                                 "model.num_classes=3")
         predictor = LazyPredictor(cfg, args.weights, device=args.device)
         fmt = predictor.input_format
     else:
@@ -214,9 +189,6 @@ def build_predictor(args):
 
         from dinov2od.d2.checkpoint import load_inference_weights
 
-        if not cfg.MODEL.DINOV2OD.NUM_CLASSES:
-            cfg.MODEL.DINOV2OD.NUM_CLASSES = _num_classes_from_checkpoint(
-                args.weights, "MODEL.DINOV2OD.NUM_CLASSES", "MODEL.DINOV2OD.NUM_CLASSES 3")
         cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's loader skips tensors that do not fit; load strictly below
         if args.device:
             cfg.MODEL.DEVICE = args.device

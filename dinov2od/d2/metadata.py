@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
-__all__ = ["classes_from_dataset", "metadata_for_model", "model_classes", "set_model_classes"]
+__all__ = ["classes_from_dataset", "classes_in_checkpoint", "metadata_for_model", "model_classes", "set_model_classes"]
 
 logger = logging.getLogger("dinov2od")
 
@@ -28,6 +28,21 @@ def model_classes(model) -> Optional[Tuple[List[str], List[int]]]:
     det = _detector(model)
     names, ids = getattr(det, "class_names", None), getattr(det, "class_ids", None)
     return None if names is None else (names, ids)
+
+
+def classes_in_checkpoint(path: str) -> Optional[Tuple[List[str], List[int]]]:
+    """``(names, dataset ids)`` stored in a checkpoint's ``class_metadata`` buffer (a Detectron2
+    checkpoint of the meta-architecture or a plain detector ``state_dict``), or None."""
+    import torch
+
+    from dinov2od.modeling.classes import decode_class_metadata
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else {}
+    for key in ("detector.class_metadata", "class_metadata"):
+        if isinstance(sd, dict) and key in sd:
+            return decode_class_metadata(torch.as_tensor(sd[key]))
+    return None
 
 
 def classes_from_dataset(name: str) -> Optional[Tuple[List[str], List[int]]]:

@@ -1,7 +1,9 @@
-"""A ``DefaultPredictor`` for lazy configs (yacs configs use Detectron2's own)."""
+"""A ``DefaultPredictor`` for lazy configs (yacs configs use Detectron2's own), and the config of a
+trained model for prediction and export (:func:`load_inference_config`)."""
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -10,8 +12,40 @@ import detectron2.data.transforms as T
 from detectron2.config import instantiate
 
 from .checkpoint import load_inference_weights
+from .config import is_lazy, load_config
+from .metadata import classes_in_checkpoint
 
-__all__ = ["LazyPredictor"]
+__all__ = ["LazyPredictor", "load_inference_config"]
+
+logger = logging.getLogger("dinov2od")
+
+
+def load_inference_config(config_file: str, overrides: Sequence[str] = (), weights: Optional[str] = None):
+    """The config to predict or export with: :func:`~dinov2od.d2.config.load_config` without the
+    data (the classes come from the checkpoint), and, when the config leaves the class count to the
+    data (lazy ``model.num_classes=None``, yacs ``NUM_CLASSES 0``: ``configs/custom.py``), the count
+    stored in ``weights``.
+
+    Raises:
+        ValueError: the count is left to the data and ``weights`` holds no classes.
+    """
+    cfg = load_config(config_file, overrides, resolve_data=False)
+    lazy = is_lazy(cfg)
+    key, example = ("model.num_classes", "model.num_classes=3") if lazy else (
+        "MODEL.DINOV2OD.NUM_CLASSES", "MODEL.DINOV2OD.NUM_CLASSES 3")
+    if (cfg.model.get("num_classes", None) if lazy else cfg.MODEL.DINOV2OD.NUM_CLASSES):
+        return cfg
+    classes = classes_in_checkpoint(weights) if weights else None
+    if classes is None:
+        raise ValueError(
+            f"The config leaves {key} to the data, and {weights or 'no checkpoint'} holds no class names (saved "
+            f"before dinov2od stored them, or none given): give the class count, e.g. {example}.")
+    if lazy:
+        cfg.model.num_classes = len(classes[0])
+    else:
+        cfg.MODEL.DINOV2OD.NUM_CLASSES = len(classes[0])
+    logger.info("%s=%d from %s: %s", key, len(classes[0]), weights, classes[0])
+    return cfg
 
 
 class LazyPredictor:
