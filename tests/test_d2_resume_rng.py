@@ -6,30 +6,19 @@ project's trainer does. A second run, started from a differently seeded process 
 checkpoint written at iteration 2 (an actual file) and continues: each generator's draws of
 iterations 3-5 must equal the uninterrupted run's. The exception/SIGKILL resume tests of
 test_d2_checkpoint.py draw from torch only (dropout), so they cannot see numpy or python.
-
-Needs Detectron2, like the test_d2_* files (see conftest.py).
 """
-import pytest
 
-from conftest import _detectron2_import_error, detectron2_expected
+import itertools
+import os
+import random
 
-_error = _detectron2_import_error()
-if _error is not None:
-    if detectron2_expected():
-        raise ImportError(f"Detectron2 cannot be imported ({_error}) but this environment is expected to have it")
-    pytest.skip(f"Detectron2 is not installed ({_error})", allow_module_level=True)
+import numpy as np
+import torch
+from torch import nn
 
-import itertools  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
+from detectron2.engine import SimpleTrainer, hooks
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from detectron2.engine import SimpleTrainer, hooks  # noqa: E402
-
-from dinov2od.d2.checkpoint import CrashSafeCheckpointer, RNGStateHook  # noqa: E402
+from dinov2od.d2.checkpoint import CrashSafeCheckpointer, RNGStateHook
 
 MAX_ITER, PERIOD = 6, 3  # checkpoints after iterations 2 and 5
 

@@ -9,21 +9,12 @@ forward.
 Needs Detectron2, like the test_d2_* files (see conftest.py: a collection error where Detectron2 is
 expected, a skip elsewhere).
 """
-import pytest
 
-from conftest import _detectron2_import_error, detectron2_expected
+import torch
 
-_error = _detectron2_import_error()
-if _error is not None:
-    if detectron2_expected():
-        raise ImportError(f"Detectron2 cannot be imported ({_error}) but this environment is expected to have it")
-    pytest.skip(f"Detectron2 is not installed ({_error})", allow_module_level=True)
+from detectron2.structures import Boxes, Instances
 
-import torch  # noqa: E402
-
-from detectron2.structures import Boxes, Instances  # noqa: E402
-
-from test_d2_model import tiny_model  # noqa: E402
+from test_d2_model import tiny_model
 
 # per image: (height, width), XYXY_ABS boxes, classes, and the (cx, cy, w, h) worked out by hand
 IMAGES = [
