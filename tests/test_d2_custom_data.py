@@ -208,7 +208,7 @@ def test_config_style_recognises_a_lazy_runs_saved_yaml(tmp_path):
 
 
 def test_demo_backbone_path_works_from_any_directory(tmp_path, monkeypatch):
-    from dinov2od.modeling.weights import resolve_local_path
+    from dinov2od.modeling.backbones.loading import resolve_local_path
 
     monkeypatch.chdir(tmp_path)
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/shapes.py"))

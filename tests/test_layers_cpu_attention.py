@@ -20,8 +20,8 @@ from dinov2od.layers import _ext
 from dinov2od.layers import cpu_attention as ca
 from dinov2od.layers import fused_linear
 from dinov2od.modeling import DINOv2Backbone
-from dinov2od.modeling import backbone as backbone_mod
-from dinov2od.modeling.dinov3 import DINOv3Backbone
+from dinov2od.modeling.backbones import base as backbone_mod
+from dinov2od.modeling import DINOv3Backbone
 
 KERNEL_FLAGS = {"avx512f", "avx512dq", "fma"}
 

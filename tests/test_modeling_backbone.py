@@ -265,8 +265,8 @@ def test_windows_written_once_compute_the_cat_formulation(family, registers, siz
     """The windowed attention that copies each activation once (the default) gives the features
     and gradients of the first formulation (reshape + cat), alone and in a padded batch, in training
     (LoRA, grads) and at inference; negative control: windows read in the wrong order differ."""
-    from dinov2od.modeling.backbone import ViTBackbone
-    from dinov2od.modeling.dinov3 import DINOv3Backbone
+    from dinov2od.modeling import ViTBackbone
+    from dinov2od.modeling import DINOv3Backbone
 
     torch.manual_seed(0)
     if family == "dinov2":
@@ -359,7 +359,7 @@ def test_pretrained_spelled_as_none_means_random_init(spelled, monkeypatch):
 
 
 def test_random_init_position_embeddings_are_sincos_and_loaded_ones_are_kept(tmp_path):
-    from dinov2od.modeling.backbone import sincos_pos_embed_2d
+    from dinov2od.modeling.backbones.dinov2 import sincos_pos_embed_2d
 
     pe = sincos_pos_embed_2d(4, 5, 8)
     assert pe.shape == (20, 8)

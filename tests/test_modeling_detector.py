@@ -8,7 +8,7 @@ from dinov2od.modeling import (
     HungarianMatcher,
     SetCriterion,
 )
-from dinov2od.modeling.backbone import pad_to_multiple
+from dinov2od.modeling import pad_to_multiple
 from dinov2od.modeling.neck import ConvSpatialPrior
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

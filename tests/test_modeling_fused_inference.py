@@ -8,7 +8,7 @@ from dinov2od.layers import fused_linear
 from dinov2od.layers.fused_linear import linear
 from dinov2od.modeling import DINOv2Backbone, ViTBackbone
 from dinov2od.modeling import inference as inference_mod
-from dinov2od.modeling.dinov3 import DINOv3Backbone
+from dinov2od.modeling import DINOv3Backbone
 
 TINY2 = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96, image_size=56)
 TINY3 = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96)

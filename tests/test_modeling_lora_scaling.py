@@ -16,7 +16,7 @@ from torch import nn
 
 from dinov2od.layers import fused_linear
 from dinov2od.modeling import DINOv2Backbone, ViTBackbone
-from dinov2od.modeling.dinov3 import DINOv3Backbone
+from dinov2od.modeling import DINOv3Backbone
 
 RANK, ALPHA = 4, 12.0  # scale 3, not 1 (alpha = r) and not peft's default alpha 8
 TARGETS = ("query", "value", "fc1")

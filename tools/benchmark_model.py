@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov2od.layers.precision import autocast_context
+from dinov2od.modeling import BACKBONES as FAMILIES
 from dinov2od.modeling import DINOv2ObjectDetector, topk_detections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +52,19 @@ PRESETS = {
     "efficient": "configs/common/models/dinov2_detr_efficient.py",
     "demo": "configs/shapes.py",
 }
-# Backbones by name: keyword overrides of the preset's DINOv2Backbone, and the patch size (sizes
-# given in px for 14-px patches are scaled so that every backbone sees the same token grid).
+
+
+def _backbone(**overrides) -> Tuple[dict, int]:
+    """(keyword overrides of the preset's backbone, the patch size of their family in the registry)."""
+    return overrides, FAMILIES[overrides.get("family", "dinov2")].default_patch_size
+
+
+# Backbones by name: keyword overrides of the preset's backbone (any registered family), and the patch
+# size (sizes given in px for 14-px patches are scaled so that every backbone sees the same token grid).
 BACKBONES: Dict[str, Tuple[dict, int]] = {
-    "vits14": (dict(arch="small"), 14),
-    "vitb14": (dict(arch="base"), 14),
-    "dinov3-s16": (dict(family="dinov3", arch="small"), 16),  # 512 px = DINOv2-S/14's 448 px token grid
+    "vits14": _backbone(arch="small"),
+    "vitb14": _backbone(arch="base"),
+    "dinov3-s16": _backbone(family="dinov3", arch="small"),  # 512 px = DINOv2-S/14's 448 px token grid
 }
 STAGES = ("pre", "backbone", "neck", "decoder", "post")
 TRAIN_STAGES = ("backbone", "neck", "decoder", "loss", "backward", "step")

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2od.modeling import DINOv2Backbone  # noqa: E402
-from dinov2od.modeling.weights import hf_to_official_state_dict  # noqa: E402
+from dinov2od.modeling import hf_to_official_state_dict  # noqa: E402
 from dinov2od.pretraining.dense import (  # noqa: E402
     DenseHeads, GlyphBatches, Stage, cosine_lr, dense_loss, dense_metrics, glyph_batch)
 from dinov2od.pretraining.glyphs import GLYPH_CLASSES  # noqa: E402

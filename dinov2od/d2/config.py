@@ -64,9 +64,11 @@ KEYS: List[tuple] = [
     ("MODEL.DINOV2OD.NUM_CLASSES", 80, "model.num_classes"),
     ("MODEL.DINOV2OD.SIZE_DIVISIBILITY", 14, "model.size_divisibility"),
     ("MODEL.DINOV2OD.TEST_TOPK", 100, "model.test_topk"),  # detections per image (queries x classes)
-    # "dinov2" | "dinov3" (then also SIZE_DIVISIBILITY: 16, the DINOv3 patch)
+    # a family of dinov2od.modeling.BACKBONES: "dinov2" | "dinov3" | one registered with @register_backbone;
+    # SIZE_DIVISIBILITY: the family's patch (BACKBONES[family].default_patch_size: 14, DINOv3 16)
     ("MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov2", "model.detector.backbone.family"),
-    # dinov2: tiny | small | base | large | giant; dinov3: tiny | small | small_plus | base | large | huge_plus | 7b
+    # one of BACKBONES[FAMILY].archs (dinov2: tiny | small | base | large | giant;
+    # dinov3: tiny | small | small_plus | base | large | huge_plus | 7b)
     ("MODEL.DINOV2OD.BACKBONE.ARCH", "base", "model.detector.backbone.arch"),
     ("MODEL.DINOV2OD.BACKBONE.REGISTERS", False, "model.detector.backbone.registers"),  # dinov2 only
     ("MODEL.DINOV2OD.BACKBONE.PRETRAINED", "", "model.detector.backbone.pretrained", _or_none),  # "": random init
@@ -191,7 +193,7 @@ def model_arguments(cfg: CN) -> Dict[str, Any]:
 
 
 def build_backbone_from_cfg(cfg):
-    """The backbone of ``cfg.MODEL.DINOV2OD.BACKBONE`` (``FAMILY`` picks DINOv2 or DINOv3)."""
+    """The backbone of ``cfg.MODEL.DINOV2OD.BACKBONE`` (``FAMILY`` picks a registered family)."""
     from dinov2od.modeling import build_backbone
 
     return build_backbone(**model_arguments(cfg)["detector"]["backbone"])

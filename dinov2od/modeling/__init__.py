@@ -2,7 +2,8 @@
 
 Pieces: :class:`DINOv2Backbone` / :class:`DINOv3Backbone` (a DINOv2 or DINOv3 ViT with LoRA, taps
 from several blocks, behind one interface, :class:`ViTBackbone`; :func:`build_backbone` picks one by
-``family``),
+``family`` from :data:`BACKBONES`, where ``@register_backbone("name")`` adds a family; all in
+:mod:`dinov2od.modeling.backbones`),
 :class:`SimpleFeaturePyramid` (neck), :class:`DeformableDecoder` (decoder + heads),
 :class:`HungarianMatcher`, :class:`SetCriterion`, and :class:`DINOv2ObjectDetector`
 composing them. Constructing never downloads; weights load only when asked for::
@@ -40,35 +41,38 @@ two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
 the model too (``model(images, targets=targets)``): the denoising queries (``dn_groups``) are
 built from them. Layer-wise LR decay of a fine-tuned ViT: :func:`backbone_lr_decay`.
 """
-from .backbone import (
+from .backbones import (
     ARCHS,
     BACKBONE_FAMILIES,
+    BACKBONES,
+    DINOV3_ARCHS,
+    DINOV3_HUB_IDS,
+    HUB_IDS,
     DINOv2Backbone,
+    DINOv3Backbone,
+    PretrainedWeightsUnavailable,
     ViTBackbone,
     build_backbone,
     build_dinov2_config,
+    build_dinov3_config,
+    dinov3_official_to_hf_state_dict,
+    hf_to_official_state_dict,
+    official_to_hf_state_dict,
     pad_to_multiple,
+    register_backbone,
     valid_sizes_from_mask,
 )
 from .criterion import SetCriterion
 from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
 from .detector import DINOv2ObjectDetector, topk_detections
-from .dinov3 import DINOV3_ARCHS, DINOv3Backbone, build_dinov3_config
 from .lr_decay import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
 from .matcher import HungarianMatcher, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
 from .train_queries import DenoisingQueries, make_denoising_queries
-from .weights import (
-    DINOV3_HUB_IDS,
-    HUB_IDS,
-    PretrainedWeightsUnavailable,
-    dinov3_official_to_hf_state_dict,
-    hf_to_official_state_dict,
-    official_to_hf_state_dict,
-)
 
 __all__ = [
     "ARCHS",
+    "BACKBONES",
     "BACKBONE_FAMILIES",
     "DINOV3_ARCHS",
     "DINOV3_HUB_IDS",
@@ -98,6 +102,7 @@ __all__ = [
     "num_vit_layers",
     "official_to_hf_state_dict",
     "pad_to_multiple",
+    "register_backbone",
     "topk_detections",
     "valid_sizes_from_mask",
     "vit_lr_decay_factor",

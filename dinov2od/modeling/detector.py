@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
 from dinov2od.layers.precision import autocast_context
 
-from .backbone import build_backbone, pad_to_multiple, valid_sizes_from_mask
+from .backbones import build_backbone, pad_to_multiple, valid_sizes_from_mask
 from .classes import CLASS_METADATA_BYTES, decode_class_metadata, encode_class_metadata
 from .decoder import DeformableDecoder
 from .neck import ConvSpatialPrior, SimpleFeaturePyramid
@@ -52,8 +52,8 @@ class DINOv2ObjectDetector(nn.Module):
 
     Args:
         num_classes: number of object classes K.
-        backbone: a backbone (:class:`~dinov2od.modeling.backbone.ViTBackbone`: ``DINOv2Backbone``
-            or ``DINOv3Backbone``), or a dict of :func:`~dinov2od.modeling.backbone.build_backbone`
+        backbone: a backbone (:class:`~dinov2od.modeling.backbones.ViTBackbone`: ``DINOv2Backbone``
+            or ``DINOv3Backbone``), or a dict of :func:`~dinov2od.modeling.backbones.build_backbone`
             keyword arguments (``family="dinov2"`` by default, ``"dinov3"`` for DINOv3), or None for
             the DINOv2 ViT-S/14 architecture (random init, LoRA on query/value).
         neck: a :class:`SimpleFeaturePyramid` (None: built from ``hidden_dim``/``scale_factors``).
