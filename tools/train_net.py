@@ -8,6 +8,13 @@ Lazy configs (``.py``) and yacs configs (``.yaml``) are both accepted::
     python tools/train_net.py --config-file configs/coco.py --num-gpus 8 --resume   # continue
     python tools/train_net.py --config-file configs/coco.py --eval-only train.init_checkpoint=model_final.pth
     python tools/train_net.py --config-file configs/yaml/shapes.yaml SOLVER.MAX_ITER 100
+    torchrun --nproc_per_node=8 tools/train_net.py --config-file configs/coco.py         # torchrun
+    srun --ntasks-per-node=8 python tools/train_net.py --config-file configs/coco.py     # SLURM
+
+Under torchrun or srun the processes they started join one job (no ``--num-gpus``); otherwise
+Detectron2's ``launch()`` spawns ``--num-gpus`` workers per machine. ``--dist-timeout SECONDS``
+(default 1800) ends the job when a rank stalls or dies; a worker exits when its launcher dies.
+See docs/distributed.md.
 
 Trailing ``key=value`` (lazy) or ``KEY VALUE`` (yacs) pairs override the config. Outputs
 (checkpoints, ``log.txt``, ``metrics.json``, TensorBoard events, ``inference/`` with
@@ -25,14 +32,16 @@ import sys
 import time
 
 STARTED = time.time()  # the summary's wall time counts from here (dataset generation included)
+PARENT_PID = os.getppid()  # the launcher (torchrun), seen before the slow imports: a worker dies with it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import is_lazy, load_config  # noqa: E402
+from dinov2od.d2.launch import add_launch_arguments, launch_main  # noqa: E402
 from dinov2od.d2.report import run_summary  # noqa: E402
 from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
@@ -52,7 +61,7 @@ def setup(args):
     logger.addHandler(early)                                     # logger is set up below
     logger.setLevel(logging.DEBUG)
     try:
-        cfg = load_config(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts, batch=not args.eval_only)  # batch: per GPU x GPUs
     finally:
         logger.removeHandler(early)
     if is_lazy(cfg):
@@ -93,18 +102,16 @@ def main(args):
     return results
 
 
+def argument_parser():
+    """Detectron2's ``default_argument_parser()`` with ``--dist-timeout`` and ``--launcher``."""
+    return add_launch_arguments(default_argument_parser())
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     if not args.config_file:
         raise SystemExit("--config-file is required (e.g. configs/shapes.py)")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_main(main, args, parent_pid=PARENT_PID)  # torchrun / srun's processes, or launch()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ dataloader.train = L(build_detection_train_loader)(
         ),
         image_format="RGB",
     ),
-    total_batch_size=64,  # 8 per GPU on 8 GPUs
+    total_batch_size=64,  # over all GPUs; train.images_per_gpu (+ effective_batch) sets it per GPU instead
     num_workers=4,
     aspect_ratio_grouping=True,  # set False for bit-exact resume
 )

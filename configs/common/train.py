@@ -14,6 +14,10 @@ train = dict(
     eval_quantize="",  # --eval-only on the CPU: "int8" (or "int8-backbone") evaluates an int8 copy
     log_period=20,
     accumulate_steps=1,  # micro-batches per optimizer step
+    # batch per GPU (None: dataloader.train.total_batch_size is the batch over all GPUs); with
+    # effective_batch, accumulate_steps = effective_batch / (images_per_gpu x GPUs), at start-up
+    images_per_gpu=None,
+    effective_batch=None,  # images per optimizer step (needs images_per_gpu)
     clip_grad=dict(max_norm=0.1, norm_type=2.0),  # the norm of all gradients together; 0 disables
     ema=dict(enabled=False, decay=0.9997, eval_ema=True),  # evaluate the EMA weights
     visualize=dict(num_images=0, score_threshold=0.5),  # prediction drawings after training

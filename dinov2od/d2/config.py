@@ -18,6 +18,7 @@ tree as ``configs/common/models/dinov2_detr.py``; adding a model option is addin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,10 +38,13 @@ logger = logging.getLogger("dinov2od")
 
 __all__ = [
     "KEYS",
+    "BatchPlan",
     "add_dinov2od_config",
+    "batch_plan",
     "config_style",
     "dataset_classes",
     "is_lazy",
+    "resolve_batch",
     "resolve_dataset",
     "load_config",
     "build_backbone_from_cfg",
@@ -125,6 +129,10 @@ KEYS: List[tuple] = [
     # layer-wise LR decay of a fine-tuned ViT (RF-DETR: 0.8); 1 = off
     ("SOLVER.BACKBONE_LR_DECAY", 1.0, "optimizer.params.lr_factor_func.decay"),
     ("SOLVER.ACCUMULATE_STEPS", 1, "train.accumulate_steps"),  # micro-batches per optimizer step
+    # batch per GPU (0 = off: IMS_PER_BATCH is the batch over all GPUs, as in Detectron2); with
+    # EFFECTIVE_BATCH too, ACCUMULATE_STEPS = EFFECTIVE_BATCH / (IMS_PER_GPU x GPUs) (resolve_batch)
+    ("SOLVER.IMS_PER_GPU", 0, "train.images_per_gpu"),
+    ("SOLVER.EFFECTIVE_BATCH", 0, "train.effective_batch"),  # images per optimizer step; 0 = off
     ("SOLVER.LOG_PERIOD", 20, "train.log_period"),
     # True: clip the NORM_TYPE-norm of all gradients together to CLIP_VALUE (CLIP_TYPE "norm"),
     # after AMP unscaling, in the training loop; False: Detectron2's per-parameter clipping.
@@ -317,6 +325,126 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
             "json's size", name, s.num_images, s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes))
 
 
+# ---------------------------------------------------------------------------- batch per GPU
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How a training step's images are made up: ``images_per_gpu`` on each of ``world_size``
+    processes (GPUs), ``accumulate_steps`` micro-batches per optimizer step."""
+
+    images_per_gpu: int
+    world_size: int
+    accumulate_steps: int
+
+    @property
+    def total_batch_size(self) -> int:
+        """Images of one micro-batch over all processes (``total_batch_size`` / ``IMS_PER_BATCH``)."""
+        return self.images_per_gpu * self.world_size
+
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step."""
+        return self.total_batch_size * self.accumulate_steps
+
+    def __str__(self) -> str:
+        gpus = "GPU" if self.world_size == 1 else "GPUs"
+        return (f"{self.images_per_gpu} images/GPU x {self.world_size} {gpus} x {self.accumulate_steps} "
+                f"accumulation = {self.effective_batch}")
+
+
+def batch_plan(images_per_gpu: int, effective_batch: int, world_size: int, accumulate_steps: int = 1,
+               names: Sequence[str] = ("images_per_gpu", "effective_batch")) -> BatchPlan:
+    """The batch arithmetic, in one place: images per GPU x GPUs x accumulation = effective batch.
+
+    Args:
+        images_per_gpu: images each process loads per micro-batch (> 0).
+        effective_batch: images per optimizer step; 0 keeps ``accumulate_steps`` (the effective
+            batch then grows with the GPU count).
+        world_size: the number of processes (GPUs) of the job.
+        accumulate_steps: micro-batches per step when ``effective_batch`` is 0.
+        names: the config keys of the first two arguments, for the error message.
+
+    Returns:
+        e.g. ``batch_plan(8, 64, 4)`` -> 8 images/GPU x 4 GPUs x 2 accumulation = 64.
+
+    Raises:
+        ValueError: the numbers cannot meet (``effective_batch`` is not a multiple of
+            ``images_per_gpu x world_size``), naming them.
+    """
+    if int(images_per_gpu) <= 0 or int(world_size) <= 0:
+        raise ValueError(f"{names[0]}={images_per_gpu} on {world_size} GPUs: both must be positive.")
+    if not effective_batch:
+        if int(accumulate_steps) <= 0:
+            raise ValueError(f"accumulate_steps={accumulate_steps} must be positive.")
+        return BatchPlan(int(images_per_gpu), int(world_size), int(accumulate_steps))
+    per_step = images_per_gpu * world_size
+    if effective_batch <= 0 or effective_batch % per_step:
+        fits = [n for n in range(1, effective_batch + 1) if effective_batch % (images_per_gpu * n) == 0]
+        raise ValueError(
+            f"{names[1]}={effective_batch} cannot be made of {names[0]}={images_per_gpu} x {world_size} GPUs "
+            f"({per_step} images per micro-batch): {effective_batch} is not a multiple of {per_step}. Run on a "
+            f"GPU count that fits ({', '.join(map(str, fits)) or 'none'}), or change {names[0]} or {names[1]} "
+            f"so that {names[1]} is a multiple of {names[0]} x GPUs."
+        )
+    return BatchPlan(int(images_per_gpu), int(world_size), effective_batch // per_step)
+
+
+def resolve_batch(cfg, world_size: Optional[int] = None) -> Optional[BatchPlan]:
+    """Derive the loader's batch over all processes and the gradient accumulation from the batch per
+    GPU, in place, and log the arithmetic ("8 images/GPU x 4 GPUs x 2 accumulation = 64").
+
+    * lazy ``train.images_per_gpu`` (+ ``train.effective_batch``), yacs ``SOLVER.IMS_PER_GPU``
+      (+ ``SOLVER.EFFECTIVE_BATCH``): ``dataloader.train.total_batch_size`` / ``SOLVER.IMS_PER_BATCH``
+      = images per GPU x ``world_size``, and with an effective batch ``train.accumulate_steps`` /
+      ``SOLVER.ACCUMULATE_STEPS`` = effective batch / that (:func:`batch_plan`); the values in
+      the config are overwritten.
+    * unset (None / 0, the default): the total batch and accumulation stay as the config gives them.
+
+    Args:
+        cfg: a lazy or (unfrozen) yacs config.
+        world_size: the job's process count (default: the current process group's).
+
+    Returns:
+        the plan (None when the batch per GPU is off and the total batch does not split evenly).
+    """
+    from detectron2.utils import comm
+
+    world_size = comm.get_world_size() if world_size is None else int(world_size)
+    if is_lazy(cfg):
+        t = cfg.get("train", None) or {}
+        per_gpu, effective, accumulate = t.get("images_per_gpu", None), t.get("effective_batch", None), \
+            t.get("accumulate_steps", 1)
+        names = ("train.images_per_gpu", "train.effective_batch")
+        loader = cfg.get("dataloader", {}).get("train", None)
+        total = loader.get("total_batch_size", None) if loader is not None else None
+    else:
+        s = cfg.SOLVER
+        per_gpu, effective, accumulate, total = s.IMS_PER_GPU, s.EFFECTIVE_BATCH, s.ACCUMULATE_STEPS, s.IMS_PER_BATCH
+        names = ("SOLVER.IMS_PER_GPU", "SOLVER.EFFECTIVE_BATCH")
+        if per_gpu and s.REFERENCE_WORLD_SIZE:
+            raise ValueError(
+                f"SOLVER.IMS_PER_GPU={per_gpu} and SOLVER.REFERENCE_WORLD_SIZE={s.REFERENCE_WORLD_SIZE} both scale "
+                "the batch with the GPU count: set REFERENCE_WORLD_SIZE 0 (or IMS_PER_GPU 0 for Detectron2's rescaling).")
+    if not per_gpu:
+        if effective:
+            raise ValueError(f"{names[1]}={effective} needs {names[0]} (the images each GPU loads per micro-batch), "
+                             f"e.g. {names[0]}=8.")
+        if not total or total % world_size or (not is_lazy(cfg) and cfg.SOLVER.REFERENCE_WORLD_SIZE):
+            return None  # Detectron2's own rules (and messages) apply
+        plan = BatchPlan(total // world_size, world_size, int(accumulate or 1))
+        logger.info("Batch: %s (the total batch of the config; %s sets it per GPU)", plan, names[0])
+        return plan
+    plan = batch_plan(int(per_gpu), int(effective or 0), world_size, int(accumulate or 1), names)
+    if is_lazy(cfg):
+        cfg.dataloader.train.total_batch_size = plan.total_batch_size
+        cfg.train.accumulate_steps = plan.accumulate_steps
+        derived = "dataloader.train.total_batch_size=%d, train.accumulate_steps=%d"
+    else:
+        cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUMULATE_STEPS = plan.total_batch_size, plan.accumulate_steps
+        derived = "SOLVER.IMS_PER_BATCH %d, SOLVER.ACCUMULATE_STEPS %d"
+    logger.info("Batch: %s (" + derived + ")", plan, plan.total_batch_size, plan.accumulate_steps)
+    return plan
+
+
 # ---------------------------------------------------------------------------- loading a config
 def config_style(path: str) -> str:
     """``"lazy"`` or ``"yacs"``: by extension for ``.py``, by content for YAML (a lazy run's saved
@@ -334,16 +462,21 @@ def config_style(path: str) -> str:
     return "lazy" if isinstance(content, dict) and lazy_sections & set(content) else "yacs"
 
 
-def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = True):
+def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = True, batch: bool = True,
+                world_size: Optional[int] = None):
     """Load a lazy (``.py``, or a lazy run's saved ``config.yaml``) or yacs (``.yaml``) config, apply
-    the command line's overrides, then register the config's own data (``dataset.root`` /
-    ``DATASETS.ROOT``, see :func:`resolve_dataset`).
+    the command line's overrides, derive the batch from the batch per GPU (:func:`resolve_batch`),
+    then register the config's own data (``dataset.root`` / ``DATASETS.ROOT``, see
+    :func:`resolve_dataset`).
 
     Args:
         path: the config file.
         overrides: ``key=value`` (lazy) or ``KEY VALUE`` (yacs) items.
         resolve_data: register and check the config's datasets; prediction and export, which need
-            no data, pass False (the classes then come from the checkpoint).
+            no data, pass False (the classes then come from the checkpoint). The batch is only
+            resolved with the data.
+        batch: resolve the batch per GPU (``--eval-only`` passes False: no training batch).
+        world_size: the job's process count for the batch (default: the current process group's).
 
     Returns:
         an OmegaConf ``DictConfig`` (lazy) or an unfrozen yacs ``CfgNode``.
@@ -356,6 +489,8 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
         cfg.merge_from_file(path)
         cfg.merge_from_list(list(overrides))
     if resolve_data:
+        if batch:
+            resolve_batch(cfg, world_size)
         resolve_dataset(cfg)
     return cfg
 

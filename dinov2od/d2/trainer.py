@@ -36,6 +36,7 @@ from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_load
 from .config import build_optimizer_from_cfg, check_datasets, check_num_classes
 from .dataset_mapper import DetrDatasetMapper
 from .ema import EMAHook, ModelEMA, export_ema_weights
+from .launch import check_ranks_agree
 from .evaluation import eval_context, run_evaluation
 from .metadata import set_model_classes
 from .train_loop import DetrTrainerLoop, unwrap_model
@@ -154,6 +155,8 @@ def _evaluate_weights(model, settings: TrainSettings, evaluate: Callable, resume
     if resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
     checkpointer.load(path)  # the EMA entry too, when the file has one
+    if path:  # without a file each rank keeps its own initialisation (no DDP broadcast here)
+        check_ranks_agree(0, path, settings.output_dir, model, resume and path != settings.init_checkpoint)
     if ema is not None and ema.num_updates == 0:
         logger.warning("%s has no EMA weights; evaluating the model's own.", path or "(no checkpoint)")
         ema = None
@@ -258,14 +261,20 @@ class DetrTrainer(TrainerBase):
 
         First removes the temporary files of a save that was killed. The checkpoint must fit the
         model; fine-tuning (not resuming) may change the class count (``CrashSafeCheckpointer``).
+        In a distributed job every rank must then hold the same iteration and weights, else all
+        stop with one message (:func:`~dinov2od.d2.launch.check_ranks_agree`: e.g. an output
+        folder that is not shared between machines).
         """
         self.checkpointer.remove_temporary_files()
-        self.checkpointer.allow_class_change = not (resume and self.checkpointer.has_checkpoint())
+        resuming = resume and self.checkpointer.has_checkpoint()
+        self.checkpointer.allow_class_change = not resuming
+        path = self.checkpointer.get_checkpoint_file() if resuming else self.settings.init_checkpoint
         self.checkpointer.resume_or_load(self.settings.init_checkpoint, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
+        if resuming:
             self.start_iter = self.iter + 1
         if self.ema is not None and self.ema.num_updates == 0:  # no EMA state was loaded
             self.ema.restart()  # average from the loaded weights, not from the random init
+        check_ranks_agree(self.start_iter, path, self.settings.output_dir, self.model, resuming)
 
     def train(self) -> Optional[dict]:
         """Train from ``start_iter`` to ``max_iter``, then export the EMA weights.
