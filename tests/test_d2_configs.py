@@ -20,7 +20,7 @@ def test_coco_recipe_values():
         "base", False, "facebook/dinov2-base", True, 8)
     assert cfg.model.num_classes == 80 and cfg.model.detector.num_queries == 300
     assert cfg.model.detector.cross_attn == "deformable"
-    assert cfg.optimizer.lr == 1e-4 and cfg.dataloader.train.total_batch_size == 64
+    assert cfg.optimizer.lr == 1e-4 and (cfg.train.images_per_gpu, cfg.train.effective_batch) == (8, 64)  # per GPU
     assert cfg.dataloader.train.dataset.names == "coco_2017_train" and cfg.dataloader.test.dataset.names == "coco_2017_val"
     epochs = cfg.train.max_iter * 64 / 118287
     assert 49.9 < epochs < 50.1
