@@ -14,7 +14,9 @@ solver, the crop) are in ``configs/yaml/Base-DINOv2DETR.yaml``.
 
 Every added key is one row of :data:`KEYS`, next to the lazy-config field it mirrors. Rows under
 ``model.`` are read by :func:`model_arguments`, which turns a yacs config into the same argument
-tree as ``configs/common/models/dinov2_detr.py``; adding a model option is adding one row.
+tree as ``configs/common/models/dinov2_detr.py``; adding a model option is adding one row
+(``tests/test_d2_config_keys.py`` walks the lazy model config: every option leaf needs a row).
+``num_aux_layers`` has none: ``DINOv2DETR`` derives it from the decoder layers in both styles.
 """
 from __future__ import annotations
 
@@ -62,6 +64,11 @@ def _or_none(value):
     return None if value in ("", [], ()) else value
 
 
+def _positive_or_none(value):
+    """0 in yacs (which has no None) -> None ("off")."""
+    return value if value > 0 else None
+
+
 # (yacs key, default, the lazy-config field it mirrors[, conversion of the yacs value])
 KEYS: List[tuple] = [
     # --- the model (configs/common/models/dinov2_detr.py) -------------------------------------
@@ -83,10 +90,19 @@ KEYS: List[tuple] = [
     ("MODEL.DINOV2OD.BACKBONE.LORA_ALPHA", 16.0, "model.detector.backbone.lora_alpha"),
     ("MODEL.DINOV2OD.BACKBONE.LORA_DROPOUT", 0.0, "model.detector.backbone.lora_dropout"),
     ("MODEL.DINOV2OD.BACKBONE.LORA_TARGETS", ["query", "value"], "model.detector.backbone.lora_targets", tuple),
+    ("MODEL.DINOV2OD.BACKBONE.LORA_BLOCKS", [], "model.detector.backbone.lora_blocks", _or_none),  # []: every block
     ("MODEL.DINOV2OD.BACKBONE.FREEZE", True, "model.detector.backbone.freeze"),
     ("MODEL.DINOV2OD.BACKBONE.DROP_PATH_RATE", 0.0, "model.detector.backbone.drop_path_rate"),
+    # the ViT's final LayerNorm on every tapped output
+    ("MODEL.DINOV2OD.BACKBONE.APPLY_LAYERNORM", True, "model.detector.backbone.apply_layernorm"),
+    # windowed attention: patches per window side (0: global attention in every block) ...
+    ("MODEL.DINOV2OD.BACKBONE.WINDOW_SIZE", 0, "model.detector.backbone.window_size", _positive_or_none),
+    # ... in these blocks ([]: every block that is not tapped)
+    ("MODEL.DINOV2OD.BACKBONE.WINDOW_BLOCKS", [], "model.detector.backbone.window_blocks", _or_none),
     # dinov2, random-init ViT only: "sincos" | "random"
     ("MODEL.DINOV2OD.BACKBONE.POS_EMBED_INIT", "sincos", "model.detector.backbone.pos_embed_init"),
+    # dinov2: resizing the position embeddings to another grid, "meta" (Meta's dinov2) | "transformers"
+    ("MODEL.DINOV2OD.BACKBONE.POS_INTERPOLATION", "meta", "model.detector.backbone.pos_interpolation"),
     # dinov3: the released RoPE coordinate augmentation in training mode
     ("MODEL.DINOV2OD.BACKBONE.ROPE_TRAIN_AUGMENT", True, "model.detector.backbone.rope_train_augment"),
     ("MODEL.DINOV2OD.HIDDEN_DIM", 256, "model.detector.hidden_dim"),
@@ -103,6 +119,7 @@ KEYS: List[tuple] = [
     ("MODEL.DINOV2OD.TWO_STAGE", False, "model.detector.two_stage"),
     ("MODEL.DINOV2OD.TWO_STAGE_NMS", 0.0, "model.detector.two_stage_nms"),  # > 0: IoU of NMS in query selection
     ("MODEL.DINOV2OD.GROUP_DETR", 1, "model.detector.group_detr"),
+    ("MODEL.DINOV2OD.PRIOR_PROB", 0.01, "model.detector.prior_prob"),  # initial foreground probability
     ("MODEL.DINOV2OD.SPATIAL_PRIOR", 0, "model.detector.spatial_prior"),  # > 0: width of a conv stem
     # training-only queries (inference unchanged): contrastive denoising, H-DETR's one-to-many
     ("MODEL.DINOV2OD.DN.GROUPS", 0, "model.detector.dn_groups"),  # > 0: fixed number of groups
@@ -118,6 +135,8 @@ KEYS: List[tuple] = [
     ("MODEL.DINOV2OD.LOSS.CLASS_LOSS", "focal", "model.criterion.class_loss"),  # or "quality_focal"
     ("MODEL.DINOV2OD.LOSS.ENC_LOSS", "hungarian", "model.criterion.enc_loss"),  # two-stage: or "dense"
     ("MODEL.DINOV2OD.LOSS.DENSE_TOPK", 9, "model.criterion.dense_topk"),
+    ("MODEL.DINOV2OD.LOSS.DENSE_ALPHA", 1.0, "model.criterion.dense_alpha"),  # score exponent of the assignment
+    ("MODEL.DINOV2OD.LOSS.DENSE_BETA", 6.0, "model.criterion.dense_beta"),  # IoU exponent of the assignment
     ("MODEL.DINOV2OD.LOSS.O2M_REPEATS", 6, "model.criterion.o2m_repeats"),  # targets repeated for o2m queries
     ("MODEL.DINOV2OD.LOSS.O2M_WEIGHT", 1.0, "model.criterion.o2m_weight"),
     ("MODEL.DINOV2OD.MATCHER.COST_CLASS", 2.0, "model.criterion.matcher.cost_class"),
@@ -226,7 +245,7 @@ def build_criterion_from_cfg(cfg):
     return SetCriterion(
         num_classes=args["num_classes"],
         matcher=HungarianMatcher(**criterion.pop("matcher")),
-        num_aux_layers=args["detector"]["num_decoder_layers"] - 1,
+        num_aux_layers=None,  # DINOv2DETR sets it from the detector's decoder layers
         two_stage=args["detector"]["two_stage"],
         **criterion,
     )

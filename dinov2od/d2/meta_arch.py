@@ -90,7 +90,9 @@ class DINOv2DETR(nn.Module):
         """
         Args:
             detector: ``DINOv2ObjectDetector``: ``(images (B,3,H,W), masks (B,H,W)) -> dict``.
-            criterion: ``SetCriterion`` returning unweighted losses, with ``weight_dict``.
+            criterion: ``SetCriterion`` returning unweighted losses, with ``weight_of(key)``
+                (every loss's weight). Its ``num_aux_layers=None`` is set here to the detector's
+                decoder layers - 1.
             num_classes: number of foreground classes (must match detector and dataset).
             pixel_mean, pixel_std: per-channel normalization in 0-255 space, in
                 ``input_format`` order (Detectron2 convention).
@@ -108,6 +110,8 @@ class DINOv2DETR(nn.Module):
                     f"The {name} has num_classes={n} but the meta-architecture has "
                     f"num_classes={num_classes}; set num_classes in one place in the config."
                 )
+        if getattr(criterion, "num_aux_layers", 0) is None:  # derived from the decoder's layers
+            criterion.list_weights(getattr(detector, "num_aux_outputs", None), criterion.two_stage)
         self.detector = detector
         self.criterion = criterion
         self.num_classes = num_classes
@@ -174,18 +178,13 @@ class DINOv2DETR(nn.Module):
         return targets
 
     def weighted_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Multiply each loss by its weight (``loss_giou_3`` falls back to ``loss_giou``)."""
-        weights = self.criterion.weight_dict
+        """Multiply each loss by its weight, as the criterion resolves it (``criterion.weight_of``);
+        losses weighted 0 are left out."""
         out = {}
         for k, v in losses.items():
             if not k.startswith("loss"):
                 continue  # statistics such as class_error are not optimized
-            base = k
-            while base not in weights and "_" in base[len("loss_"):]:
-                base = base.rsplit("_", 1)[0]  # loss_bbox_0 -> loss_bbox, loss_giou_enc -> ...
-            w = weights.get(k, weights.get(base))
-            if w is None:
-                raise KeyError(f"No weight for loss {k!r} in criterion.weight_dict {sorted(weights)}.")
+            w = self.criterion.weight_of(k)
             if w != 0:
                 out[k] = v * w
         return out

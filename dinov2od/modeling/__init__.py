@@ -63,7 +63,7 @@ from .backbones import (
     valid_sizes_from_mask,
 )
 from .criterion import SetCriterion
-from .decoder import DecoderLayer, DeformableDecoder, EncoderLayer, inverse_sigmoid
+from .decoder import DecoderLayer, DecoderOptions, DeformableDecoder, EncoderLayer, inverse_sigmoid
 from .detector import DINOv2ObjectDetector, topk_detections
 from .lr_decay import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
 from .matcher import HungarianMatcher, focal_class_cost
@@ -81,6 +81,7 @@ __all__ = [
     "DINOv3Backbone",
     "DINOv2ObjectDetector",
     "DecoderLayer",
+    "DecoderOptions",
     "DenoisingQueries",
     "DeformableDecoder",
     "EncoderLayer",

@@ -73,7 +73,8 @@ class SetCriterion(nn.Module):
             the base weights.
         focal_alpha, focal_gamma: focal loss parameters.
         num_aux_layers: auxiliary decoder layers whose keys ``weight_dict`` lists up front
-            (decoder layers - 1); more found at run time are added with the base weights.
+            (decoder layers - 1); more found at run time are added with the base weights. None:
+            not known yet; ``DINOv2DETR`` sets it from its detector (:meth:`list_weights`).
         two_stage: list the ``_enc`` keys in ``weight_dict``.
         class_loss: ``"focal"`` (target 1 for a matched query) or ``"quality_focal"`` (target =
             IoU with the matched box).
@@ -92,7 +93,7 @@ class SetCriterion(nn.Module):
         weight_dict: Optional[Dict[str, float]] = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        num_aux_layers: int = 5,
+        num_aux_layers: Optional[int] = 5,
         two_stage: bool = True,
         class_loss: str = "focal",
         enc_loss: str = "hungarian",
@@ -118,18 +119,31 @@ class SetCriterion(nn.Module):
         self.base_weights = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
         user = dict(weight_dict or {})
         self.base_weights.update({k: float(v) for k, v in user.items() if k in BASE_LOSSES})
-        suffixes = [""] + [f"_{i}" for i in range(num_aux_layers)] + (["_enc"] if two_stage else [])
-        self.weight_dict = {k + s: self.base_weights[k] for s in suffixes for k in BASE_LOSSES}
         self._user_weights = {k: float(v) for k, v in user.items()}
+        self.list_weights(num_aux_layers, two_stage)
+
+    def list_weights(self, num_aux_layers: Optional[int], two_stage: bool) -> None:
+        """(Re)build ``weight_dict`` up front: the keys of the last layer, of ``num_aux_layers``
+        auxiliary layers (None: none yet) and, if ``two_stage``, of the proposals; then the
+        user's weights."""
+        self.num_aux_layers, self.two_stage = num_aux_layers, bool(two_stage)
+        suffixes = [""] + [f"_{i}" for i in range(num_aux_layers or 0)] + (["_enc"] if two_stage else [])
+        self.weight_dict = {k + s: self.base_weights[k] for s in suffixes for k in BASE_LOSSES}
         self.weight_dict.update(self._user_weights)
 
     def weight_of(self, key: str) -> float:
-        """Weight of a loss key: ``weight_dict[key]`` if set, else (for ``_dn``/``_o2m`` keys) the
-        weight given for the key without its layer suffix, else the base weight (times
-        ``o2m_weight`` for ``_o2m`` keys)."""
+        """Weight of a loss key, the one place loss weights are resolved: ``weight_dict[key]`` if
+        set, else (for ``_dn``/``_o2m`` keys) the weight given for the key without its layer
+        suffix, else the base weight (times ``o2m_weight`` for ``_o2m`` keys).
+
+        Raises:
+            KeyError: a key that is none of ``loss_class``/``loss_bbox``/``loss_giou`` + suffixes.
+        """
         if key in self.weight_dict:
             return self.weight_dict[key]
         base = "_".join(key.split("_")[:2])  # loss_class_dn_3 -> loss_class
+        if base not in self.base_weights:
+            raise KeyError(f"No weight for loss {key!r}: criterion.weight_dict has {sorted(self.weight_dict)}.")
         part = next((p for p in ("_dn", "_o2m") if key[len(base):].startswith(p)), "")
         if part and base + part in self._user_weights:
             return self._user_weights[base + part]

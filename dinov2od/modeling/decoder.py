@@ -27,6 +27,7 @@ with the matching queries and come back as ``dn_outputs`` and ``o2m_outputs``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -47,7 +48,7 @@ from dinov2od.layers.fused_linear import linear
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
-__all__ = ["DeformableDecoder", "DecoderLayer", "EncoderLayer", "inverse_sigmoid"]
+__all__ = ["DecoderOptions", "DeformableDecoder", "DecoderLayer", "EncoderLayer", "inverse_sigmoid"]
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -147,16 +148,23 @@ class DecoderLayer(nn.Module):
         return self.ffn(tgt)
 
 
-class DeformableDecoder(nn.Module):
-    """Query decoder with class/box heads (see the module docstring).
+@dataclasses.dataclass
+class DecoderOptions:
+    """The options of :class:`DeformableDecoder`, with their defaults: the one place they are written.
 
-    Args:
-        num_classes: number of classes (sigmoid logits, no "no-object" column).
+    The decoder takes them as keyword arguments (``DeformableDecoder(num_classes, num_queries=100)``)
+    and :class:`~dinov2od.modeling.DINOv2ObjectDetector` passes them on by name (``num_layers`` is
+    its ``num_decoder_layers``, ``num_levels`` comes from its neck).
+
+    Attributes:
         hidden_dim: width C (must equal the neck's output width).
         num_levels: pyramid levels L.
         num_queries: queries per group at inference.
         num_layers: decoder layers.
-        num_heads, num_points, dim_feedforward, dropout: layer hyper-parameters.
+        num_heads: heads of the self- and cross-attention.
+        num_points: deformable attention's sampling points per head and level.
+        dim_feedforward: FFN width.
+        dropout: dropout everywhere.
         cross_attn: ``"deformable"`` or ``"standard"``.
         box_refine: each layer refines the previous layer's boxes (own heads per layer); else
             every layer predicts relative to the initial reference boxes (shared heads).
@@ -180,90 +188,114 @@ class DeformableDecoder(nn.Module):
             boxes are the proposals ranked after the first ``num_queries``.
     """
 
+    hidden_dim: int = 256
+    num_levels: int = 4
+    num_queries: int = 300
+    num_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    cross_attn: str = "deformable"
+    box_refine: bool = True
+    two_stage: bool = False
+    group_detr: int = 1
+    num_encoder_layers: int = 0
+    prior_prob: float = 0.01
+    two_stage_nms: float = 0.0
+    dn_groups: int = 0
+    dn_queries: int = 0
+    dn_label_noise: float = 0.25
+    dn_box_noise: float = 1.0
+    o2m_queries: int = 0
+
+    @classmethod
+    def from_kwargs(cls, owner: str = "DeformableDecoder", **kwargs) -> "DecoderOptions":
+        """The defaults with ``kwargs`` set.
+
+        Raises:
+            TypeError: a name that is no option, naming ``owner`` and the options.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"{owner} got unknown decoder option(s) {unknown}; the options (DecoderOptions): {names}")
+        return cls(**kwargs)
+
+
+class DeformableDecoder(nn.Module):
+    """Query decoder with class/box heads (see the module docstring).
+
+    Args:
+        num_classes: number of classes (sigmoid logits, no "no-object" column).
+        options: a :class:`DecoderOptions` (None: the defaults).
+        **kwargs: fields of :class:`DecoderOptions` to set (over ``options``), e.g. ``num_queries=100``.
+    """
+
     # one value projection for all layers (see _project_values); False: each layer its own
     stack_value_proj = True
 
-    def __init__(
-        self,
-        num_classes: int,
-        hidden_dim: int = 256,
-        num_levels: int = 4,
-        num_queries: int = 300,
-        num_layers: int = 6,
-        num_heads: int = 8,
-        num_points: int = 4,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.0,
-        cross_attn: str = "deformable",
-        box_refine: bool = True,
-        two_stage: bool = False,
-        group_detr: int = 1,
-        num_encoder_layers: int = 0,
-        prior_prob: float = 0.01,
-        two_stage_nms: float = 0.0,
-        dn_groups: int = 0,
-        dn_queries: int = 0,
-        dn_label_noise: float = 0.25,
-        dn_box_noise: float = 1.0,
-        o2m_queries: int = 0,
-    ):
+    def __init__(self, num_classes: int, options: Optional[DecoderOptions] = None, **kwargs):
         super().__init__()
-        _check_train_query_args(dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries)
-        if num_classes < 1 or num_queries < 1 or num_layers < 1 or group_detr < 1:
+        o = DecoderOptions.from_kwargs(**{**dataclasses.asdict(options or DecoderOptions()), **kwargs})
+        self.options = o
+        _check_train_query_args(o.dn_groups, o.dn_queries, o.dn_label_noise, o.dn_box_noise, o.o2m_queries)
+        if num_classes < 1 or o.num_queries < 1 or o.num_layers < 1 or o.group_detr < 1:
             raise ValueError(
-                f"num_classes={num_classes}, num_queries={num_queries}, num_layers={num_layers} and "
-                f"group_detr={group_detr} must all be >= 1"
+                f"num_classes={num_classes}, num_queries={o.num_queries}, num_layers={o.num_layers} and "
+                f"group_detr={o.group_detr} must all be >= 1"
             )
-        if hidden_dim % 2:
-            raise ValueError(f"hidden_dim={hidden_dim} must be even (sine position embeddings)")
-        self.num_classes, self.hidden_dim, self.num_levels = num_classes, hidden_dim, num_levels
-        self.num_queries, self.num_layers, self.group_detr = num_queries, num_layers, group_detr
-        self.cross_attn, self.box_refine, self.two_stage = cross_attn, box_refine, two_stage
-        self.two_stage_nms = float(two_stage_nms)
+        if o.hidden_dim % 2:
+            raise ValueError(f"hidden_dim={o.hidden_dim} must be even (sine position embeddings)")
+        d = o.hidden_dim
+        self.num_classes, self.hidden_dim, self.num_levels = num_classes, d, o.num_levels
+        self.num_queries, self.num_layers, self.group_detr = o.num_queries, o.num_layers, o.group_detr
+        self.cross_attn, self.box_refine, self.two_stage = o.cross_attn, o.box_refine, o.two_stage
+        self.two_stage_nms = float(o.two_stage_nms)
 
-        layer = DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, cross_attn)
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        enc = EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points)
-        self.encoder_layers = nn.ModuleList(copy.deepcopy(enc) for _ in range(num_encoder_layers))
+        layer = DecoderLayer(d, o.num_heads, o.dim_feedforward, o.dropout, o.num_levels, o.num_points, o.cross_attn)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(o.num_layers))
+        enc = EncoderLayer(d, o.num_heads, o.dim_feedforward, o.dropout, o.num_levels, o.num_points)
+        self.encoder_layers = nn.ModuleList(copy.deepcopy(enc) for _ in range(o.num_encoder_layers))
         # memory position embeddings exist only where something reads them (keeps DDP's
         # "every parameter gets a gradient" true for every option)
-        self.use_memory_pos = cross_attn == "standard" or num_encoder_layers > 0
+        self.use_memory_pos = o.cross_attn == "standard" or o.num_encoder_layers > 0
         if self.use_memory_pos:
-            self.level_embed = nn.Parameter(torch.zeros(num_levels, hidden_dim))
+            self.level_embed = nn.Parameter(torch.zeros(o.num_levels, d))
             nn.init.normal_(self.level_embed, std=0.02)
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
+        self.position_embedding = PositionEmbeddingSine(d // 2, normalize=True)
+        self.ref_point_head = MLP(2 * d, d, d, 2)
 
-        total = num_queries * group_detr
-        self.query_embed = nn.Embedding(total, hidden_dim)
-        if not two_stage:
+        total = o.num_queries * o.group_detr
+        self.query_embed = nn.Embedding(total, d)
+        if not o.two_stage:
             self.refpoint_embed = nn.Embedding(total, 4)
             with torch.no_grad():  # centres spread over the image, small boxes
                 xy = torch.rand(total, 2)
                 wh = torch.full((total, 2), 0.1)
                 self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.cat([xy, wh], 1)))
 
-        bias = -math.log((1 - prior_prob) / prior_prob)
-        class_head = nn.Linear(hidden_dim, num_classes)
+        bias = -math.log((1 - o.prior_prob) / o.prior_prob)
+        class_head = nn.Linear(d, num_classes)
         nn.init.constant_(class_head.bias, bias)
-        box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        box_head = MLP(d, d, 4, 3)
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
-        n_heads = num_layers if box_refine else 1
+        n_heads = o.num_layers if o.box_refine else 1
         self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(n_heads))
         self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(n_heads))
-        if two_stage:
-            self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+        if o.two_stage:
+            self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
             self.enc_class_head = copy.deepcopy(class_head)
             self.enc_box_head = copy.deepcopy(box_head)
-        self._init_train_queries(dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries)
+        self._init_train_queries(o)
 
-    def _init_train_queries(self, dn_groups, dn_queries, dn_label_noise, dn_box_noise, o2m_queries) -> None:
+    def _init_train_queries(self, o: DecoderOptions) -> None:
         """Training-only queries, created last so that the other parameters' random init does not
         depend on them (same seed, same weights with the options on or off)."""
-        self.dn_groups, self.dn_queries = int(dn_groups), int(dn_queries)
-        self.dn_label_noise, self.dn_box_noise = float(dn_label_noise), float(dn_box_noise)
-        self.o2m_queries = int(o2m_queries)
+        self.dn_groups, self.dn_queries = int(o.dn_groups), int(o.dn_queries)
+        self.dn_label_noise, self.dn_box_noise = float(o.dn_label_noise), float(o.dn_box_noise)
+        self.o2m_queries = int(o.o2m_queries)
         if self.denoising:
             self.dn_label_embed = nn.Embedding(self.num_classes, self.hidden_dim)
         if self.o2m_queries:

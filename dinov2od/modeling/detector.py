@@ -12,7 +12,7 @@ from dinov2od.layers.precision import autocast_context
 
 from .backbones import build_backbone, pad_to_multiple, valid_sizes_from_mask
 from .classes import CLASS_METADATA_BYTES, decode_class_metadata, encode_class_metadata
-from .decoder import DeformableDecoder
+from .decoder import DecoderOptions, DeformableDecoder
 from .neck import ConvSpatialPrior, SimpleFeaturePyramid
 
 logger = logging.getLogger("dinov2od")
@@ -62,14 +62,17 @@ class DINOv2ObjectDetector(nn.Module):
         scale_factors: pyramid levels relative to the patch grid; the default gives strides
             7/14/28/56 px with DINOv2's 14-px patches (8/16/32/64 with DINOv3's 16-px ones);
             ``(1.0,)`` is single-level.
-        num_queries, num_decoder_layers, num_heads, num_points, dim_feedforward, dropout,
-        cross_attn, box_refine, two_stage, group_detr, num_encoder_layers, two_stage_nms, dn_groups,
-        dn_queries, dn_label_noise, dn_box_noise, o2m_queries: see :class:`DeformableDecoder`
-            (denoising and one-to-many queries exist only in training).
+        num_decoder_layers: decoder layers (:class:`DecoderOptions`' ``num_layers``).
         spatial_prior: width of a :class:`ConvSpatialPrior` (a small conv stem on the image whose
             features are added to every pyramid level); 0 (default) = none.
         pixel_mean, pixel_std: RGB statistics in [0, 1] that :meth:`forward` normalizes its input
             with (ImageNet's, as DINOv2 was trained; torchvision's detection convention).
+        **decoder_options: the other fields of :class:`DecoderOptions` (``num_queries``,
+            ``num_heads``, ``num_points``, ``dim_feedforward``, ``dropout``, ``cross_attn``,
+            ``box_refine``, ``two_stage``, ``group_detr``, ``num_encoder_layers``, ``prior_prob``,
+            ``two_stage_nms``, ``dn_groups``, ``dn_queries``, ``dn_label_noise``, ``dn_box_noise``,
+            ``o2m_queries``), with its defaults (denoising and one-to-many queries exist only in
+            training); ``num_levels`` comes from the neck.
     """
 
     def __init__(
@@ -78,30 +81,23 @@ class DINOv2ObjectDetector(nn.Module):
         backbone: Union[nn.Module, dict, None] = None,
         neck: Optional[nn.Module] = None,
         decoder: Optional[nn.Module] = None,
-        hidden_dim: int = 256,
+        hidden_dim: int = DecoderOptions.hidden_dim,
         scale_factors: Sequence[float] = (2.0, 1.0, 0.5, 0.25),
-        num_queries: int = 300,
-        num_decoder_layers: int = 6,
-        num_heads: int = 8,
-        num_points: int = 4,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.0,
-        cross_attn: str = "deformable",
-        box_refine: bool = True,
-        two_stage: bool = False,
-        group_detr: int = 1,
-        num_encoder_layers: int = 0,
-        two_stage_nms: float = 0.0,
-        dn_groups: int = 0,
-        dn_queries: int = 0,
-        dn_label_noise: float = 0.25,
-        dn_box_noise: float = 1.0,
-        o2m_queries: int = 0,
+        *,
+        num_decoder_layers: int = DecoderOptions.num_layers,
         spatial_prior: int = 0,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
+        **decoder_options,
     ):
         super().__init__()
+        taken = {"num_levels": "the neck's levels (scale_factors)", "num_layers": "num_decoder_layers"}
+        clash = sorted(taken.keys() & decoder_options.keys())
+        if clash:
+            raise TypeError(f"DINOv2ObjectDetector sets the decoder's {clash[0]} from {taken[clash[0]]}; "
+                            f"do not pass {clash[0]}=")
+        options = DecoderOptions.from_kwargs("DINOv2ObjectDetector", hidden_dim=hidden_dim,
+                                             num_layers=num_decoder_layers, **decoder_options)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
         if backbone is None or isinstance(backbone, dict):
@@ -116,11 +112,7 @@ class DINOv2ObjectDetector(nn.Module):
             self.spatial_prior = ConvSpatialPrior(neck.out_channels, neck.scale_factors, backbone.patch_size,
                                                   spatial_prior)
         if decoder is None:
-            decoder = DeformableDecoder(
-                num_classes, hidden_dim, neck.num_levels, num_queries, num_decoder_layers, num_heads,
-                num_points, dim_feedforward, dropout, cross_attn, box_refine, two_stage, group_detr,
-                num_encoder_layers, two_stage_nms=two_stage_nms, dn_groups=dn_groups, dn_queries=dn_queries,
-                dn_label_noise=dn_label_noise, dn_box_noise=dn_box_noise, o2m_queries=o2m_queries)
+            decoder = DeformableDecoder(num_classes, options, num_levels=neck.num_levels)
         self.decoder = decoder
         if decoder.num_levels != neck.num_levels or decoder.hidden_dim != neck.out_channels:
             raise ValueError(

@@ -27,9 +27,14 @@ model = L(DINOv2DETR)(
             lora_alpha=16.0,
             lora_dropout=0.0,
             lora_targets=("query", "value"),
+            lora_blocks=None,  # None: every block; else 0-based block indices
             freeze=True,
             drop_path_rate=0.0,
+            apply_layernorm=True,  # the ViT's final LayerNorm on every tapped output
+            window_size=None,  # patches per window side: windowed attention in window_blocks
+            window_blocks=None,  # None: every block that is not tapped
             pos_embed_init="sincos",  # dinov2, random-init ViTs only ("random": transformers' init)
+            pos_interpolation="meta",  # dinov2: resizing the position embeddings, as Meta's code ("transformers")
             rope_train_augment=True,  # dinov3: the released RoPE coordinate augmentation in training mode
         ),
         hidden_dim=256,
@@ -46,6 +51,7 @@ model = L(DINOv2DETR)(
         two_stage_nms=0.0,  # > 0: NMS IoU threshold of the two-stage query selection
         group_detr=1,
         num_encoder_layers=0,
+        prior_prob=0.01,  # initial foreground probability of the class heads
         spatial_prior=0,  # > 0: width of a conv stem on the image added to every pyramid level
         # training-only queries (inference unchanged): contrastive denoising (DINO: dn_queries=200)
         dn_groups=0,  # > 0: fixed number of denoising groups (a positive + a negative per box each)
@@ -62,11 +68,13 @@ model = L(DINOv2DETR)(
         weight_dict={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
         focal_alpha=0.25,
         focal_gamma=2.0,
-        num_aux_layers=5,  # listed up front; any further aux layers get the base weights
+        num_aux_layers=None,  # None: the detector's decoder layers - 1 (DINOv2DETR sets it)
         two_stage="${..detector.two_stage}",
         class_loss="focal",  # "quality_focal": the target of a matched query is its box's IoU
         enc_loss="hungarian",  # two-stage proposals: "dense" = task-aligned, every token
         dense_topk=9,
+        dense_alpha=1.0,  # the task-aligned metric: score^dense_alpha * IoU^dense_beta
+        dense_beta=6.0,
         o2m_repeats=6,  # one-to-many queries: the targets repeated this many times (H-DETR: 6)
         o2m_weight=1.0,  # the _o2m losses' weight relative to the main ones
     ),

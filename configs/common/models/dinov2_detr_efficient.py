@@ -14,4 +14,3 @@ from .dinov2_detr import model
 model.detector.backbone.window_size = 16  # patches per window side; window_blocks: the untapped blocks
 model.detector.scale_factors = (1.0, 0.5)
 model.detector.num_decoder_layers = 3
-model.criterion.num_aux_layers = 2
