@@ -11,10 +11,12 @@ output projection reads (no transpose copy after). Against torch's own CPU kerne
 
 It is taken only where it computes the same function with nothing to preserve: the conditions of
 :func:`dinov2od.layers.fused_linear.fused_linear_enabled` (CPU, float32, no gradient, not
-tracing/exporting/compiling, no autocast, ``DINOV2OD_FUSED_LINEAR`` not 0), no mask, no dropout,
+tracing/exporting/compiling, no autocast, the ``fused_linear`` option on), no mask, no dropout,
 head dim 64, a CPU with AVX-512 (avx512f, avx512dq) and a build that has the kernel. Everywhere else
-the caller runs torch's kernel. ``DINOV2OD_CPU_ATTENTION=0`` turns this kernel alone off (A/B timing,
-debugging; torch's FLOP counter, which cannot see it, counts the model with it off).
+the caller runs torch's kernel. The inference option ``cpu_attention`` turns this kernel alone off
+(``with inference_options(cpu_attention=False)`` or ``DINOV2OD_CPU_ATTENTION=0``, see
+:mod:`dinov2od.layers.inference_options`; A/B timing, debugging; torch's FLOP counter, which cannot
+see it, counts the model with it off).
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from typing import Optional
 from torch import Tensor
 
 from dinov2od.layers._ext import load_extension
-from dinov2od.layers.fused_linear import env_off, fused_linear_enabled
+from dinov2od.layers.fused_linear import fused_linear_enabled
+from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
 
 __all__ = ["ENV", "cpu_attention", "cpu_attention_available", "cpu_attention_enabled"]
 
-ENV = "DINOV2OD_CPU_ATTENTION"
+ENV = ENV_VARIABLES["cpu_attention"]  # DINOV2OD_CPU_ATTENTION (read in dinov2od.layers.inference_options)
 HEAD_DIM = 64
 
 
@@ -41,7 +44,7 @@ def cpu_attention_enabled(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
     """Whether :func:`cpu_attention` applies to these inputs (see the module doc)."""
     if mask is not None or p_drop or q.dim() != 4 or q.shape[-1] != HEAD_DIM:
         return False
-    if env_off(ENV):
+    if not current_options().cpu_attention:
         return False
     if q.shape != k.shape or q.shape != v.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
         return False

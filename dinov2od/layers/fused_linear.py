@@ -11,20 +11,23 @@ and GELU in 6.7 ms against 10.7 ms for ``F.gelu(F.linear(x, w, b))`` (``tools/be
 :func:`linear` takes that path only where it computes the same function with no autograd, trace or
 autocast to preserve: CPU, float32, no gradient needed, not tracing/scripting/exporting/compiling, no
 CPU autocast, and the op present in this torch build. Everywhere else it is ``F.linear`` (+ the
-activation). ``DINOV2OD_FUSED_LINEAR=0`` turns the oneDNN path off (for A/B timing or debugging).
+activation). The inference option ``fused_linear`` turns the oneDNN path off (A/B timing,
+debugging): ``with inference_options(fused_linear=False)``, or ``DINOV2OD_FUSED_LINEAR=0``
+(:mod:`dinov2od.layers.inference_options`).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ENV", "env_off", "fused_linear_enabled", "linear"]
+from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
 
-ENV = "DINOV2OD_FUSED_LINEAR"
+__all__ = ["ENV", "fused_linear_enabled", "linear"]
+
+ENV = ENV_VARIABLES["fused_linear"]  # DINOV2OD_FUSED_LINEAR (read in dinov2od.layers.inference_options)
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "relu": ("relu", "")}
 
 
@@ -55,23 +58,18 @@ def _compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
-def env_off(name: str) -> bool:
-    """Whether the switch ``name`` is set to off (``0``/``false``) in the environment."""
-    return os.environ.get(name, "1") in ("0", "false", "False")
-
-
 def fused_linear_enabled(x: Tensor, *params: Optional[Tensor]) -> bool:
     """Whether :func:`linear` takes the oneDNN path for input ``x`` and ``params`` (its weight and
     bias; see the module doc)."""
     if not _OP_AVAILABLE or not torch.backends.mkldnn.enabled:
-        return False
-    if env_off(ENV):
         return False
     params = [p for p in params if p is not None]
     if x.device.type != "cpu" or any(t.dtype != torch.float32 for t in (x, *params)):
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling():
         return False  # (under torch.compile the compiler fuses on its own; the plain ops trace cleanly)
+    if not current_options().fused_linear:
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return False
     return not _cpu_autocast_on()

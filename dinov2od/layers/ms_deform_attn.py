@@ -18,13 +18,14 @@ kernels.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
 
 __all__ = [
     "ms_deform_attn",
@@ -34,8 +35,9 @@ __all__ = [
     "level_shapes",
 ]
 
-# Environment variable that forces the PyTorch path everywhere (debugging, export).
-FORCE_PYTORCH_ENV = "DINOV2OD_FORCE_PYTORCH_MSDA"
+# Environment variable that forces the PyTorch path everywhere (debugging, export): the inference option
+# compiled_msda=False (read in dinov2od.layers.inference_options).
+FORCE_PYTORCH_ENV = ENV_VARIABLES["compiled_msda"]
 
 
 def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
@@ -140,7 +142,7 @@ def _use_pytorch_path(force_pytorch: Optional[bool]) -> bool:
         return True
     if force_pytorch is not None:
         return force_pytorch
-    return os.environ.get(FORCE_PYTORCH_ENV, "0") not in ("", "0", "false", "False")
+    return not current_options().compiled_msda
 
 
 def ms_deform_attn(
@@ -154,8 +156,9 @@ def ms_deform_attn(
     """Multi-scale deformable attention; see the module docstring for shapes.
 
     Dispatches to the compiled kernel for the tensors' device when one is built, and
-    to :func:`ms_deform_attn_pytorch` otherwise, or when ``force_pytorch=True`` or the
-    environment variable ``DINOV2OD_FORCE_PYTORCH_MSDA=1`` asks for it.
+    to :func:`ms_deform_attn_pytorch` otherwise, or when ``force_pytorch=True``, the inference option
+    ``compiled_msda=False`` or the environment variable ``DINOV2OD_FORCE_PYTORCH_MSDA=1`` asks for it
+    (:mod:`dinov2od.layers.inference_options`).
     """
     if not torch.jit.is_tracing():  # the checks read sizes as Python ints
         _check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

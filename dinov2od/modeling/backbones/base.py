@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from dinov2od.layers.cpu_attention import cpu_attention, cpu_attention_enabled
 from dinov2od.layers.fused_linear import fused_linear_enabled, linear
+from dinov2od.layers.inference_options import current_options
 from dinov2od.modeling.inference import InferenceBlockParts, inference_block_parts
 
 logger = logging.getLogger("dinov2od")
@@ -388,7 +389,8 @@ class ViTBackbone(nn.Module):
     def _block(self, layer: nn.Module, x: Tensor, key_valid: Optional[Tensor],
                rope: Optional[Tuple[Tensor, Tensor]] = None, windows=None) -> Tensor:
         """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
-        if not self.training and not torch.is_grad_enabled() and fused_linear_enabled(x):
+        if not self.training and not torch.is_grad_enabled() and fused_linear_enabled(x) \
+                and current_options().fused_blocks:  # (dinov2od.layers.inference_options)
             parts = inference_block_parts(layer, self._attention_parts(layer.attention))
             if parts is not None:
                 return self._block_inference(layer, parts, x, key_valid, rope, windows)

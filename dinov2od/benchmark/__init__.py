@@ -1,0 +1,58 @@
+"""Benchmarks of dinov2od; ``tools/benchmark.py`` is their command line.
+
+=====================  ================================================================
+module                 what
+=====================  ================================================================
+:mod:`.msda`           section ``msda``: the deformable-attention op, every path
+:mod:`.model`          section ``model``: the whole detector, inference and training
+:mod:`.models`         the presets, backbones and ``--dtypes`` variants it measures
+:mod:`.measure`        timing, peak memory, FLOPs, the fp32 linear yardstick, shared rounds
+:mod:`.targets`        the speed targets (data) and the summary lines that judge them
+=====================  ================================================================
+
+Add a section by writing ``def section_NAME(args) -> list`` and registering it in :data:`SECTIONS`;
+``args`` is the namespace of ``tools/benchmark.py``'s parser.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Dict, List
+
+import torch
+
+from dinov2od.benchmark.msda import section_msda
+from dinov2od.layers import _ext
+
+__all__ = ["SECTIONS", "run", "section_model", "section_msda"]
+
+
+def section_model(args: argparse.Namespace) -> list:
+    """The whole detector (:func:`dinov2od.benchmark.model.section_model`, imported on first use)."""
+    from dinov2od.benchmark.model import section_model as run_model
+
+    return run_model(args)
+
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List]] = {"msda": section_msda, "model": section_model}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the setup (torch, threads, the compiled op, load, GPU), then run ``args.section`` (all
+    sections when None) with ``args.threads`` intra-op threads. Returns the exit status."""
+    torch.set_num_threads(args.threads)
+    ext = _ext.load_extension()
+    print(
+        f"torch {torch.__version__}, {args.threads} CPU threads, "
+        f"dinov2od._C: {'loaded' if ext else f'not available ({_ext.load_error()})'}"
+        + (f", cuda kernels: {ext.with_cuda()}" if ext else "")
+        + (f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else "")
+    )
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    print(f"times are {'medians' if args.stat == 'median' else 'best-of'} of {args.repeats} calls "
+          f"({args.model_repeats} in the model section); 'vs pt' = PyTorch path time / this path's time "
+          "(same device, dtype, run)")
+    for name in args.section or list(SECTIONS):
+        SECTIONS[name](args)
+    return 0
