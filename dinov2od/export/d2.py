@@ -23,7 +23,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .onnx import (KIND_KEY, MIN_OPSET, OnnxDetector, _add_metadata, _quiet_export, check_exportable,
+from .onnx import (KIND_KEY, MIN_OPSET, OnnxDetector, add_metadata, quiet_export, check_exportable,
                    class_metadata_props, onnx_metadata)
 
 __all__ = ["D2_OUTPUT_NAMES", "OnnxPredictor", "build_onnx_predictor", "export_meta_arch"]
@@ -53,10 +53,10 @@ def export_meta_arch(model, path: str, image: torch.Tensor, opset: int = MIN_OPS
     fields = adapter.outputs_schema.schemas[0].schemas[0].keys  # Instances fields, sorted by name
     if tuple(fields) + ("image_size",) != D2_OUTPUT_NAMES:
         raise RuntimeError(f"unexpected Instances fields {fields}; expected {D2_OUTPUT_NAMES[:-1]}")
-    _quiet_export(adapter, adapter.flattened_inputs, path, opset_version=opset, input_names=["image"],
+    quiet_export(adapter, adapter.flattened_inputs, path, opset_version=opset, input_names=["image"],
                   output_names=list(D2_OUTPUT_NAMES),
                   dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in D2_OUTPUT_NAMES[:3]}})
-    _add_metadata(path, {KIND_KEY: "detectron2", "input_format": model.input_format,
+    add_metadata(path, {KIND_KEY: "detectron2", "input_format": model.input_format,
                          "input": "image: (3,H,W) float32 0-255 in input_format, after the test resize",
                          "num_classes": model.num_classes, "topk": model.test_topk,
                          **class_metadata_props(model.detector)})

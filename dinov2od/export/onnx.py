@@ -41,13 +41,17 @@ from dinov2od.modeling import DINOv2ObjectDetector, pad_to_multiple, topk_detect
 
 __all__ = [
     "DetectorGraph",
+    "KIND_KEY",
+    "MIN_OPSET",
     "OnnxDetector",
+    "add_metadata",
     "check_exportable",
     "class_metadata_props",
     "export_detector",
     "masks_from_sizes",
     "onnx_classes",
     "onnx_metadata",
+    "quiet_export",
 ]
 
 OUTPUT_NAMES = ("pred_logits", "pred_boxes", "boxes", "scores", "labels")
@@ -143,7 +147,8 @@ def onnx_classes(meta: Dict[str, str]) -> Optional[Tuple[List[str], List[int]]]:
     return names, ids
 
 
-def _add_metadata(path: str, props: Dict[str, str]) -> None:
+def add_metadata(path: str, props: Dict[str, str]) -> None:
+    """Add ``props`` to the ONNX file's ``metadata_props`` (values as strings), check and save it."""
     import onnx
 
     model = onnx.load(path)
@@ -153,7 +158,7 @@ def _add_metadata(path: str, props: Dict[str, str]) -> None:
     onnx.save(model, path)
 
 
-def _quiet_export(module: nn.Module, args: tuple, path: str, **kwargs) -> None:
+def quiet_export(module: nn.Module, args: tuple, path: str, **kwargs) -> None:
     """``torch.onnx.export`` (TorchScript tracing) without the tracer's warnings about Python
     values: the graph's dynamic sizes are checked by running it at other sizes instead.
 
@@ -216,10 +221,10 @@ def export_detector(detector: DINOv2ObjectDetector, path: str, image_size: Seque
     if dynamic_size:
         axes["images"].update({2: "height", 3: "width"})
     axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
-    _quiet_export(graph, (images, sizes), path, opset_version=opset, input_names=["images", "image_sizes"],
+    quiet_export(graph, (images, sizes), path, opset_version=opset, input_names=["images", "image_sizes"],
                   output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
     d = graph.detector
-    _add_metadata(path, {
+    add_metadata(path, {
         KIND_KEY: "detector", "input": "images: (B,3,H,W) float32 RGB in [0,1]; image_sizes: (B,2) int64 (h,w)",
         "num_classes": d.num_classes, "num_queries": d.num_queries, "topk": topk,
         "patch_size": d.backbone.patch_size, "dynamic_size": int(dynamic_size),
