@@ -11,11 +11,14 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.evaluation import COCOEvaluator
 
 from dinov2od.d2 import DetrDatasetMapper, build_detr_augmentation
+from dinov2od.d2.data_cache import train_dataset
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=True),
+    # cache=True: parsed once per machine, memory-mapped by every rank (dinov2od.d2.data_cache;
+    # cache_dir None: $DINOV2OD_CACHE/datasets or ~/.cache/dinov2od/datasets); False: every rank parses
+    dataset=L(train_dataset)(names="coco_2017_train", filter_empty=True, cache=True, cache_dir=None),
     mapper=L(DetrDatasetMapper)(
         is_train=True,
         augmentations=L(build_detr_augmentation)(

@@ -162,6 +162,9 @@ KEYS: List[tuple] = [
     ("SOLVER.EMA.EVAL_EMA", True, "train.ema.eval_ema"),  # evaluate the EMA weights
     ("TEST.QUANTIZE", "", "train.eval_quantize"),  # --eval-only: "int8" (CPU) evaluates an int8 copy
     ("INPUT.CROP.SIZE_RESIZE", [400, 500, 600], "dataloader.train.mapper.augmentations.crop_resize"),
+    # the train set parsed once per machine, memory-mapped by every rank (dinov2od.d2.data_cache)
+    ("DATALOADER.CACHE_DATASET", True, "dataloader.train.dataset.cache"),
+    ("DATALOADER.CACHE_DIR", "", "dataloader.train.dataset.cache_dir", _or_none),  # "": $DINOV2OD_CACHE/datasets
     ("SOLVER.MAX_EPOCHS", 0, "train.epochs"),  # > 0: MAX_ITER (and STEPS, scaled) from the train set's size
     # --- your own COCO data (dinov2od.d2.datasets.folder), registered by load_config ------------
     ("DATASETS.ROOT", "", "dataset.root"),  # a Roboflow/RF-DETR export or COCO's folder layout

@@ -34,6 +34,7 @@ from detectron2.utils import comm
 
 from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_loader
 from .config import build_optimizer_from_cfg, check_datasets, check_num_classes
+from .data_cache import cached_dataset_dicts
 from .dataset_mapper import DetrDatasetMapper
 from .ema import EMAHook, ModelEMA, export_ema_weights
 from .launch import check_ranks_agree
@@ -422,6 +423,12 @@ class Trainer(DetrTrainer, DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        if cfg.DATALOADER.CACHE_DATASET and not (cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS):
+            # parsed once per machine, memory-mapped by every rank (dinov2od.d2.data_cache)
+            dataset = cached_dataset_dicts(
+                cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, cfg.DATALOADER.CACHE_DIR or None
+            )
+            return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True), dataset=dataset)
         return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True))
 
     @classmethod
