@@ -151,3 +151,19 @@ def train_net():
 
     module.run = run
     return module
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts calls of the ViT's fused CPU inference block (the wrapped original still runs)."""
+    from dinov2od.modeling import ViTBackbone
+
+    calls = []
+    original = ViTBackbone._block_inference
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViTBackbone, "_block_inference", counted)
+    return calls

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dinov2od.layers import fused_linear
 from dinov2od.layers.fused_linear import linear
-from dinov2od.modeling import DINOv2Backbone, ViTBackbone
+from dinov2od.modeling import DINOv2Backbone
 from dinov2od.modeling import inference as inference_mod
 from dinov2od.modeling import DINOv3Backbone
 
@@ -14,20 +14,6 @@ TINY2 = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, interme
 TINY3 = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96)
 
 pytestmark = pytest.mark.skipif(not fused_linear._OP_AVAILABLE, reason="this torch build has no oneDNN linear")
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    """Counts calls of the fused block (the wrapped original still runs)."""
-    calls = []
-    original = ViTBackbone._block_inference
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ViTBackbone, "_block_inference", counted)
-    return calls
 
 
 class FirstTap(torch.nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dinov2od.layers import fused_linear
-from dinov2od.modeling import DINOv2Backbone, ViTBackbone
+from dinov2od.modeling import DINOv2Backbone
 from dinov2od.modeling import DINOv3Backbone
 
 RANK, ALPHA = 4, 12.0  # scale 3, not 1 (alpha = r) and not peft's default alpha 8
@@ -66,7 +66,7 @@ def _features(bb, images, masks):
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dinov3"])
-def test_lora_backbone_equals_the_hand_merged_weights(family, monkeypatch):
+def test_lora_backbone_equals_the_hand_merged_weights(family, count_fused, monkeypatch):
     bb = _backbone(family)
     p = bb.patch_size
     images = torch.randn(2, 3, 4 * p, 3 * p)
@@ -81,14 +81,7 @@ def test_lora_backbone_equals_the_hand_merged_weights(family, monkeypatch):
     paths = {"plain64": (False, torch.float64, 1e-9), "plain": (False, torch.float32, 2e-4)}
     if fused_linear._OP_AVAILABLE:
         paths["fused"] = (True, torch.float32, 2e-4)
-    calls = []
-    original = ViTBackbone._block_inference
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ViTBackbone, "_block_inference", counted)
+    calls = count_fused
     for name, (fused, dtype, tol) in paths.items():
         monkeypatch.setenv(fused_linear.ENV, "1" if fused else "0")
         calls.clear()
