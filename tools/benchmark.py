@@ -75,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--clock", default="wall", choices=["wall", "process"],
                        help="process: CPU time of this process (use with --threads 1 on a busy machine)")
     model.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per model (batch 1)")
+    startup = parser.add_argument_group("section startup (dinov2od/benchmark/startup.py)")
+    startup.add_argument("--startup-json", help="COCO json to start on (tools/make_coco_like.py); none: skip")
+    startup.add_argument("--startup-ranks", nargs="+", type=int, default=[1, 2, 4], help="rank counts (gloo, CPU)")
+    startup.add_argument("--startup-cache-dir", help="dataset cache folder (default: a new temporary one)")
+    startup.add_argument("--startup-timeout", type=float, default=900, help="seconds per job")
     args = parser.parse_args(argv)
     args.cases = args.cases or ["decoder", "encoder"]
     if args.device == "auto":

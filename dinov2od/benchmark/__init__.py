@@ -8,6 +8,7 @@ module                 what
 :mod:`.models`         the presets, backbones and ``--dtypes`` variants it measures
 :mod:`.measure`        timing, peak memory, FLOPs, the fp32 linear yardstick, shared rounds
 :mod:`.targets`        the speed targets (data) and the summary lines that judge them
+:mod:`.startup`        section ``startup``: process start to first batch, peak RSS per rank
 =====================  ================================================================
 
 Add a section by writing ``def section_NAME(args) -> list`` and registering it in :data:`SECTIONS`;
@@ -24,7 +25,7 @@ import torch
 from dinov2od.benchmark.msda import section_msda
 from dinov2od.layers import _ext
 
-__all__ = ["SECTIONS", "run", "section_model", "section_msda"]
+__all__ = ["SECTIONS", "run", "section_model", "section_msda", "section_startup"]
 
 
 def section_model(args: argparse.Namespace) -> list:
@@ -34,7 +35,19 @@ def section_model(args: argparse.Namespace) -> list:
     return run_model(args)
 
 
-SECTIONS: Dict[str, Callable[[argparse.Namespace], List]] = {"msda": section_msda, "model": section_model}
+def section_startup(args: argparse.Namespace) -> list:
+    """Start-up on COCO-sized data (:func:`dinov2od.benchmark.startup.section_startup`; skipped
+    without ``--startup-json``)."""
+    from dinov2od.benchmark.startup import section_startup as run_startup
+
+    return run_startup(args)
+
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List]] = {
+    "msda": section_msda,
+    "model": section_model,
+    "startup": section_startup,
+}
 
 
 def run(args: argparse.Namespace) -> int:
