@@ -15,7 +15,9 @@ For each rank count (``--startup-ranks``, default 1 2 4) three jobs run, each a 
 Every rank builds ``configs/common/data.py``'s ``dataloader.train`` (DetrDatasetMapper, COCO
 augmentation, 2 images per rank, ``num_workers=0``, so the rank's memory is the loader's) and takes
 one batch. Reported per job: seconds from the job's start (before the interpreter starts) to the
-last rank's first batch, and the peak RSS (``VmHWM``) of rank 0 and the largest of the other ranks
+last rank's first batch, split into the start-up (interpreter, imports, ``launch()``'s spawned ranks
+and process group: the latest rank to enter its main) and the data (dataset, loader, first batch:
+the slowest rank; the rest is loading the config, which imports dinov2od), and the peak RSS (``VmHWM``) of rank 0 and the largest of the other ranks
 (also less their ``VmHWM`` after the interpreter, torch and Detectron2 are imported).
 ``VmHWM`` counts the memory-mapped cache pages a rank touched, though the OS holds them once.
 Without ``--startup-json`` the section is skipped (it needs the large file).
@@ -51,6 +53,7 @@ def _rank_main(json_file: str, cache: bool, cache_dir: str, out: str, t0: float)
     from detectron2.data.datasets import register_coco_instances
     from detectron2.utils import comm
 
+    t_main = time.time() - t0  # interpreter, imports, launch()'s spawn and process group
     imports_gib = _vm_hwm_gib()  # interpreter + torch + Detectron2 (+ dinov2od via the config below, ~0.1 GiB)
     register_coco_instances(DATASET, {}, json_file, os.path.join(os.path.dirname(json_file), "images"))
     cfg = LazyConfig.load(os.path.join(ROOT, "configs", "common", "data.py"))
@@ -63,7 +66,8 @@ def _rank_main(json_file: str, cache: bool, cache_dir: str, out: str, t0: float)
     batch = next(iter(loader))
     t = time.time()
     result = {"rank": comm.get_rank(), "first_batch_s": t - t0, "loader_s": t - t_build, "images": len(batch),
-              "vmhwm_gib": _vm_hwm_gib(), "imports_gib": imports_gib}
+              "vmhwm_gib": _vm_hwm_gib(), "imports_gib": imports_gib,
+              "main_s": t_main}
     with open(os.path.join(out, f"rank{comm.get_rank()}.json"), "w") as f:
         json.dump(result, f)
     comm.synchronize()
@@ -84,6 +88,8 @@ def _job(json_file: str, ranks: int, cache: bool, cache_dir: str, timeout: float
     shutil.rmtree(out, ignore_errors=True)
     return {
         "first_batch_s": max(r["first_batch_s"] for r in rows),
+        "main_s": max(r["main_s"] for r in rows),
+        "loader_s": max(r["loader_s"] for r in rows),
         "wall_s": wall,
         "rank0_gib": rows[0]["vmhwm_gib"],
         "other_gib": max((r["vmhwm_gib"] for r in rows[1:]), default=float("nan")),
@@ -102,10 +108,10 @@ def section_startup(args: argparse.Namespace) -> List[dict]:
     size = os.path.getsize(json_file) / 2**20
     print(f"\n## startup: {json_file} ({size:.0f} MiB), DetrDatasetMapper, 2 images/rank, num_workers=0, "
           f"gloo on CPU")
-    print("| ranks | run | first batch (s) | peak RSS rank 0 (GiB) | peak RSS other ranks, max (GiB) | "
-          "of it after the imports (GiB) | sum (GiB) |")
-    print("|------:|-----|----------------:|----------------------:|--------------------------------:|"
-          "------------------------------:|----------:|")
+    print("| ranks | run | first batch (s) | of it: start-up, imports (s) | of it: data + batch (s) "
+          "| peak RSS rank 0 (GiB) | peak RSS other ranks, max (GiB) | of it after the imports (GiB) | sum (GiB) |")
+    print("|------:|-----|----------------:|-----------------------------:|------------------------:"
+          "|----------------------:|--------------------------------:|------------------------------:|----------:|")
     rows = []
     for n in args.startup_ranks:
         cache_dir = os.path.join(cache_root, f"ranks{n}")
@@ -115,10 +121,11 @@ def section_startup(args: argparse.Namespace) -> List[dict]:
             r.update(ranks=n, run=run_name)
             rows.append(r)
             if "error" in r:
-                print(f"| {n} | {run_name} | failed: {r['error']} | | | | |", flush=True)
+                print(f"| {n} | {run_name} | failed: {r['error']} | | | | | | |", flush=True)
                 continue
             other = f"{r['other_gib']:.2f} | {r['other_growth_gib']:.2f}" if n > 1 else "- | -"
-            print(f"| {n} | {run_name} | {r['first_batch_s']:.1f} | {r['rank0_gib']:.2f} | {other} | "
+            print(f"| {n} | {run_name} | {r['first_batch_s']:.1f} | {r['main_s']:.1f} | {r['loader_s']:.1f} "
+                  f"| {r['rank0_gib']:.2f} | {other} | "
                   f"{r['total_gib']:.2f} |", flush=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
     return rows
