@@ -77,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--no-recursive", action="store_true", help="do not search the sub-folders of an input folder")
     p.add_argument("--output", default="output/predict",
                    help="folder for the drawings, predictions.jsonl and predictions.json (not inside an input folder)")
-    p.add_argument("--score-threshold", type=float, default=0.5,
-                   help="minimum score drawn (predictions.json keeps every detection)")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="minimum score drawn (predictions.json keeps every detection); with the demo and custom "
+                        "recipes' quality focal loss a score estimates the box's IoU, so good boxes score 0.4-0.8")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     p.add_argument("--int8", action="store_true",
                    help="CPU: run an int8 dynamic-quantized copy of the model (dinov2od.modeling.quantize)")
