@@ -104,12 +104,17 @@ def make_coco_like(folder: str, num_images: int = COCO_IMAGES, seed: int = 0, ch
     return json_path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line (flags: ``--help``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="output folder (annotations.json + images/)")
     parser.add_argument("--num-images", type=int, default=COCO_IMAGES, help="images (default: COCO train's 118287)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     path = make_coco_like(args.folder, args.num_images, args.seed)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")
     return 0
