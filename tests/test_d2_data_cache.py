@@ -88,6 +88,16 @@ def test_second_call_does_not_parse_and_the_key_follows_the_json(coco, tmp_path,
     second = cached_dataset_dicts(name, cache_dir=cache)
     assert len(parses) == 1 and list(second) == first  # read from the cache
     key = cache_key([name], True)
+    # a fresh process (metadata without what parsing sets) reading the cache gets the class ids too
+    meta = MetadataCatalog.get(name)
+    id_map, classes = meta.thing_dataset_id_to_contiguous_id, meta.thing_classes
+    assert len(id_map) == 80 and 90 in id_map and 12 not in id_map  # COCO's ids with gaps
+    json_file, image_root = meta.json_file, meta.image_root
+    MetadataCatalog.remove(name)
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+    assert list(cached_dataset_dicts(name, cache_dir=cache)) == first and len(parses) == 1
+    assert MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id == id_map
+    assert MetadataCatalog.get(name).thing_classes == classes
     # negative control: the cache off parses every time
     train_dataset(name, cache=False)
     train_dataset(name, cache=False)
@@ -145,9 +155,11 @@ WORKER = textwrap.dedent(
         data_cache.write_serialized = lambda *a, **k: (writes.append(1), real_write(*a, **k))[1]
         register_coco_instances("dd_two_ranks", {}, json_path, os.path.join(os.path.dirname(json_path), "images"))
         ds = data_cache.cached_dataset_dicts("dd_two_ranks", cache_dir=cache)
+        from detectron2.data import MetadataCatalog
         rank = comm.get_rank()
         with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump({"local_rank": comm.get_local_rank(), "parses": len(parses), "writes": len(writes),
+                         "id_map": MetadataCatalog.get("dd_two_ranks").get("thing_dataset_id_to_contiguous_id", None),
                          "type": type(ds).__name__, "items": list(ds)}, f)
         comm.synchronize()
 
@@ -172,3 +184,5 @@ def test_two_ranks_get_the_same_items_and_only_local_rank_0_parses_and_writes(co
     assert [r["local_rank"] for r in ranks] == [0, 1]
     assert [(r["parses"], r["writes"]) for r in ranks] == [(1, 1), (0, 0)]
     assert all(r["type"] == "SerializedDatasetDicts" and r["items"] == expected for r in ranks)
+    # rank 1 never parsed, yet has the class id map that parsing sets (a model's class_metadata needs it)
+    assert ranks[1]["id_map"] == ranks[0]["id_map"] == MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id

@@ -14,7 +14,9 @@ the list once more per rank (``DatasetFromList``). :func:`cached_dataset_dicts` 
    fail their checks, calls ``get_detection_dataset_dicts`` and writes the items the way
    Detectron2's ``NumpySerializedList`` keeps them (each dict pickled, concatenated in one uint8
    buffer; int64 end offsets), each file written atomically (``.bin`` first, then ``.idx``, which
-   names the ``.bin``'s size and so commits it);
+   names the ``.bin``'s size and so commits it); the ``.idx`` also keeps the metadata fields that
+   parsing set (``load_coco_json``'s ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``),
+   which every rank that reads the cache sets where its metadata lacks them;
 3. every rank waits on a barrier, then opens the files as :class:`SerializedDatasetDicts`, a
    read-only sequence backed by ``np.memmap``: the pages live once in the OS page cache, shared by
    the ranks of a machine and their dataloader workers. ``build_detection_train_loader`` takes it
@@ -28,6 +30,7 @@ json), delete the cache folder: the key does not see code.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -106,6 +109,7 @@ class SerializedDatasetDicts(Dataset):
         if size != header["nbytes"] or len(addr) != header["count"] or (len(addr) and addr[-1] != size):
             raise ValueError(f"{bin_path}: {size} bytes, the index {idx_path} expects {header['nbytes']}")
         self.key = header["key"]
+        self.metadata = pickle.loads(base64.b64decode(header["metadata"])) if header.get("metadata") else {}
         self._addr = addr
         self._buf = np.memmap(bin_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
@@ -150,9 +154,10 @@ def _read_index(idx_path: str):
     return header, addr
 
 
-def write_serialized(items: Sequence[dict], bin_path: str, idx_path: str, key: str) -> None:
+def write_serialized(items: Sequence[dict], bin_path: str, idx_path: str, key: str, metadata: Optional[dict] = None) -> None:
     """Pickle each item, concatenated into ``bin_path`` (atomically), then the int64 end offsets
-    and a header naming the ``.bin``'s size into ``idx_path`` (atomically; it commits the pair)."""
+    and a header naming the ``.bin``'s size into ``idx_path`` (atomically; it commits the pair).
+    ``metadata``: {dataset name: {field: value}} that parsing set (restored by :func:`_apply_metadata`)."""
     os.makedirs(os.path.dirname(os.path.abspath(bin_path)), exist_ok=True)
     addr = np.empty(len(items), dtype=np.int64)
     end = 0
@@ -162,7 +167,8 @@ def write_serialized(items: Sequence[dict], bin_path: str, idx_path: str, key: s
             f.write(b)
             end += len(b)
             addr[i] = end
-    header = json.dumps({"format": _FORMAT, "key": key, "count": len(items), "nbytes": end}).encode()
+    meta = base64.b64encode(pickle.dumps(metadata or {}, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+    header = json.dumps({"format": _FORMAT, "key": key, "count": len(items), "nbytes": end, "metadata": meta}).encode()
     with atomic_write(idx_path, "wb") as f:
         f.write(_MAGIC + len(header).to_bytes(8, "little") + header + addr.tobytes())
 
@@ -182,6 +188,28 @@ def _open_valid(bin_path: str, idx_path: str, key: str) -> Optional[SerializedDa
     except Exception as e:  # noqa: BLE001 -- any damage means: rebuild, never trust
         logger.warning(f"Dataset cache {bin_path} is damaged ({type(e).__name__}: {e}); rebuilding it")
         return None
+
+
+def _parse(names: List[str], filter_empty: bool):
+    """Detectron2's list, and the metadata fields parsing set (``load_coco_json`` sets
+    ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``): a rank that reads the cache
+    instead gets them from it."""
+    before = {n: dict(MetadataCatalog.get(n).as_dict()) for n in names}
+    dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty)
+    added = {}
+    for n in names:
+        after = MetadataCatalog.get(n).as_dict()
+        added[n] = {k: v for k, v in after.items() if k != "name" and (k not in before[n] or before[n][k] != v)}
+    return dicts, added
+
+
+def _apply_metadata(metadata: dict) -> None:
+    """Set the fields parsing would have set, where the metadata lacks them."""
+    for name, fields in metadata.items():
+        meta = MetadataCatalog.get(name)
+        missing = {k: v for k, v in fields.items() if meta.get(k, None) is None}
+        if missing:
+            meta.set(**missing)
 
 
 def _local_rank() -> int:
@@ -214,19 +242,19 @@ def cached_dataset_dicts(
     if writer:
         key = cache_key(names, filter_empty)
         if key is None:  # e.g. a generated dataset whose json does not exist yet: parse, then key
-            dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty)
+            dicts, added = _parse(names, filter_empty)
             key = cache_key(names, filter_empty)
             if key is not None:
                 bin_path, idx_path = _paths(cache_dir, key)
-                write_serialized(dicts, bin_path, idx_path, key)
+                write_serialized(dicts, bin_path, idx_path, key, added)
                 logger.info(f"Cached {len(dicts)} dataset dicts of {names} in {bin_path}")
             del dicts
         else:
             bin_path, idx_path = _paths(cache_dir, key)
             ds = _open_valid(bin_path, idx_path, key)
             if ds is None:
-                dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty)
-                write_serialized(dicts, bin_path, idx_path, key)
+                dicts, added = _parse(names, filter_empty)
+                write_serialized(dicts, bin_path, idx_path, key, added)
                 logger.info(f"Cached {len(dicts)} dataset dicts of {names} in {bin_path}")
                 del dicts
             else:
@@ -239,6 +267,7 @@ def cached_dataset_dicts(
     if ds is None:
         logger.warning(f"No dataset cache for {names} (in {cache_dir}); parsing them in this process")
         return get_detection_dataset_dicts(names, filter_empty=filter_empty)
+    _apply_metadata(ds.metadata)
     return ds
 
 
