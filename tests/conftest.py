@@ -12,8 +12,19 @@ This file imports neither torch nor Detectron2 at the top: the core tests run wi
 """
 import os
 import sys
+import tempfile
 
 import pytest
+
+# Training runs in tests cache their parsed datasets (dinov2od.d2.data_cache) in a folder of this run,
+# not in the user's ~/.cache; subprocesses (DDP, torchrun) inherit it.
+os.environ["DINOV2OD_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="dinov2od-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -44,7 +44,7 @@ def test_targets_are_measured_in_shared_rounds(capsys):
     try:
         benchmark.main(["--section", "model", "--presets", "default", "efficient", "--runtimes", "torch",
                         "--dtypes", "fp32", "fp32-plain", "int8", "--train-batch", "0", "--model-repeats", "1",
-                        "--sizes", "238", "--threads", "1"])
+                        "--sizes", "182", "--threads", "2"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_targets_are_measured_in_shared_rounds(capsys):
     assert "yardstick in these rounds: F.linear" in summary
     for target in ("end-to-end / backbone alone", "efficient preset vs default", "windowed attention",
                    "the CPU inference path", "int8 dynamic quantization vs fp32", "after the backbone (neck, decoder, heads)",
-                   "the attention kernel it runs, alone", "attention 1x6x290x64"):
+                   "the attention kernel it runs, alone", "attention 1x6x170x64"):
         assert target in summary
 
 
