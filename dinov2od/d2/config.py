@@ -45,6 +45,7 @@ __all__ = [
     "batch_plan",
     "config_style",
     "dataset_classes",
+    "dataset_names",
     "is_lazy",
     "resolve_batch",
     "resolve_dataset",
@@ -53,6 +54,7 @@ __all__ = [
     "build_criterion_from_cfg",
     "build_detector_from_cfg",
     "build_optimizer_from_cfg",
+    "check_config_datasets",
     "check_datasets",
     "check_num_classes",
     "model_arguments",
@@ -533,7 +535,7 @@ def _dataset_options(cfg) -> Dict[str, Any]:
             "val_json": d.TEST_JSON, "val_images": d.TEST_IMAGES, "check": d.CHECK}
 
 
-def _dataset_names(cfg) -> Dict[str, List[str]]:
+def dataset_names(cfg) -> Dict[str, List[str]]:
     """{"train": [...], "test": [...]} dataset names a config trains and evaluates on."""
     if not is_lazy(cfg):
         return {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)}
@@ -543,6 +545,15 @@ def _dataset_names(cfg) -> Dict[str, List[str]]:
         names = loader.dataset.get("names", None) if loader is not None and "dataset" in loader else None
         out[split] = [] if names is None else [names] if isinstance(names, str) else list(names)
     return out
+
+
+def check_config_datasets(cfg, splits: Sequence[str] = ("train", "test")) -> List[str]:
+    """:func:`check_datasets` and the class-count check for the datasets of ``splits`` of a config
+    (lazy or yacs), before its model is built; returns their names."""
+    names = [n for split in splits for n in dataset_names(cfg)[split]]
+    check_datasets(names)
+    check_num_classes(cfg.model.num_classes if is_lazy(cfg) else cfg.MODEL.DINOV2OD.NUM_CLASSES, names)
+    return names
 
 
 def resolve_dataset(cfg) -> None:
@@ -593,7 +604,7 @@ def _check_registered_and_classes(cfg) -> None:
     lazy = is_lazy(cfg)
     num_classes = cfg.get("model", {}).get("num_classes", None) if lazy else cfg.MODEL.DINOV2OD.NUM_CLASSES
     registered = set(DatasetCatalog.list())
-    all_names = _dataset_names(cfg)
+    all_names = dataset_names(cfg)
     if not all_names["train"] and not all_names["test"]:
         raise ValueError(
             "The config names no dataset. For your own COCO data set "
@@ -622,7 +633,7 @@ def _epochs_to_iterations(cfg) -> None:
     epochs = (cfg.get("train", {}).get("epochs", None) if lazy else cfg.SOLVER.MAX_EPOCHS) or 0
     if epochs <= 0:
         return
-    names = _dataset_names(cfg)["train"]
+    names = dataset_names(cfg)["train"]
     images = 0
     for name in names:
         meta = MetadataCatalog.get(name)

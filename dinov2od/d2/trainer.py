@@ -33,7 +33,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
 from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_loader
-from .config import build_optimizer_from_cfg, check_datasets, check_num_classes
+from .config import build_optimizer_from_cfg, check_config_datasets, check_num_classes, dataset_names
 from .data_cache import cached_dataset_dicts
 from .dataset_mapper import DetrDatasetMapper
 from .ema import EMAHook, ModelEMA, export_ema_weights
@@ -98,7 +98,7 @@ class TrainSettings:
             eval_quantize=t.get("eval_quantize", ""),
             log_period=t.log_period,
             ddp=dict(t.ddp),
-            train_dataset=_first_name(cfg.dataloader.train.dataset.get("names", "")),
+            train_dataset=(dataset_names(cfg)["train"] or [""])[0],
         )
 
     @classmethod
@@ -130,12 +130,8 @@ class TrainSettings:
             eval_quantize=cfg.TEST.QUANTIZE,
             log_period=s.LOG_PERIOD,
             ddp={"broadcast_buffers": False},  # DefaultTrainer's
-            train_dataset=_first_name(cfg.DATASETS.TRAIN),
+            train_dataset=(dataset_names(cfg)["train"] or [""])[0],
         )
-
-
-def _first_name(names) -> str:
-    return names if isinstance(names, str) else (list(names) or [""])[0]
 
 
 def wrap_model_for_ddp(model, device: str, **kwargs):
@@ -325,13 +321,7 @@ def build_lazy_model(cfg, splits=("train", "test")):
     Args:
         splits: the dataloader splits whose datasets are checked (``--eval-only``: test only).
     """
-    names = []
-    for split in splits:
-        if split in cfg.dataloader and "names" in cfg.dataloader[split].dataset:
-            n = cfg.dataloader[split].dataset.names
-            names.extend([n] if isinstance(n, str) else list(n))
-    check_datasets(names)
-    check_num_classes(cfg.model.num_classes, names)
+    names = check_config_datasets(cfg, splits)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     check_num_classes(model, names)
@@ -390,8 +380,7 @@ class Trainer(DetrTrainer, DefaultTrainer):
     def __init__(self, cfg):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.cfg = cfg
-        check_datasets([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
-        check_num_classes(cfg.MODEL.DINOV2OD.NUM_CLASSES, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+        check_config_datasets(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         super().__init__(
@@ -412,8 +401,7 @@ class Trainer(DetrTrainer, DefaultTrainer):
     @classmethod
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``MODEL.WEIGHTS`` (the last checkpoint in ``OUTPUT_DIR`` with ``resume``) and evaluate."""
-        check_datasets(list(cfg.DATASETS.TEST))
-        check_num_classes(cfg.MODEL.DINOV2OD.NUM_CLASSES, list(cfg.DATASETS.TEST))
+        check_config_datasets(cfg, ("test",))
         model = cls.build_model(cfg)
         return _evaluate_weights(model, TrainSettings.from_yacs(cfg), partial(cls.test, cfg), resume)
 
