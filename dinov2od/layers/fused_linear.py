@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
 
-__all__ = ["ENV", "fused_linear_enabled", "linear"]
+__all__ = ["ENV", "bf16_linear_enabled", "fused_linear_enabled", "linear"]
 
 ENV = ENV_VARIABLES["fused_linear"]  # DINOV2OD_FUSED_LINEAR (read in dinov2od.layers.inference_options)
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "relu": ("relu", "")}
@@ -73,6 +73,41 @@ def fused_linear_enabled(x: Tensor, *params: Optional[Tensor]) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return False
     return not _cpu_autocast_on()
+
+
+def _cpu_autocast_dtype() -> torch.dtype:
+    if _AUTOCAST_TAKES_DEVICE:
+        return torch.get_autocast_dtype("cpu")
+    return torch.get_autocast_cpu_dtype()
+
+
+def bf16_linear_enabled(x: Tensor) -> bool:
+    """Whether the ViT blocks' bfloat16 inference path applies to input ``x``: CPU bfloat16 autocast
+    on a CPU with native bfloat16 (avx512_bf16 or AMX), no gradient, not tracing/scripting/exporting/
+    compiling, the ``fused_linear`` option on and the oneDNN op present. There each linear runs as
+    oneDNN's bfloat16 matmul (bias and GELU fused) on bfloat16 copies of the weights made once
+    (:func:`dinov2od.modeling.inference.cached_block_parts`), instead of autocast casting every
+    weight at every call; the products are the same bfloat16 products autocast makes."""
+    if not _OP_AVAILABLE or not torch.backends.mkldnn.enabled or x.device.type != "cpu":
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _compiling():
+        return False
+    if not current_options().fused_linear or torch.is_grad_enabled():
+        return False
+    if not _cpu_autocast_on() or _cpu_autocast_dtype() != torch.bfloat16:
+        return False
+    from dinov2od.layers.precision import native_cpu_bf16
+
+    return native_cpu_bf16()
+
+
+def bf16_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """``activation(x @ weight.T + bias)`` in bfloat16 by oneDNN (``weight``, ``bias``: bfloat16
+    already; check :func:`bf16_linear_enabled` first). Returns bfloat16."""
+    attr, algorithm = _ACTIVATIONS[activation]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, bias,
+                                             attr, [], algorithm)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:

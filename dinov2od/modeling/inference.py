@@ -8,6 +8,12 @@ the MLP's linears with their activation. Nothing is cached or written back: the 
 at each call from the current parameters (a concatenation of the q/k/v weights per block, small
 against the block's products), so training, checkpoints and adapters never see them.
 
+The bfloat16 path (CPU bfloat16 autocast on a CPU with native bfloat16) takes bfloat16 copies of
+the same parts from :func:`cached_block_parts`: made once and kept on the block until any of its
+parameters or adapter settings change (the key holds every parameter's storage and version counter
+and the LoRA modules' active adapters, scalings and merge state), so that the weights are not cast
+again at every call, as autocast does.
+
 Where a block holds something these parts cannot express (a gated MLP, DoRA or a LoRA bias, an
 unknown module), it returns None and the block runs as written.
 """
@@ -18,7 +24,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InferenceBlockParts", "effective_linear", "inference_block_parts"]
+__all__ = ["InferenceBlockParts", "cached_block_parts", "effective_linear", "inference_block_parts"]
 
 Linear = Tuple[Tensor, Optional[Tensor]]
 # (first linear, activation, second linear) of a plain MLP: DINOv2 in transformers 4.x and 5.x, DINOv3
@@ -103,3 +109,47 @@ def inference_block_parts(layer: nn.Module, attention_parts) -> Optional[Inferen
             break
     return InferenceBlockParts(weight, bias, o, _layer_scale(layer.layer_scale1), _layer_scale(layer.layer_scale2),
                                mlp_parts)
+
+
+_CACHE_ATTR = "_dinov2od_inference_parts"
+
+
+def _parts_key(layer: nn.Module, dtype: torch.dtype) -> tuple:
+    """What the parts of ``layer`` depend on: each parameter's storage and version counter (an
+    optimizer step or a load_state_dict bumps it), and each LoRA module's adapter state."""
+    key = [dtype]
+    for p in layer.parameters():
+        key.append((p.data_ptr(), p._version, tuple(p.shape)))
+    for m in layer.modules():
+        if hasattr(m, "lora_A"):
+            key.append((tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged),
+                        tuple(sorted(getattr(m, "scaling", {}).items()))))
+    return tuple(key)
+
+
+def cached_block_parts(layer: nn.Module, attention_parts, dtype: torch.dtype) -> Optional[InferenceBlockParts]:
+    """:func:`inference_block_parts` of ``layer`` with every weight, bias and layer scale in
+    ``dtype`` (layer scales stay float32: they scale the float32 residual stream), kept on the
+    layer until what they are made of changes (see the module doc). None where the block cannot
+    be read."""
+    key = _parts_key(layer, dtype)
+    cached = layer.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    parts = inference_block_parts(layer, attention_parts)
+    if parts is None:
+        return None
+
+    def cast(lin: Linear) -> Linear:
+        w, b = lin
+        return w.detach().to(dtype).contiguous(), (None if b is None else b.detach().to(dtype))
+
+    qkv_w, qkv_b = cast((parts.qkv_weight, parts.qkv_bias))
+    mlp = None
+    if parts.mlp is not None:
+        fc1, act, fc2 = parts.mlp
+        mlp = (cast(fc1), act, cast(fc2))
+    scale = (lambda t: None if t is None else t.detach().float())
+    parts = InferenceBlockParts(qkv_w, qkv_b, cast(parts.out), scale(parts.scale1), scale(parts.scale2), mlp)
+    layer.__dict__[_CACHE_ATTR] = (key, parts)
+    return parts

@@ -140,4 +140,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &dinov2od::attention_forward_cpu,
         "attention_forward(q, k, v) -> (B, T, H, 64): softmax(q k^T / 8) v of (B, H, T, 64) float32 "
         "CPU tensors, no gradient");
+  m.def("attention_bf16_available", &dinov2od::attention_bf16_available,
+        "whether this build and CPU have the bfloat16 attention kernel (AVX-512 + avx512_bf16)");
+  m.def("attention_forward_bf16", &dinov2od::attention_forward_bf16_cpu,
+        "attention_forward_bf16(q, k, v) -> (B, T, H, 64) bfloat16: the same of bfloat16 CPU tensors "
+        "(float32 accumulation and softmax), no gradient");
 }

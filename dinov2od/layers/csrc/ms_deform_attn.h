@@ -40,6 +40,8 @@ void set_cpu_capability(const std::string& name);
 // (B, T, H, 64); AVX-512 only, no gradient
 bool attention_available();
 at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+bool attention_bf16_available();
+at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(const MSDAInputs& in);

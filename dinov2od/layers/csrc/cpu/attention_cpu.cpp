@@ -241,4 +241,224 @@ at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
+// ---------------------------------------------------------------- bfloat16 (avx512_bf16)
+//
+//   q, k, v   (B, H, T, 64) bfloat16, last dim contiguous  -> out (B, T, H, 64) bfloat16
+//
+// The same algorithm with VDPBF16PS, which multiplies pairs of bfloat16 and accumulates in float32:
+// scores S = Q K^T from K packed into 16-key panels of d-pairs ([NP][32][16][2]), an exact float32
+// softmax per row written back as bfloat16 probabilities P (row-major: a pair of keys is one 32-bit
+// broadcast), and O = P V from V packed into t-pairs ([T/2][64][2]); accumulation, the softmax and
+// the final 1/sum are float32, as torch's bfloat16 attention rounds P to bfloat16 for P V.
+#ifdef DINOV2OD_HAVE_AVX512_ATTENTION
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")
+namespace attn_bf16 {
+
+using attn_avx512::Problem;
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+static inline int32_t pair_at(const uint16_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+static inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// K^T panels of d-pairs ([NP][32][16][2], zero past T) and V in t-pairs ([TU][64][2], zero past T)
+static void pack_head(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
+                      const Problem& pb, int64_t TU, uint16_t* kp, uint16_t* vp) {
+  for (int64_t j = 0; j < pb.NP; ++j) {
+    uint16_t* panel = kp + j * kHeadDim * kPanel;
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const int64_t t = j * kPanel + i;
+      const uint16_t* row = t < pb.T ? k + t * k_stride : nullptr;
+      for (int64_t p = 0; p < kHeadDim / 2; ++p) {
+        panel[(p * kPanel + i) * 2] = row ? row[2 * p] : 0;
+        panel[(p * kPanel + i) * 2 + 1] = row ? row[2 * p + 1] : 0;
+      }
+    }
+  }
+  for (int64_t u = 0; u < TU; ++u) {
+    const uint16_t* r0 = v + (2 * u) * v_stride;
+    const uint16_t* r1 = 2 * u + 1 < pb.T ? v + (2 * u + 1) * v_stride : nullptr;
+    uint16_t* dst = vp + u * kHeadDim * 2;
+    for (int64_t c = 0; c < kHeadDim; ++c) {
+      dst[2 * c] = r0[c];
+      dst[2 * c + 1] = r1 ? r1[c] : 0;
+    }
+  }
+}
+
+// S[r][0:TP] = scale * q_r . K^T for 8 rows (rows past nr repeat the last valid one, not stored)
+static void scores_tile(const uint16_t* const* qr, const uint16_t* kp, const Problem& pb, float* S, int nr) {
+  const __m512 sc = _mm512_set1_ps(pb.scale);
+  for (int64_t j = 0; j < pb.NP; j += 2) {
+    const uint16_t* p0 = kp + j * kHeadDim * kPanel;
+    const uint16_t* p1 = p0 + kHeadDim * kPanel;
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+           a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
+    for (int64_t p = 0; p < kHeadDim / 2; ++p) {
+      const __m512i b0 = _mm512_loadu_si512(p0 + p * kPanel * 2), b1 = _mm512_loadu_si512(p1 + p * kPanel * 2);
+      __m512i a;
+      a = _mm512_set1_epi32(pair_at(qr[0] + 2 * p)); a00 = dp(a00, a, b0); a01 = dp(a01, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[1] + 2 * p)); a10 = dp(a10, a, b0); a11 = dp(a11, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[2] + 2 * p)); a20 = dp(a20, a, b0); a21 = dp(a21, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[3] + 2 * p)); a30 = dp(a30, a, b0); a31 = dp(a31, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[4] + 2 * p)); a40 = dp(a40, a, b0); a41 = dp(a41, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[5] + 2 * p)); a50 = dp(a50, a, b0); a51 = dp(a51, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[6] + 2 * p)); a60 = dp(a60, a, b0); a61 = dp(a61, a, b1);
+      a = _mm512_set1_epi32(pair_at(qr[7] + 2 * p)); a70 = dp(a70, a, b0); a71 = dp(a71, a, b1);
+    }
+    const __m512 acc[8][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
+                              {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
+    for (int r = 0; r < nr; ++r) {
+      float* s = S + r * pb.TP + j * kPanel;
+      _mm512_storeu_ps(s, _mm512_mul_ps(acc[r][0], sc));
+      _mm512_storeu_ps(s + kPanel, _mm512_mul_ps(acc[r][1], sc));
+    }
+  }
+}
+
+// one row: exp(s - max) over the T keys as bfloat16 into P (zero past T); returns 1 / (float32 sum)
+static float softmax_row(const float* s_in, float* s, uint16_t* P, const Problem& pb) {
+  (void)s_in;
+  for (int64_t t = pb.T; t < pb.TP; ++t) s[t] = -std::numeric_limits<float>::infinity();
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < pb.TP; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < pb.TP; t += 16) {
+    const __m512 e = attn_avx512::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + t), (__m256i)h);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// o[r][0:32] = inv[r] * sum_t P[r][t] V[t][0:32] for 8 rows of P (rows past nr repeat, not stored)
+static void values_tile(const uint16_t* const* pr, const uint16_t* vc, int64_t TU, uint16_t* const* o,
+                        const float* inv, int nr) {
+  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
+  for (int64_t u = 0; u < TU; ++u) {
+    const __m512i v0 = _mm512_loadu_si512(vc + u * kHeadDim * 2), v1 = _mm512_loadu_si512(vc + u * kHeadDim * 2 + 32);
+    __m512i b;
+    b = _mm512_set1_epi32(pair_at(pr[0] + 2 * u)); a00 = dp(a00, b, v0); a01 = dp(a01, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[1] + 2 * u)); a10 = dp(a10, b, v0); a11 = dp(a11, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[2] + 2 * u)); a20 = dp(a20, b, v0); a21 = dp(a21, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[3] + 2 * u)); a30 = dp(a30, b, v0); a31 = dp(a31, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[4] + 2 * u)); a40 = dp(a40, b, v0); a41 = dp(a41, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[5] + 2 * u)); a50 = dp(a50, b, v0); a51 = dp(a51, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[6] + 2 * u)); a60 = dp(a60, b, v0); a61 = dp(a61, b, v1);
+    b = _mm512_set1_epi32(pair_at(pr[7] + 2 * u)); a70 = dp(a70, b, v0); a71 = dp(a71, b, v1);
+  }
+  const __m512 acc[8][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
+                            {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
+  for (int r = 0; r < nr; ++r) {
+    const __m512 s = _mm512_set1_ps(inv[r]);
+    const __m256bh h0 = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][0], s));
+    const __m256bh h1 = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][1], s));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[r]), (__m256i)h0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[r] + 16), (__m256i)h1);
+  }
+}
+
+// rows [q0, q0 + n) of one head. Scratch: S (kQueryBlock x TP float), P (kQueryBlock x TP bf16), inv
+static void attend_rows(const uint16_t* q, int64_t q_stride, const uint16_t* kp, const uint16_t* vp, uint16_t* o,
+                        int64_t o_stride, int64_t q0, int64_t n, const Problem& pb, int64_t TU, float* S,
+                        uint16_t* P, float* inv) {
+  for (int64_t r0 = 0; r0 < n; r0 += 8) {
+    const int nr = static_cast<int>(imin(8, n - r0));
+    const uint16_t* qr[8];
+    for (int r = 0; r < 8; ++r) qr[r] = q + (q0 + r0 + imin(r, nr - 1)) * q_stride;
+    scores_tile(qr, kp, pb, S + r0 * pb.TP, nr);
+  }
+  for (int64_t r = 0; r < n; ++r) inv[r] = softmax_row(nullptr, S + r * pb.TP, P + r * pb.TP, pb);
+  for (int64_t r0 = 0; r0 < n; r0 += 8) {
+    const int nr = static_cast<int>(imin(8, n - r0));
+    const uint16_t* pr[8];
+    for (int r = 0; r < 8; ++r) pr[r] = P + (r0 + imin(r, nr - 1)) * pb.TP;
+    for (int64_t c0 = 0; c0 < kHeadDim; c0 += 32) {
+      uint16_t* orow[8];
+      for (int r = 0; r < nr; ++r) orow[r] = o + (q0 + r0 + r) * o_stride + c0;
+      values_tile(pr, vp + c0 * 2, TU, orow, inv + r0, nr);
+    }
+  }
+}
+
+}  // namespace attn_bf16
+#pragma GCC pop_options
+#endif  // DINOV2OD_HAVE_AVX512_ATTENTION
+
+bool attention_bf16_available() {
+#ifdef DINOV2OD_HAVE_AVX512_ATTENTION
+  static const bool ok = attention_available() && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(attention_bf16_available(),
+              "dinov2od bfloat16 attention kernel: needs an x86-64 CPU with AVX-512 and avx512_bf16 and a "
+              "GCC build; use the float32 kernel or torch.nn.functional.scaled_dot_product_attention instead");
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
+              "q, k, v must be (B, H, T, 64) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.size(3) == kHeadDim, "the attention kernel is built for head dim 64, got ", q.size(3));
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kBFloat16, "q, k, v must be bfloat16 CPU tensors, got ",
+                t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->stride(3) == 1, "q, k, v need a contiguous last dim, got strides ", t->strides());
+  }
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
+  auto out = at::empty({B, T, H, kHeadDim}, q.options());
+  if (B * H * T == 0) return out;
+#ifdef DINOV2OD_HAVE_AVX512_ATTENTION
+  attn_avx512::Problem pb;
+  pb.T = T;
+  pb.NP = (T + 2 * kPanel - 1) / (2 * kPanel) * 2;
+  pb.TP = pb.NP * kPanel;
+  pb.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  const int64_t TU = (T + 1) / 2;
+  const int64_t BH = B * H;
+  auto kp = at::empty({BH, pb.NP * kHeadDim * kPanel}, q.options());
+  auto vp = at::empty({BH, TU * kHeadDim * 2}, q.options());
+  auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  auto w16 = [](at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const uint16_t *Q = u16(q), *K = u16(k), *V = u16(v);
+  uint16_t *KP = w16(kp), *VP = w16(vp), *O = w16(out);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      attn_bf16::pack_head(K + b * k.stride(0) + h * k.stride(1), k.stride(2), V + b * v.stride(0) + h * v.stride(1),
+                           v.stride(2), pb, TU, KP + bh * pb.NP * kHeadDim * kPanel, VP + bh * TU * kHeadDim * 2);
+    }
+  });
+  const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, BH * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(kQueryBlock * pb.TP), inv(kQueryBlock);
+    std::vector<uint16_t> P(kQueryBlock * pb.TP);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, q0 = (task % blocks) * kQueryBlock;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t n = std::min(kQueryBlock, T - q0);
+      attn_bf16::attend_rows(Q + b * q.stride(0) + h * q.stride(1), q.stride(2),
+                             KP + bh * pb.NP * kHeadDim * kPanel, VP + bh * TU * kHeadDim * 2,
+                             O + (b * T * H + h) * kHeadDim, H * kHeadDim, q0, n, pb, TU, S.data(), P.data(),
+                             inv.data());
+    }
+  });
+#endif
+  return out;
+}
+
 }  // namespace dinov2od
