@@ -2,18 +2,27 @@
 SHELL := /bin/bash
 VENV ?= .venv
 MODERN_VENV ?= .venv-modern
+PEERS_VENV ?= .venv-peers
 PYTEST_ARGS ?=
 # Tests that need no Detectron2; the modern environment runs exactly these.
 CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py) \
 	tests/test_export_onnx.py
 
-.PHONY: env env-modern demo test test-modern ci benchmark clean
+.PHONY: env env-modern env-peers demo test test-modern ci benchmark benchmark-peers clean
 
 env:
 	@VENV=$(VENV) tools/setup_env.sh reference
 
 env-modern:
 	@MODERN_VENV=$(MODERN_VENV) tools/setup_env.sh modern
+
+# The peer benchmark's environment: the modern stack + rfdetr (never needed by the tests); it uses
+# the modern environment's build of the compiled op. Then: make benchmark-peers (docs/speed.md)
+env-peers: env-modern
+	@PEERS_VENV=$(PEERS_VENV) tools/setup_env.sh peers
+
+benchmark-peers: env-peers
+	OMP_WAIT_POLICY=PASSIVE $(PEERS_VENV)/bin/python tools/benchmark.py --section peers
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (a shared CPU runs faster)
 # Afterwards MODEL_CARD.md's snippet runs verbatim, on the demo's trained weights vs DefaultPredictor

@@ -23,6 +23,10 @@ tables. Its default run is ViT-S/14 at 448 px (default and efficient presets) an
 ``--backbones vits14 vitb14 --sizes 448 518 640 800 --batches 1 8`` is the full table. Its
 ``fp32-plain`` rows turn the CPU inference path off with
 ``dinov2od.layers.inference_options.inference_options(fused_linear=False)``.
+Section ``peers`` (``dinov2od/benchmark/peers.py``; ``make env-peers`` installs ``rfdetr`` into
+``.venv-peers``) runs RF-DETR-N/S and dinov2od's presets at equal token grids in shared rounds,
+fp32 and bf16, and one training iteration each; it prints each ratio and the targets against
+RF-DETR-S.
 Add a section in ``dinov2od/benchmark/__init__.py`` (``SECTIONS``).
 """
 from __future__ import annotations
@@ -80,6 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     startup.add_argument("--startup-ranks", nargs="+", type=int, default=[1, 2, 4], help="rank counts (gloo, CPU)")
     startup.add_argument("--startup-cache-dir", help="dataset cache folder (default: a new temporary one)")
     startup.add_argument("--startup-timeout", type=float, default=900, help="seconds per job")
+    peers = parser.add_argument_group("section peers (dinov2od/benchmark/peers.py; needs rfdetr: make env-peers)")
+    peers.add_argument("--peers", nargs="+", default=["RF-DETR-N", "RF-DETR-S"],
+                       choices=["RF-DETR-N", "RF-DETR-S", "RF-DETR-M"],
+                       help="RF-DETR sizes; dinov2od's presets run at each one's token grid")
+    peers.add_argument("--peer-dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                       help="autocast dtypes (bf16: where the CPU has native bfloat16, or on a GPU)")
+    peers.add_argument("--peer-repeats", type=int, default=10, help="shared rounds of the inference tables")
+    peers.add_argument("--peer-train-batch", type=int, default=8, help="images of the training iteration (0: skip)")
+    peers.add_argument("--peer-train-grids", nargs="+", type=int, default=[16, 32],
+                       help="token grids of the training iteration: 16 = the demo's 224 px, 32 = 448 px; "
+                            "57 = the COCO recipe's 800 px (slow on a CPU)")
+    peers.add_argument("--peer-train-repeats", type=int, default=3, help="shared rounds of the training table")
     args = parser.parse_args(argv)
     args.cases = args.cases or ["decoder", "encoder"]
     if args.device == "auto":

@@ -3,6 +3,8 @@
 #
 #   tools/setup_env.sh reference   # .venv: Python 3.10, torch 2.3.1, Detectron2 (sal-detectron2 0.7.2)
 #   tools/setup_env.sh modern      # .venv-modern: Python 3.11, torch 2.14.1 (CUDA 13.0), no Detectron2
+#   tools/setup_env.sh peers       # .venv-peers: the modern stack + rfdetr, for `tools/benchmark.py --section
+#                                  # peers` only (never needed by the tests); it uses the modern build of the op
 #
 # Re-running does nothing that is already done: the requirements install is stamped with the
 # hash of its requirements file, the extension build with the hash of setup.py and the sources.
@@ -13,7 +15,8 @@ which_env=${1:?usage: tools/setup_env.sh reference|modern}
 case "$which_env" in
   reference) venv=${VENV:-.venv}; req=requirements/reference.txt; pyver=3.10; pyenv_ver=3.10.13 ;;
   modern)    venv=${MODERN_VENV:-.venv-modern}; req=requirements/modern.txt; pyver=3.11; pyenv_ver=3.11 ;;
-  *) echo "unknown environment '$which_env' (expected reference or modern)" >&2; exit 2 ;;
+  peers)     venv=${PEERS_VENV:-.venv-peers}; req=requirements/peers.txt; pyver=3.11; pyenv_ver=3.11 ;;
+  *) echo "unknown environment '$which_env' (expected reference, modern or peers)" >&2; exit 2 ;;
 esac
 
 find_python() {
@@ -50,6 +53,14 @@ if [ ! -f "$req_stamp" ]; then
   rm -f "$venv"/.dinov2od-requirements-* "$venv"/.dinov2od-build-*
   touch "$req_stamp"
   echo ">> $venv ready in $((SECONDS - start)) s"
+fi
+
+if [ "$which_env" = peers ]; then
+  # No build of its own: a fresh CPU-only build would replace the modern environment's CUDA one in
+  # dinov2od/ (same Python, same torch). The repository goes on the path; `make env-peers` builds modern first.
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$PWD" > "$site/dinov2od-repo.pth"
+  exit 0
 fi
 
 # The compiled op: CPU kernel always; CUDA kernels where torch is a CUDA build and a toolkit exists.

@@ -9,6 +9,7 @@ module                 what
 :mod:`.measure`        timing, peak memory, FLOPs, the fp32 linear yardstick, shared rounds
 :mod:`.targets`        the speed targets (data) and the summary lines that judge them
 :mod:`.startup`        section ``startup``: process start to first batch, peak RSS per rank
+:mod:`.peers`          section ``peers``: RF-DETR and dinov2od side by side (needs ``rfdetr``)
 =====================  ================================================================
 
 Add a section by writing ``def section_NAME(args) -> list`` and registering it in :data:`SECTIONS`;
@@ -25,7 +26,7 @@ import torch
 from dinov2od.benchmark.msda import section_msda
 from dinov2od.layers import _ext
 
-__all__ = ["SECTIONS", "run", "section_model", "section_msda", "section_startup"]
+__all__ = ["SECTIONS", "run", "section_model", "section_msda", "section_peers", "section_startup"]
 
 
 def section_model(args: argparse.Namespace) -> list:
@@ -43,10 +44,19 @@ def section_startup(args: argparse.Namespace) -> list:
     return run_startup(args)
 
 
+def section_peers(args: argparse.Namespace) -> list:
+    """RF-DETR vs dinov2od (:func:`dinov2od.benchmark.peers.section_peers`; a message only without
+    ``rfdetr``)."""
+    from dinov2od.benchmark.peers import section_peers as run_peers
+
+    return run_peers(args)
+
+
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List]] = {
     "msda": section_msda,
     "model": section_model,
     "startup": section_startup,
+    "peers": section_peers,
 }
 
 
