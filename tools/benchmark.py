@@ -62,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--backbones", nargs="+", default=["vits14"],
                        help="vits14 vitb14 dinov3-s16 (see BACKBONES in dinov2od/benchmark/models.py)")
     model.add_argument("--presets", nargs="+", default=["default", "efficient", "demo"],
-                       choices=["default", "efficient", "demo"], help="model configs to measure")
+                       choices=["default", "efficient", "demo", "demo-efficient"],
+                       help="model configs to measure (demo-efficient: configs/shapes_efficient.py)")
+    model.add_argument("--demo-overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides of the demo presets, e.g. model.detector.backbone.window_size=8 "
+                            "(the rows of docs/speed.md's table in miniature)")
     model.add_argument("--sizes", nargs="+", type=int, default=[448],
                        help="square image sizes in px for 14-px patches, e.g. 448 518 640 800")
     model.add_argument("--batches", nargs="+", type=int, default=[1], help="inference batches, e.g. 1 8")

@@ -51,7 +51,8 @@ from dinov2od.benchmark.measure import (
     run_rounds,
     yardstick_rates,
 )
-from dinov2od.benchmark.models import PLAIN_PRESETS, build_model, plain_path, random_targets, token_size, variant
+from dinov2od.benchmark.models import (DEMO_OVERRIDES, PLAIN_PRESETS, build_model, is_demo, plain_path, random_targets,
+                                       token_size, variant)
 from dinov2od.benchmark.targets import targets_summary
 from dinov2od.layers.precision import autocast_context
 from dinov2od.modeling import DINOv2ObjectDetector, topk_detections
@@ -166,10 +167,10 @@ def train_row(name, px, batch, total, parts, flops, peak) -> str:
 
 
 def measure_model(args, backbone: str, preset: str, px: int, device: str, results: dict):
-    name = f"{backbone}-{preset}" if preset != "demo" else "demo"
+    name = f"{backbone}-{preset}" if not is_demo(preset) else preset + "".join(f" {o}" for o in DEMO_OVERRIDES)
     model, meta = build_model(backbone, preset, device)
     model.eval()
-    size = token_size(px, backbone) if preset != "demo" else px
+    size = token_size(px, backbone) if not is_demo(preset) else px
     quantized: dict = {}
     for batch in args.batches:
         images = torch.rand(batch, 3, size, size, device=device)
@@ -332,6 +333,7 @@ def attention_kernel(backbone, size: int, device: str) -> Dict[str, Tuple[Callab
 
 def section_model(args) -> list:
     STAT["name"] = args.stat
+    DEMO_OVERRIDES[:] = list(args.demo_overrides or [])
     if args.clock == "process":
         CLOCK["now"] = time.process_time
     try:
@@ -355,12 +357,12 @@ def section_model(args) -> list:
         print("|" + "---|" * (INFER_HEADER.count("|") - 1), flush=True)
         for backbone in args.backbones:
             for preset in args.presets:
-                if preset == "demo":
+                if is_demo(preset):
                     continue
                 for px in args.sizes:
                     measure_model(args, backbone, preset, px, device, results)
-        if "demo" in args.presets:
-            measure_model(args, args.backbones[0], "demo", args.demo_size, device, results)
+        for preset in [p for p in args.presets if is_demo(p)]:
+            measure_model(args, args.backbones[0], preset, args.demo_size, device, results)
         if results.get("train_rows"):
             print(f"\none training iteration (AdamW, {args.train_batch} images, 5 random boxes each), {device}\n")
             print(TRAIN_HEADER)

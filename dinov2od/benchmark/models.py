@@ -22,7 +22,14 @@ PRESETS = {
     "default": "configs/common/models/dinov2_detr.py",
     "efficient": "configs/common/models/dinov2_detr_efficient.py",
     "demo": "configs/shapes.py",
+    "demo-efficient": "configs/shapes_efficient.py",  # the demo with the efficient preset's changes
 }
+DEMO_OVERRIDES: List[str] = []  # --demo-overrides: LazyConfig overrides of the demo presets (key=value)
+
+
+def is_demo(preset: str) -> bool:
+    """Whether ``preset`` is a demo preset: its own tiny ViT, sized in px (``--demo-size``)."""
+    return preset.startswith("demo")
 
 
 def _backbone(**overrides) -> Tuple[dict, int]:
@@ -62,9 +69,11 @@ def build_model(backbone: str, preset: str, device: str) -> Tuple[DINOv2ObjectDe
         kwargs["backbone"] = dict(kwargs.get("backbone", {}), **overrides, pretrained=None)
         return DINOv2ObjectDetector(num_classes=80, **kwargs).to(device), None
     cfg = LazyConfig.load(os.path.join(ROOT, PRESETS[preset]))
+    if is_demo(preset) and DEMO_OVERRIDES:
+        cfg = LazyConfig.apply_overrides(cfg, DEMO_OVERRIDES)
     bb = cfg.model.detector.backbone
     bb.pretrained = None
-    if preset != "demo":
+    if not is_demo(preset):
         bb.update(overrides)
         bb.arch_overrides = {}
     meta = instantiate(cfg.model)

@@ -23,7 +23,8 @@ What is compared (docs/speed.md, "Against RF-DETR"):
 * **Training**, one iteration (forward, loss, backward, optimizer step; AdamW), ``--peer-train-batch``
   images at each ``--peer-train-grids`` token grid: each model as its recipe trains it (RF-DETR: the
   whole model, 13 query groups, its SetCriterion; dinov2od: frozen ViT + LoRA, the preset's
-  decoder, :class:`dinov2od.modeling.SetCriterion`). Images/s and peak memory.
+  decoder, :class:`dinov2od.modeling.SetCriterion`), and the default with its whole ViT trained
+  (like for like with RF-DETR's recipe). Images/s and peak memory.
 
 Every call of a table is made once per round, round after round (``--peer-repeats`` rounds), so
 that a shared machine's load falls on all alike; the reduction is ``--stat``.
@@ -35,6 +36,7 @@ import copy
 import contextlib
 import logging
 import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -206,7 +208,7 @@ def peer_train_step(module, args, batch: int, px: int, device: str) -> Callable[
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach()
 
     return step
 
@@ -226,7 +228,7 @@ def our_train_step(model, criterion, batch: int, px: int, device: str) -> Callab
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach()
 
     return step
 
@@ -294,6 +296,12 @@ def _train_table(args, device: str, peer_name: str) -> List[dict]:
         for preset in our_presets():
             model, crit = build_ours(preset, device)
             calls[f"dinov2od {preset}"] = our_train_step(model, crit, args.peer_train_batch, equal_grid_px(grid), device)
+        # like for like with RF-DETR's recipe, which trains its whole ViT: the default with the ViT trained too
+        model, crit = build_ours("default", device)
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+        calls["dinov2od default, ViT trained"] = our_train_step(model, crit, args.peer_train_batch,
+                                                                equal_grid_px(grid), device)
         for key, fn in calls.items():  # warm-up and peak memory, one model at a time
             fn()
             with measure.PeakMemory(device) as m:
@@ -342,10 +350,13 @@ def section_peers(args: argparse.Namespace) -> list:
         print("\nsection peers: rfdetr is not installed; `make env-peers`, then "
               "`.venv-peers/bin/python tools/benchmark.py --section peers` (docs/speed.md)")
         return []
-    import rfdetr
+    from importlib.metadata import version
 
-    print(f"\nsection peers: rfdetr {getattr(rfdetr, '__version__', '?')}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    measure.STAT["name"] = args.stat
+    if args.clock == "process":  # this process's CPU time (with --threads 1 on a busy machine)
+        measure.CLOCK["now"] = time.process_time
+    print(f"\nsection peers: rfdetr {version('rfdetr')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, {args.stat} of {args.peer_repeats} shared rounds")
     out = []
     for device in args.devices:
         rows = _inference_table(args, device, args.peers)
