@@ -71,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="square image sizes in px for 14-px patches, e.g. 448 518 640 800")
     model.add_argument("--batches", nargs="+", type=int, default=[1], help="inference batches, e.g. 1 8")
     model.add_argument("--dtypes", nargs="+", default=["fp32", "fp32-plain", "bf16", "int8"],
-                       choices=["fp32", "fp32-plain", "bf16", "int8"],
-                       help="inference precision (fp32-plain: fp32 with the CPU inference path off, for an A/B; "
+                       choices=["fp32", "fp32-plain", "bf16", "bf16-plain", "int8"],
+                       help="inference precision (fp32-plain / bf16-plain: with the CPU inference path off "
+                            "(bf16-plain: as autocast runs the blocks), for an A/B; "
                             "bf16: autocast, refused on CPUs without native bf16; int8: dynamic quantization "
                             "of the linear layers, CPU)")
     model.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"],

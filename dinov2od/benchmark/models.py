@@ -100,7 +100,7 @@ def random_targets(batch: int, num_classes: int, device: str, n: int = 5) -> Lis
 def variant(model: DINOv2ObjectDetector, dtype: str, device: str, quantized: dict):
     """What a ``--dtypes`` entry runs: ``(module, autocast dtype, plain path)``, or None where it does
     not apply (``int8`` and ``fp32-plain`` are CPU paths). ``quantized`` caches the int8 copy."""
-    if dtype in ("int8", "fp32-plain") and device.split(":")[0] != "cpu":
+    if dtype in ("int8", "fp32-plain", "bf16-plain") and device.split(":")[0] != "cpu":
         return None
     if dtype == "int8":
         if "int8" not in quantized:
@@ -108,7 +108,8 @@ def variant(model: DINOv2ObjectDetector, dtype: str, device: str, quantized: dic
 
             quantized["int8"] = quantize_dynamic_int8(model)
         return quantized["int8"], "fp32", False
-    return model, ("fp32" if dtype == "fp32-plain" else dtype), dtype == "fp32-plain"
+    plain = dtype.endswith("-plain")
+    return model, (dtype[: -len("-plain")] if plain else dtype), plain
 
 
 
