@@ -16,6 +16,13 @@ import tempfile
 
 import pytest
 
+# OpenMP's idle threads sleep instead of spinning, as `make demo` runs (the user's own setting wins). Set
+# before torch is imported (libgomp reads it once, at load); subprocesses inherit it. On a shared 2-core
+# machine a spinning thread pool starves the test's other processes (DDP ranks, loader workers, a
+# benchmark next door): measured under load, a resume test with a loader worker took 36-43 s spinning,
+# 3-4 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Training runs in tests cache their parsed datasets (dinov2od.d2.data_cache) in a folder of this run,
 # not in the user's ~/.cache; subprocesses (DDP, torchrun) inherit it.
 os.environ["DINOV2OD_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="dinov2od-test-cache-")
