@@ -185,3 +185,28 @@ def count_fused(monkeypatch):
 
     monkeypatch.setattr(ViTBackbone, "_block_inference", counted)
     return calls
+
+
+# ---------------------------------------------------------------------------- a shared DDP job
+@pytest.fixture(scope="session")
+def train_wrapper(tmp_path_factory):
+    """tools/train_net.py with the test hooks of tests/ddp_jobs.py, as a script file."""
+    from ddp_jobs import write_wrapper
+
+    return write_wrapper(tmp_path_factory.mktemp("wrapper"))
+
+
+@pytest.fixture(scope="session")
+def launch_job(tiny_config, train_wrapper, tmp_path_factory):
+    """One 2-process job under Detectron2's ``launch()`` (``--num-gpus 2``, ddp_jobs.JOB_OPTS), run once
+    for test_d2_distributed.py (== torchrun, which runs meanwhile) and test_d2_train.py (ranks
+    identical, == 1 process). Its output folder holds model_final.pth, log.txt, init.pth and
+    rank0.pth / rank1.pth."""
+    from ddp_jobs import JOB_OPTS, finish, generate_data, job_env, launch_cmd, start
+
+    generate_data()
+    out = tmp_path_factory.mktemp("launch")
+    proc = finish(start(launch_cmd(train_wrapper, ["--config-file", tiny_config, *JOB_OPTS,
+                                                   f"train.output_dir={out}"]), job_env()))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out

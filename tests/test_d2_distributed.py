@@ -2,15 +2,15 @@
 workers that die with their launcher, and ranks that must resume the same state.
 
 The multi-process tests run real jobs of two CPU processes (gloo, 127.0.0.1 only, free ports) on
-the tiny model; every subprocess has a timeout. One torchrun job is shared: its weights are
-compared with a launch() job's, and its per-rank output folders (only rank 0's gets the
-checkpoint, as on machines that do not share a folder) feed the mismatched-resume test.
+the tiny model (tests/ddp_jobs.py); every subprocess has a timeout. One torchrun job is shared: its
+weights are compared with the launch() job's (conftest's ``launch_job``, which test_d2_train.py
+compares with a 1-process run), and its per-rank output folders (only rank 0's gets the checkpoint,
+as on machines that do not share a folder) feed the mismatched-resume test.
 """
 import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import ROOT
+from ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun, torchrun_cmd
 
 LAUNCH_PY = os.path.join(ROOT, "dinov2od", "d2", "launch.py")
-JOB_TIMEOUT = 120  # seconds, per subprocess: a hang fails the test instead of the suite
 
 
 def _load_launch_module():
@@ -245,79 +245,13 @@ def test_worker_exits_when_its_launcher_is_killed(tmp_path):
 
 
 # ---------------------------------------------------------------------------- multi-process jobs
-# tools/train_net.py's own command line with test hooks (environment variables):
-#   DD_PER_RANK_OUTPUT=DIR  each rank writes to DIR/rank<r> (machines that share no folder)
-#   DD_STALL_RANK=r         rank r stops progressing at its first training step (sleeps)
-#   DD_NO_AGREEMENT=1       the resume agreement check is skipped (negative controls)
-# and every rank's final weights saved as <output>/rank<r>.pth (rank 0's weights before training: init.pth).
-WRAPPER = '''
-import os, sys, time
-sys.path.insert(0, {tools!r})
-import torch
-import train_net
-from detectron2.utils import comm
-from dinov2od.d2 import trainer
-
-_train, _run_step, _main = trainer.DetrTrainer.train, trainer.DetrTrainer.run_step, train_net.main
-
-
-def train(self):
-    if comm.is_main_process():
-        torch.save(trainer.unwrap_model(self.model).state_dict(), os.path.join(self.settings.output_dir, "init.pth"))
-    results = _train(self)
-    state = trainer.unwrap_model(self.model).state_dict()
-    torch.save(state, os.path.join(self.settings.output_dir, f"rank{{comm.get_rank()}}.pth"))
-    return results
-
-
-def run_step(self):
-    if os.environ.get("DD_STALL_RANK") == str(comm.get_rank()):
-        print(f"rank {{comm.get_rank()}} stalls", flush=True)
-        time.sleep(300)
-    _run_step(self)
-
-
-def main(args):
-    if os.environ.get("DD_PER_RANK_OUTPUT"):
-        args.opts = [*args.opts, f"train.output_dir={{os.environ['DD_PER_RANK_OUTPUT']}}/rank{{comm.get_rank()}}"]
-    if os.environ.get("DD_NO_AGREEMENT"):
-        trainer.check_ranks_agree = lambda *a, **k: None
-    return _main(args)
-
-
-trainer.DetrTrainer.train, trainer.DetrTrainer.run_step, train_net.main = train, run_step, main
-if __name__ == "__main__":
-    train_net.invoke_main()
-'''
-
-JOB_OPTS = [*TINY, "train.max_iter=2", "train.images_per_gpu=1", "train.effective_batch=4",
-            "train.eval_after_train=False", "train.checkpointer.period=100"]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _torchrun(script, args, env, timeout=JOB_TIMEOUT):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+# tools/train_net.py's own command line with test hooks: tests/ddp_jobs.py (per-rank output folders,
+# a stalled rank, no resume agreement; every rank's final weights saved).
 
 
 def _slurm_tasks(script, args, env, timeout=JOB_TIMEOUT):
     """Two tasks as ``srun --ntasks=2`` starts them on one node (no supervising launcher)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         task_env = dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
@@ -336,27 +270,26 @@ def _slurm_tasks(script, args, env, timeout=JOB_TIMEOUT):
 
 
 @pytest.fixture(scope="module")
-def wrapper(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wrapper") / "train_wrapper.py"
-    path.write_text(WRAPPER.format(tools=os.path.join(ROOT, "tools")))
-    return path
-
-
-@pytest.fixture(scope="module")
-def torchrun_job(tiny_config, wrapper, tmp_path_factory):
-    """torchrun, 2 processes, each rank in its own output folder (rank 0's gets the checkpoint)."""
+def torchrun_job(tiny_config, train_wrapper, tmp_path_factory, request):
+    """torchrun, 2 processes, each rank in its own output folder (rank 0's gets the checkpoint).
+    The shared launch() job runs at the same time (the start-ups are mostly one busy thread each)."""
     out = tmp_path_factory.mktemp("torchrun")
-    start = time.time()
-    proc = _torchrun(wrapper, ["--config-file", tiny_config, *JOB_OPTS], _env(DD_PER_RANK_OUTPUT=str(out)))
+    generate_data()
+    proc = start(torchrun_cmd(train_wrapper, ["--config-file", tiny_config, *JOB_OPTS]),
+                 job_env(DD_PER_RANK_OUTPUT=str(out)))
+    try:
+        request.getfixturevalue("launch_job")
+    finally:
+        proc = finish(proc)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return SimpleNamespace(out=out, seconds=time.time() - start)
+    return SimpleNamespace(out=out)
 
 
 def _weights(path):
     return torch.load(path, map_location="cpu")
 
 
-def test_torchrun_equals_launch_with_num_gpus_2(torchrun_job, tiny_config, wrapper, tmp_path):
+def test_torchrun_equals_launch_with_num_gpus_2(torchrun_job, launch_job):
     """The same 2-process job under torchrun and under Detectron2's launch(): identical weights."""
     rank0, rank1 = torchrun_job.out / "rank0", torchrun_job.out / "rank1"
     with open(rank0 / "log.txt") as f:
@@ -364,11 +297,7 @@ def test_torchrun_equals_launch_with_num_gpus_2(torchrun_job, tiny_config, wrapp
     assert "World size: 2" in log and "1 images/GPU x 2 GPUs x 2 accumulation = 4" in log
     assert not (rank1 / "model_final.pth").exists()  # one writer: rank 0
     assert not [n for n in os.listdir(rank0) if ".tmp" in n]
-    out = tmp_path / "launch"
-    cmd = [sys.executable, str(wrapper), "--num-gpus", "2", "--dist-url", "auto", "--config-file", tiny_config,
-           *JOB_OPTS, f"train.output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = launch_job
     launched = _weights(out / "model_final.pth")["model"]
     torchrun = _weights(rank0 / "model_final.pth")["model"]
     ranks = [_weights(rank0 / "rank0.pth"), _weights(rank1 / "rank1.pth"), _weights(out / "rank1.pth")]
@@ -382,10 +311,10 @@ def test_torchrun_equals_launch_with_num_gpus_2(torchrun_job, tiny_config, wrapp
     assert trained > 10  # the weights moved: the comparison is not of two untrained models
 
 
-def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_job, tiny_config, wrapper):
+def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_job, tiny_config, train_wrapper):
     """SLURM-style tasks whose output folders are not shared: rank 0 finds the checkpoint, rank 1 none."""
     args = ["--config-file", tiny_config, "--resume", "--dist-timeout", "20", *JOB_OPTS, "train.max_iter=4"]
-    codes, outputs = _slurm_tasks(wrapper, args, _env(DD_PER_RANK_OUTPUT=str(torchrun_job.out)))
+    codes, outputs = _slurm_tasks(train_wrapper, args, job_env(DD_PER_RANK_OUTPUT=str(torchrun_job.out)))
     out = torchrun_job.out
     for rank, (code, text) in enumerate(zip(codes, outputs)):
         assert code != 0, text[-3000:]
@@ -397,10 +326,10 @@ def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_j
                                                                                  "model_final_ema.pth", "rank0.pth"]
 
 
-def test_a_stalled_rank_ends_the_job_within_dist_timeout(tiny_config, wrapper, tmp_path):
+def test_a_stalled_rank_ends_the_job_within_dist_timeout(tiny_config, train_wrapper, tmp_path):
     start = time.time()
-    proc = _torchrun(wrapper, ["--config-file", tiny_config, "--dist-timeout", "3", *JOB_OPTS,
-                               f"train.output_dir={tmp_path}"], _env(DD_STALL_RANK="1"), timeout=60)
+    proc = torchrun(train_wrapper, ["--config-file", tiny_config, "--dist-timeout", "3", *JOB_OPTS,
+                                    f"train.output_dir={tmp_path}"], job_env(DD_STALL_RANK="1"), timeout=60)
     elapsed = time.time() - start
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "rank 1 stalls" in text, text[-3000:]
