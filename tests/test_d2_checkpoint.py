@@ -305,15 +305,71 @@ def _kill_point(kind, seed):
     return f"replace:{rng.randrange(0, 8)}"
 
 
-@pytest.mark.parametrize("kind,seed", [("step", 0), ("save", 1), ("save", 2), ("replace", 3)])
-def test_sigkill_then_resume_equals_the_uninterrupted_run(kind, seed, kill_config, train_net, uninterrupted, tmp_path):
-    out = str(tmp_path / "killed")
-    point = _kill_point(kind, seed)
-    cmd = [sys.executable, os.path.join(ROOT, "tools/train_net.py"), "--config-file", kill_config,
-           *KILL_RUN, f"train.output_dir={out}"]
-    env = dict(os.environ, DINOV2OD_TEST_KILL=point, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
+KILL_POINTS = [("step", 0), ("save", 1), ("save", 2), ("replace", 3)]
+
+# tools/train_net.py's command line once per kill point, each in a child process forked after the
+# imports (torch, Detectron2, dinov2od: they cost more than the training up to the kill), so every
+# run is a real process that a real SIGKILL ends. The children run at once (mostly one busy thread
+# each) in their own output folders, their output in their log files; their exit codes (-9: SIGKILL)
+# are printed as json.
+FORK_RUNS = """
+import json, os, sys, traceback
+sys.path.insert(0, {tools!r})
+import train_net  # noqa: E402  (nothing has run a parallel region yet: the children may use threads)
+
+pids = []
+for point, argv, log in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1), os.dup2(fd, 2)
+            os.environ["DINOV2OD_TEST_KILL"] = point
+            sys.argv = [train_net.__file__, *argv]
+            train_net.invoke_main()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    pids.append(pid)
+print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]))
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_runs(kill_config, tmp_path_factory, request):
+    """{(kind, seed): (kill point, exit code, output folder, log file)} of the killed runs (the
+    uninterrupted run is trained in this process meanwhile)."""
+    root = tmp_path_factory.mktemp("killed")
+    jobs = {}
+    for kind, seed in KILL_POINTS:
+        out = str(root / f"{kind}-{seed}")
+        jobs[kind, seed] = [_kill_point(kind, seed), ["--config-file", kill_config, *KILL_RUN,
+                                                      f"train.output_dir={out}"], f"{out}.log"]
+    (root / "fork_runs.py").write_text(FORK_RUNS.format(tools=os.path.join(ROOT, "tools")))
+    proc = subprocess.Popen([sys.executable, str(root / "fork_runs.py"), json.dumps(list(jobs.values()))], cwd=ROOT,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        request.getfixturevalue("uninterrupted")
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    codes = json.loads(stdout.strip().splitlines()[-1])
+    return {key: (point, code, argv[-1].split("=", 1)[1], log)
+            for (key, (point, argv, log)), code in zip(jobs.items(), codes)}
+
+
+@pytest.mark.parametrize("kind,seed", KILL_POINTS)
+def test_sigkill_then_resume_equals_the_uninterrupted_run(kind, seed, killed_runs, kill_config, train_net,
+                                                          uninterrupted):
+    point, code, out, log = killed_runs[kind, seed]
+    with open(log) as f:
+        assert code == -signal.SIGKILL, (point, code, f.read()[-2000:])
     # nothing under a checkpoint's name is truncated, and the tag names a complete checkpoint
     for name in sorted(os.listdir(out)):
         if name.endswith(".pth"):
