@@ -210,3 +210,67 @@ def launch_job(tiny_config, train_wrapper, tmp_path_factory):
                                                    f"train.output_dir={out}"]), job_env()))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return out
+
+
+# ---------------------------------------------------------------------------- a shared ONNX export
+YACS_YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
+# Classes of the tiny yacs model's own, registered nowhere: they can only come from its checkpoint / graph.
+TINY_CLASSES = (["ring", "box", "wedge"], [7, 11, 42])
+
+
+def build_tiny_yacs_model(opts=()):
+    """The tiny model of TINY_YACS (configs/yaml/shapes.yaml) through Detectron2's build_model, in eval mode."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from dinov2od.d2 import add_dinov2od_config
+
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    cfg.merge_from_file(YACS_YAML)
+    cfg.merge_from_list([*[str(v) for v in TINY_YACS], *opts])
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg).eval()
+
+
+def save_d2_checkpoint(model, path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_yacs_checkpoint(tmp_path_factory):
+    """The tiny yacs model (seed 0, every weight perturbed) with TINY_CLASSES and its checkpoints:
+    ``model.pth``, and ``old.pth`` saved before it had classes (as older checkpoints are)."""
+    import torch
+
+    from test_modeling_detector import _perturb
+
+    root = tmp_path_factory.mktemp("tiny_yacs")
+    torch.manual_seed(0)
+    model = build_tiny_yacs_model()
+    _perturb(model.detector)
+    old = save_d2_checkpoint(model, str(root / "old.pth"))
+    model.detector.set_classes(*TINY_CLASSES)
+    return dict(model=model, weights=save_d2_checkpoint(model, str(root / "model.pth")), old=old, root=root)
+
+
+@pytest.fixture(scope="session")
+def tiny_yacs_exports(tiny_yacs_checkpoint):
+    """{format: path} of the two graphs ``tools/export_onnx.py --check`` writes from the tiny yacs
+    checkpoint (detector and detectron2 formats, traced at 112 x 149), each checked by the tool.
+    Shared by test_d2_export_onnx.py and test_tools_predict.py."""
+    if os.path.join(ROOT, "tools") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import export_onnx
+
+    graphs = {}
+    for fmt in ("detector", "detectron2"):
+        graphs[fmt] = str(tiny_yacs_checkpoint["root"] / f"{fmt}.onnx")
+        check = export_onnx.main(["--config-file", YACS_YAML, "--weights", tiny_yacs_checkpoint["weights"],
+                                  "--output", graphs[fmt], "--format", fmt, "--size", "112", "149", "--check",
+                                  *[str(v) for v in TINY_YACS]])
+        assert check.get("same top-k labels", check.get("same classes")) is True, check
+    return graphs

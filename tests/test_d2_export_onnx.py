@@ -9,53 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from test_d2_model import TINY_YACS
+from conftest import TINY_YACS, build_tiny_yacs_model, save_d2_checkpoint
 from test_modeling_detector import _perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 ATOL = 1e-4  # logits and normalized boxes
+NUM_DETS = 10 * 3  # top-k = queries x classes
 
 
 YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
 OPTS = [str(v) for v in TINY_YACS] + ["INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_SIZE_TEST", "400"]
 
 
-def _write_checkpoint(path, seed):
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from dinov2od.d2 import add_dinov2od_config
-
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(YAML)
-    cfg.merge_from_list(OPTS)
-    cfg.MODEL.DEVICE = "cpu"
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    _perturb(model.detector)
-    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
-    return model
-
-
 @pytest.fixture(scope="module")
-def yacs_exports(tmp_path_factory):
-    """A tiny yacs model's checkpoint, exported in both formats by tools/export_onnx.py."""
-    import export_onnx
-
-    root = tmp_path_factory.mktemp("d2")
-    weights = str(root / "model.pth")
-    model = _write_checkpoint(weights, seed=0)
-    paths = {}
-    for fmt in ("detector", "detectron2"):
-        paths[fmt] = str(root / f"{fmt}.onnx")
-        check = export_onnx.main(["--config-file", YAML, "--weights", weights, "--output", paths[fmt], "--format", fmt,
-                                  "--size", "112", "149", "--check", *OPTS])
-        assert check.get("same top-k labels", check.get("same classes")) is True, check
-    return model, weights, paths, root
+def yacs_exports(tiny_yacs_checkpoint, tiny_yacs_exports, tmp_path_factory):
+    """A tiny yacs model's checkpoint, exported in both formats by tools/export_onnx.py --check
+    (conftest's tiny_yacs_exports, shared with test_tools_predict.py), and a folder for this module."""
+    return (tiny_yacs_checkpoint["model"], tiny_yacs_checkpoint["weights"], tiny_yacs_exports,
+            tmp_path_factory.mktemp("d2"))
 
 
 def test_detectron2_graph_matches_the_meta_architecture(yacs_exports):
@@ -69,7 +42,7 @@ def test_detectron2_graph_matches_the_meta_architecture(yacs_exports):
         boxes, classes, scores, size = session.run(None, {"image": image.numpy()})
         with torch.no_grad():
             ref = model([{"image": image}])[0]["instances"]
-        assert tuple(size) == (h, w) and len(scores) == len(ref) == 36
+        assert tuple(size) == (h, w) and len(scores) == len(ref) == NUM_DETS
         np.testing.assert_array_equal(classes, ref.pred_classes.numpy())
         np.testing.assert_allclose(scores, ref.scores.numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(boxes, ref.pred_boxes.tensor.numpy(), rtol=0, atol=ATOL * max(h, w))
@@ -104,7 +77,7 @@ def test_predict_onnx_draws_the_same_boxes_as_pytorch(yacs_exports):
     for fmt, path in paths.items():
         onnx_results, onnx_dir = _predict(root, fmt, "--onnx", path)
         ours, ref = _by_image(onnx_results), _by_image(torch_results)
-        assert sorted(ours) == sorted(ref) and all(len(ours[k]) == len(ref[k]) == 36 for k in ref)
+        assert sorted(ours) == sorted(ref) and all(len(ours[k]) == len(ref[k]) == NUM_DETS for k in ref)
         for k in ref:
             scores = np.array([r["score"] for r in ref[k]])
             np.testing.assert_allclose([r["score"] for r in ours[k]], scores, rtol=0, atol=1e-5)
@@ -118,8 +91,10 @@ def test_predict_onnx_draws_the_same_boxes_as_pytorch(yacs_exports):
             b = np.asarray(Image.open(os.path.join(torch_dir, name)), np.int16)
             assert a.shape == b.shape and (np.abs(a - b) > 8).mean() < 0.002, (fmt, name)
     # negative control: other weights through PyTorch give other detections
-    other = str(root / "other.pth")
-    _write_checkpoint(other, seed=1)
+    torch.manual_seed(1)
+    model = build_tiny_yacs_model()
+    _perturb(model.detector)
+    other = save_d2_checkpoint(model, str(root / "other.pth"))
     other_results, _ = _predict(root, "other", "--weights", other)
     first = lambda res: _by_image(res)[sorted(_by_image(res))[0]][0]  # noqa: E731
     assert abs(first(other_results)["score"] - first(torch_results)["score"]) > 1e-3 or \

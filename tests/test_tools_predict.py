@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_YACS, detectron2_expected
+from conftest import ROOT, TINY_CLASSES, TINY_YACS, detectron2_expected
 
 if not detectron2_expected():
     pytest.importorskip("detectron2.engine")
@@ -23,27 +23,6 @@ YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
 OPTS = [str(v) for v in TINY_YACS] + ["INPUT.MAX_SIZE_TEST", "200"]
 NAMES, IDS = ["ring", "box", "wedge"], [7, 11, 42]
 NUM_DETS = 10 * 3  # top-k = queries x classes
-
-
-def _build(opts=()):
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from dinov2od.d2 import add_dinov2od_config
-
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(YAML)
-    cfg.merge_from_list([*OPTS, *opts])
-    cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg).eval()
-
-
-def _save(model, path):
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(os.path.basename(path)[:-4])
-    return path
 
 
 def _image(seed, h=90, w=120):
@@ -58,17 +37,12 @@ def _write(path, array):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """(model with classes, its checkpoint, the same weights saved without classes, folder)."""
-    from test_modeling_detector import _perturb
-
-    root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    model = _build()
-    _perturb(model.detector)
-    old = _save(model, str(root / "old.pth"))  # as saved before models stored their classes
-    model.detector.set_classes(NAMES, IDS)
-    return model, _save(model, str(root / "model.pth")), old, root
+def ckpt(tiny_yacs_checkpoint):
+    """(model with classes, its checkpoint, the same weights saved without classes, folder):
+    conftest's tiny yacs model, whose classes are NAMES / IDS."""
+    assert TINY_CLASSES == (NAMES, IDS)
+    c = tiny_yacs_checkpoint
+    return c["model"], c["weights"], c["old"], c["root"]
 
 
 def _run(*argv):
@@ -267,17 +241,12 @@ def test_dataset_override_reports_a_registered_datasets_classes(ckpt, tiny_confi
 
 
 @pytest.fixture(scope="module")
-def onnx_exports(ckpt):
-    """The tiny model exported as the plain detector graph (with its classes) and the Detectron2 graph."""
+def onnx_exports(request):
+    """The tiny model as the plain detector graph and as the Detectron2 graph, both with its classes
+    (tools/export_onnx.py: conftest's tiny_yacs_exports)."""
     pytest.importorskip("onnxruntime")
-    from dinov2od.export.d2 import export_meta_arch
-    from dinov2od.export.onnx import export_detector
-
-    model, _, _, root = ckpt
-    det = export_detector(model.detector, str(root / "detector.onnx"), image_size=(112, 140), topk=NUM_DETS)
-    image = torch.randint(0, 256, (3, 112, 140), generator=torch.Generator().manual_seed(0)).float()
-    d2 = export_meta_arch(model, str(root / "d2.onnx"), image)
-    return det, d2
+    graphs = request.getfixturevalue("tiny_yacs_exports")
+    return graphs["detector"], graphs["detectron2"]
 
 
 def test_onnx_graph_carries_the_classes(ckpt, onnx_exports):
