@@ -20,7 +20,7 @@ from user_data import write_roboflow_dataset
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
 NAMES = {1: "apple", 5: "brick", 9: "kite"}
-FAST = ["train.epochs=12", "dataloader.train.mapper.augmentations.min_size_train=[128,144,160]",
+FAST = ["train.epochs=8", "dataloader.train.mapper.augmentations.min_size_train=[128,144,160]",
         "dataloader.test.mapper.augmentations.min_size_test=144", "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0", "train.visualize.num_images=0", "train.log_period=8"]
 FAST_YACS = ["INPUT.MIN_SIZE_TRAIN", "(128,144,160)", "INPUT.MIN_SIZE_TEST", "144", "DATALOADER.NUM_WORKERS", "0"]
@@ -61,7 +61,8 @@ def trial(tmp_path_factory, train_net):
 
 def test_training_evaluates_the_users_ids_and_pycocotools_agrees(trial):
     ap = trial["ap"]
-    assert ap > 2.0  # 12 epochs learn something (9.2 AP measured): an AP of 0 would prove nothing below
+    assert ap > 2.0  # 8 epochs learn something (10.7 AP measured; 8.4-16.2 with train.seed 1, 2, 3): an AP of 0
+    # would prove nothing below
     dets = json.load(open(os.path.join(trial["out"], "inference/coco_instances_results.json")))
     assert {d["category_id"] for d in dets} == set(NAMES)  # the json's ids, not 0..2
     assert coco_ap(trial["gt"], dets) == pytest.approx(ap, abs=1e-6)
