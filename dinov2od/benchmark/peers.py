@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from dinov2od.benchmark import measure
+from dinov2od.benchmark.models import random_targets
 from dinov2od.layers.precision import autocast_context, native_cpu_bf16
 
 __all__ = ["PEERS", "Peer", "equal_grid_px", "section_peers", "shared_rounds", "speed_ratio"]
@@ -177,17 +178,6 @@ def _count_gflop(fn: Callable[[], object], module: torch.nn.Module) -> Optional[
 # ---------------------------------------------------------------- training iteration
 
 
-def _boxes_targets(batch: int, num_classes: int, device: str, n: int = 5) -> List[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(batch):
-        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
-        wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
-        out.append({"labels": torch.randint(0, num_classes, (n,), generator=g).to(device),
-                    "boxes": torch.cat([cxcy, wh], 1).to(device)})
-    return out
-
-
 def peer_train_step(module, args, batch: int, px: int, device: str) -> Callable[[], float]:
     """One RF-DETR training iteration as its trainer makes it (whole model, its criterion)."""
     from rfdetr.models.lwdetr import build_criterion_and_postprocessors
@@ -196,7 +186,7 @@ def peer_train_step(module, args, batch: int, px: int, device: str) -> Callable[
     criterion.to(device)
     weights = criterion.weight_dict
     images = torch.randn(batch, 3, px, px, device=device)
-    targets = _boxes_targets(batch, args.num_classes, device)
+    targets = random_targets(batch, args.num_classes, device)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -216,7 +206,7 @@ def peer_train_step(module, args, batch: int, px: int, device: str) -> Callable[
 def our_train_step(model, criterion, batch: int, px: int, device: str) -> Callable[[], float]:
     """One dinov2od training iteration (the preset's trainable parameters, its SetCriterion)."""
     images = torch.rand(batch, 3, px, px, device=device)
-    targets = _boxes_targets(batch, model.num_classes, device)
+    targets = random_targets(batch, model.num_classes, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 

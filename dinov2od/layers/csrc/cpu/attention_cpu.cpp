@@ -47,6 +47,16 @@ struct Problem {
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// T tokens: keys padded to whole pairs of 16-key panels; scale 1 / sqrt(64)
+static inline Problem make_problem(int64_t T) {
+  Problem pb;
+  pb.T = T;
+  pb.NP = (T + 2 * kPanel - 1) / (2 * kPanel) * 2;
+  pb.TP = pb.NP * kPanel;
+  pb.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  return pb;
+}
+
 // exp(x) for x <= 0: 2^n * 2^f with x log2(e) = n + f, |f| <= 1/2, a degree-6 polynomial for 2^f
 static inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -180,6 +190,21 @@ static void attend_rows(const float* q, int64_t q_stride, const float* kp, const
 #pragma GCC pop_options
 #endif  // DINOV2OD_HAVE_AVX512_ATTENTION
 
+namespace {
+// the argument checks of both kernels: (B, H, T, 64) q, k, v of one shape, CPU, `dtype`, last dim contiguous
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
+              "q, k, v must be (B, H, T, 64) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.size(3) == kHeadDim, "the attention kernel is built for head dim 64, got ", q.size(3));
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype, "q, k, v must be ", what, " CPU tensors, got ",
+                t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->stride(3) == 1, "q, k, v need a contiguous last dim, got strides ", t->strides());
+  }
+}
+}  // namespace
+
 bool attention_available() {
 #ifdef DINOV2OD_HAVE_AVX512_ATTENTION
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
@@ -194,24 +219,12 @@ at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(attention_available(),
               "dinov2od attention kernel: needs an x86-64 CPU with AVX-512 (avx512f, avx512dq) and a "
               "GCC build; use torch.nn.functional.scaled_dot_product_attention instead");
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "q, k, v must be (B, H, T, 64) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
-  TORCH_CHECK(q.size(3) == kHeadDim, "the attention kernel is built for head dim 64, got ", q.size(3));
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat, "q, k, v must be float32 CPU tensors, got ",
-                t->scalar_type(), " on ", t->device());
-    TORCH_CHECK(t->stride(3) == 1, "q, k, v need a contiguous last dim, got strides ", t->strides());
-  }
+  check_qkv(q, k, v, at::kFloat, "float32");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
   auto out = at::empty({B, T, H, kHeadDim}, q.options());
   if (B * H * T == 0) return out;
 #ifdef DINOV2OD_HAVE_AVX512_ATTENTION
-  attn_avx512::Problem pb;
-  pb.T = T;
-  pb.NP = (T + 2 * kPanel - 1) / (2 * kPanel) * 2;
-  pb.TP = pb.NP * kPanel;
-  pb.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  const attn_avx512::Problem pb = attn_avx512::make_problem(T);
   const int64_t BH = B * H;
   auto kp = at::empty({BH, pb.NP * kHeadDim * kPanel}, q.options());
   auto vp = at::empty({BH, T * kHeadDim}, q.options());
@@ -410,24 +423,12 @@ at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(attention_bf16_available(),
               "dinov2od bfloat16 attention kernel: needs an x86-64 CPU with AVX-512 and avx512_bf16 and a "
               "GCC build; use the float32 kernel or torch.nn.functional.scaled_dot_product_attention instead");
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "q, k, v must be (B, H, T, 64) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
-  TORCH_CHECK(q.size(3) == kHeadDim, "the attention kernel is built for head dim 64, got ", q.size(3));
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kBFloat16, "q, k, v must be bfloat16 CPU tensors, got ",
-                t->scalar_type(), " on ", t->device());
-    TORCH_CHECK(t->stride(3) == 1, "q, k, v need a contiguous last dim, got strides ", t->strides());
-  }
+  check_qkv(q, k, v, at::kBFloat16, "bfloat16");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
   auto out = at::empty({B, T, H, kHeadDim}, q.options());
   if (B * H * T == 0) return out;
 #ifdef DINOV2OD_HAVE_AVX512_ATTENTION
-  attn_avx512::Problem pb;
-  pb.T = T;
-  pb.NP = (T + 2 * kPanel - 1) / (2 * kPanel) * 2;
-  pb.TP = pb.NP * kPanel;
-  pb.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  const attn_avx512::Problem pb = attn_avx512::make_problem(T);
   const int64_t TU = (T + 1) / 2;
   const int64_t BH = B * H;
   auto kp = at::empty({BH, pb.NP * kHeadDim * kPanel}, q.options());
