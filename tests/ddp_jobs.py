@@ -113,10 +113,6 @@ def finish(proc: subprocess.Popen, timeout=JOB_TIMEOUT) -> subprocess.CompletedP
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def torchrun(script, args, env, timeout=JOB_TIMEOUT) -> subprocess.CompletedProcess:
-    return finish(start(torchrun_cmd(script, args), env), timeout)
-
-
 def generate_data() -> None:
     """The tiny shapes splits on disk before jobs run at once (each job's rank 0 would generate
     missing images: two jobs would write the same files)."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun, torchrun_cmd
+from ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun_cmd
 
 LAUNCH_PY = os.path.join(ROOT, "dinov2od", "d2", "launch.py")
 
@@ -311,8 +311,20 @@ def test_torchrun_equals_launch_with_num_gpus_2(torchrun_job, launch_job):
     assert trained > 10  # the weights moved: the comparison is not of two untrained models
 
 
-def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_job, tiny_config, train_wrapper):
-    """SLURM-style tasks whose output folders are not shared: rank 0 finds the checkpoint, rank 1 none."""
+@pytest.fixture(scope="module")
+def stalled_job(tiny_config, train_wrapper, tmp_path_factory):
+    """torchrun, 2 processes, rank 1 stalls at its first training step, --dist-timeout 3: started here,
+    awaited by the stalled-rank test (it runs while the mismatched-resume test's tasks run)."""
+    out = tmp_path_factory.mktemp("stalled")
+    generate_data()
+    args = ["--config-file", tiny_config, "--dist-timeout", "3", *JOB_OPTS, f"train.output_dir={out}"]
+    return SimpleNamespace(start=time.time(), proc=start(torchrun_cmd(train_wrapper, args), job_env(DD_STALL_RANK="1")))
+
+
+def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_job, stalled_job, tiny_config,
+                                                                      train_wrapper):
+    """SLURM-style tasks whose output folders are not shared: rank 0 finds the checkpoint, rank 1 none.
+    (``stalled_job`` runs meanwhile: its start-up overlaps these tasks'.)"""
     args = ["--config-file", tiny_config, "--resume", "--dist-timeout", "20", *JOB_OPTS, "train.max_iter=4"]
     codes, outputs = _slurm_tasks(train_wrapper, args, job_env(DD_PER_RANK_OUTPUT=str(torchrun_job.out)))
     out = torchrun_job.out
@@ -326,11 +338,9 @@ def test_ranks_that_resume_different_checkpoints_stop_with_the_reason(torchrun_j
                                                                                  "model_final_ema.pth", "rank0.pth"]
 
 
-def test_a_stalled_rank_ends_the_job_within_dist_timeout(tiny_config, train_wrapper, tmp_path):
-    start = time.time()
-    proc = torchrun(train_wrapper, ["--config-file", tiny_config, "--dist-timeout", "3", *JOB_OPTS,
-                                    f"train.output_dir={tmp_path}"], job_env(DD_STALL_RANK="1"), timeout=60)
-    elapsed = time.time() - start
+def test_a_stalled_rank_ends_the_job_within_dist_timeout(stalled_job):
+    proc = finish(stalled_job.proc, timeout=60)
+    elapsed = time.time() - stalled_job.start
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "rank 1 stalls" in text, text[-3000:]
     assert "Timed out waiting 3000ms" in text, text[-3000:]  # gloo's own words, with --dist-timeout's value
