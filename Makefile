@@ -4,6 +4,9 @@ VENV ?= .venv
 MODERN_VENV ?= .venv-modern
 PEERS_VENV ?= .venv-peers
 PYTEST_ARGS ?=
+# make test's worker processes (pytest-xdist); each takes whole test files, so a module's fixture is
+# built once. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 # Tests that need no Detectron2; the modern environment runs exactly these.
 CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py) \
 	tests/test_export_onnx.py
@@ -33,7 +36,7 @@ demo: env
 
 # DINOV2OD_EXPECT_DETECTRON2=1: a Detectron2 that fails to import fails the suite (tests/conftest.py)
 test: env
-	DINOV2OD_EXPECT_DETECTRON2=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+	DINOV2OD_EXPECT_DETECTRON2=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 test-modern: env-modern
 	DINOV2OD_EXPECT_DETECTRON2=0 $(MODERN_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
