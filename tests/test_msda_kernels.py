@@ -154,6 +154,22 @@ def test_large_batch(path):
         assert_close(a, b, 1e-10, name)
 
 
+@pytest.mark.parametrize("p", [16, 17])
+def test_points_per_item_either_side_of_the_prefetch_limit(path, p):
+    """The CPU forward finds the corners of a work item (its L * P points) one item ahead and
+    prefetches their rows while it accumulates the item before, for L * P <= 64; above that it
+    finds them as it goes. Both, over several threads' chunks, against the PyTorch path."""
+    inputs = make_inputs([(6, 5), (3, 4), (2, 2), (1, 3)], n=2, lq=9, m=3, d=8, p=p, device=path, seed=p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_both(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, *results):
+        assert_close(a, b, 1e-10, name)
+
+
 def test_points_outside_the_map(path):
     value, shapes, starts, loc, weights = make_inputs([(4, 6), (3, 2)], lq=6, d=8, device=path, seed=5)
     # far outside, on the outer edge of the zero padding, and straddling the border

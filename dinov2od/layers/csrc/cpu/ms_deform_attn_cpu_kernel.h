@@ -40,27 +40,82 @@ inline void axpy4(T* __restrict__ acc, T w0, T w1, T w2, T w3, const scalar_t* _
   }
 }
 
+// Prefetch the value rows of one point's corners (D channels each, one or more cache lines).
+template <typename scalar_t, typename T>
+inline void prefetch_corners(const Corners<T>& c, const scalar_t* level, int64_t stride, int64_t D) {
+#if defined(__GNUC__)
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  for (int k = 0; k < 4; ++k) {
+    if (c.row[k] < 0) continue;
+    const char* row = reinterpret_cast<const char*>(level + c.row[k] * stride);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
+#else
+  (void)c; (void)level; (void)stride; (void)D;
+#endif
+}
+
+// Points per item whose corners are found (and their rows prefetched) one item ahead.
+constexpr int64_t kPrefetchPoints = 64;
+
+// The corners of every point of item nqm (L * P <= kPrefetchPoints), their rows prefetched:
+// live[lp] is false where the point reads nothing.
+template <typename scalar_t, typename T>
+inline void item_corners(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const T* loc,
+                         const Problem& pb, int64_t nqm, Corners<T>* cs, bool* live) {
+  const int64_t M = pb.M, Lq = pb.Lq, L = pb.L, P = pb.P, stride = pb.vs_s;
+  const int64_t m = nqm % M, n = nqm / (Lq * M);
+  const scalar_t* head = value + n * pb.vs_n + m * pb.vs_m;
+  const T* li = loc + nqm * L * P * 2;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    const scalar_t* level = head + starts[l] * stride;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t lp = l * P + p;
+      live[lp] = bilinear_corners(li[2 * lp], li[2 * lp + 1], H, W, cs[lp]);
+      if (live[lp]) prefetch_corners(cs[lp], level, stride, pb.D);
+    }
+  }
+}
+
 // Forward for work items [begin, end), item nqm = (n * Lq + q) * M + m (the order of loc, attn
 // and out, and heads of one query sample nearby value rows); acc is D scratch values.
+// The value rows a point reads are scattered over a map that may have left the caches since it
+// was written (a decoder projects every layer's values at once): where an item has at most
+// kPrefetchPoints points, the corners of item i + 1 are found and their rows prefetched before
+// item i is accumulated, so that the loads overlap instead of stalling one after another.
 template <typename scalar_t, typename T>
 void forward_items(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                    const T* loc, const T* attn, scalar_t* out, const Problem& pb, int64_t begin,
                    int64_t end, T* acc) {
   const int64_t M = pb.M, D = pb.D, Lq = pb.Lq, L = pb.L, P = pb.P;
   const int64_t stride = pb.vs_s;  // between value rows of one head
+  const bool ahead = L * P <= kPrefetchPoints;
+  Corners<T> buf[2][kPrefetchPoints];
+  bool live[2][kPrefetchPoints];
+  if (ahead && begin < end) item_corners(value, shapes, starts, loc, pb, begin, buf[0], live[0]);
   for (int64_t nqm = begin; nqm < end; ++nqm) {
     const int64_t m = nqm % M, n = nqm / (Lq * M);
     const scalar_t* head = value + n * pb.vs_n + m * pb.vs_m;
     const T* li = loc + nqm * L * P * 2;
     const T* ai = attn + nqm * L * P;
+    const int cur = static_cast<int>((nqm - begin) & 1);
+    if (ahead && nqm + 1 < end) item_corners(value, shapes, starts, loc, pb, nqm + 1, buf[cur ^ 1], live[cur ^ 1]);
     for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
     for (int64_t l = 0; l < L; ++l) {
       const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
       const scalar_t* level = head + starts[l] * stride;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t lp = l * P + p;
-        Corners<T> c;
-        if (!bilinear_corners(li[2 * lp], li[2 * lp + 1], H, W, c)) continue;
+        Corners<T> own;
+        const Corners<T>* cp = &own;
+        if (ahead) {
+          if (!live[cur][lp]) continue;
+          cp = &buf[cur][lp];
+        } else if (!bilinear_corners(li[2 * lp], li[2 * lp + 1], H, W, own)) {
+          continue;
+        }
+        const Corners<T>& c = *cp;
         const T a = ai[lp];
         if (c.all_inside) {
           axpy4(acc, a * c.w[0], a * c.w[1], a * c.w[2], a * c.w[3], level + c.row[0] * stride,
