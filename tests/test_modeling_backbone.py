@@ -403,3 +403,43 @@ def test_hf_to_official_state_dict_is_the_inverse_of_the_loader(tmp_path, varian
     assert_same_weights(backbone, model)
     with pytest.raises(ValueError, match="LoRA"):
         hf_to_official_state_dict(DINOv2Backbone(arch="tiny", arch_overrides=TINY, num_taps=3, lora_rank=2).vit)
+
+
+def test_resized_position_embeddings_are_kept_until_the_parameter_changes():
+    """Without autograd the resized grid is kept per (h, w, dtype); an in-place edit of the
+    parameter, a load_state_dict or another interpolation setting must give a fresh one, equal to
+    what the forward computes with autograd on (which never keeps anything)."""
+    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY, out_indices=(2,), lora_rank=0).eval()
+    x = torch.randn(1, 3, 70, 42)  # 5 x 3 patches: the 4 x 4 stored grid is resized
+
+    def cached():
+        with torch.no_grad():
+            return backbone(x)[0][0]
+
+    def computed():
+        with torch.enable_grad():
+            return backbone(x)[0][0].detach()
+
+    first = cached()
+    kept = backbone.__dict__["_pos_embed_cache"][1]
+    assert cached() is not None and backbone.__dict__["_pos_embed_cache"][1] is kept  # reused
+    torch.testing.assert_close(first, computed(), rtol=0, atol=0)
+
+    pos = backbone.vit.embeddings.position_embeddings
+    with torch.no_grad():
+        pos.mul_(-2.0)  # in place: same storage, version counter bumped
+    edited = cached()
+    assert (edited - first).abs().max() > 1e-3
+    torch.testing.assert_close(edited, computed(), rtol=0, atol=0)
+
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    state["vit.embeddings.position_embeddings"] = torch.randn_like(pos)
+    backbone.load_state_dict(state)
+    loaded = cached()
+    assert (loaded - edited).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, computed(), rtol=0, atol=0)
+
+    backbone.pos_interpolation = "transformers" if backbone.pos_interpolation != "transformers" else "meta"
+    other = cached()
+    assert (other - loaded).abs().max() > 1e-6
+    torch.testing.assert_close(other, computed(), rtol=0, atol=0)

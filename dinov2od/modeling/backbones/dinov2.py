@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov2od.layers.fused_linear import _compiling
 from dinov2od.layers.resize import bicubic_resize_matrix
 
 from .base import ViTBackbone
@@ -252,7 +253,26 @@ class DINOv2Backbone(ViTBackbone):
 
         Follows Meta's ``DinoVisionTransformer.interpolate_pos_encoding`` (or transformers', see
         ``pos_interpolation``): bicubic in float32, no resize when the grid is the stored one.
+
+        Without autograd (inference, evaluation; not tracing or compiling) the resized grid is
+        kept for the next call of the same (h, w, dtype), until the position-embedding parameter
+        changes (its storage or version counter: an optimizer step, ``load_state_dict``, an
+        in-place edit) or the interpolation setting does: the bicubic resize of ViT-S's 37 x 37
+        grid to 32 x 32 took 4-7 ms of a 500 ms CPU forward (docs/speed.md).
         """
+        param = self.vit.embeddings.position_embeddings
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting() or _compiling():
+            return self._pos_embed_resized(h, w, dtype)
+        key = (h, w, dtype, param.device, param.data_ptr(), param._version, self.pos_interpolation,
+               self.num_register_tokens, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_pos_embed_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._pos_embed_resized(h, w, dtype))
+            self.__dict__["_pos_embed_cache"] = cached
+        return cached[1]
+
+    def _pos_embed_resized(self, h: int, w: int, dtype) -> Tensor:
+        """:meth:`_pos_embed_grid`, computed."""
         pos = self.vit.embeddings.position_embeddings[0, 1:]  # (M * M, D)
         m = int(math.isqrt(pos.shape[0]))
         grid = pos.reshape(m, m, -1)
