@@ -65,12 +65,84 @@ def test_bf16_kernel_matches_float64_attention(b, h, t):
         assert not kernel_close(out, _attention64(q * 1.01, k, v))
 
 
+def attention_float64(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in float64, written out; (B, H, T, d) -> (B, T, H, d)."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    return (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,h,t", [(1, 8, 300), (2, 8, 49), (1, 3, 5), (1, 1, 1)])
+def test_bf16_kernel_head_dim_32_matches_float64_attention(b, h, t):
+    """Head dim 32 (the decoder's self-attention: 256 wide, 8 heads): the same tolerance, scale
+    1 / sqrt(32); q and k strided views of one (B, T, 2, H, 32) product, as the decoder makes them."""
+    g = torch.Generator().manual_seed(t)
+    qk = (torch.randn(b, t, 2, h, 32, generator=g) * 2.0).bfloat16()
+    q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+    v = torch.randn(b, t, h, 32, generator=g).bfloat16().transpose(1, 2)
+    out = ca.cpu_attention_bf16(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, t, h, 32) and out.is_contiguous()
+    ref = attention_float64(q, k, v)
+    assert kernel_close(out, ref), (out.double() - ref).abs().max().item()
+    torch_err = (F.scaled_dot_product_attention(q, k, v).transpose(1, 2).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-3
+    if t > 1:  # negative control: the tolerance sees the head-dim-64 scale (a temperature of sqrt 2)
+        assert not kernel_close(out, attention_float64(q * 2 ** -0.5, k, v))
+
+
+def test_decoder_self_attention_takes_the_kernel_and_computes_the_module(monkeypatch):
+    """The decoder's self-attention under CPU bfloat16 autocast at inference: dinov2od's kernel in
+    place of torch's, against float64 attention from the module's own weights (the tolerance of
+    bfloat16 products) and no further from it than the module as autocast runs it."""
+    from dinov2od.modeling import decoder as decoder_mod
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(256, 8, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_(0, 0.1)
+        mha.out_proj.bias.normal_(0, 0.1)
+    tgt, pos = torch.randn(2, 300, 256), torch.randn(2, 300, 256)
+    calls = []
+    kernel = decoder_mod.cpu_attention_bf16
+    monkeypatch.setattr(decoder_mod, "cpu_attention_bf16", lambda q, k, v: calls.append(q.shape) or kernel(q, k, v))
+
+    def run(**options):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), inference_options(**options):
+            return decoder_mod.decoder_self_attention(mha, tgt + pos, tgt).float()
+
+    ours = run()
+    assert calls == [(2, 8, 300, 32)]
+    plain = run(cpu_attention=False)
+    assert len(calls) == 1  # the option turns the kernel off
+    w, b = mha.in_proj_weight.double(), mha.in_proj_bias.double()
+    q, k, v = F.linear((tgt + pos).double(), w[:256], b[:256]), F.linear((tgt + pos).double(), w[256:512], b[256:512]), \
+        F.linear(tgt.double(), w[512:], b[512:])
+    heads = lambda x: x.view(2, 300, 8, 32).transpose(1, 2)  # noqa: E731
+    att = attention_float64(heads(q), heads(k), heads(v)).reshape(2, 300, 256)
+    ref = F.linear(att, mha.out_proj.weight.double(), mha.out_proj.bias.double())
+    err, plain_err = (ours.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 1.5 * plain_err + 1e-3, (err, plain_err)
+    assert err < 0.05 * ref.abs().max().item()
+    # with a mask, in training, or with a gradient: the module itself
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder_mod.decoder_self_attention(mha, tgt + pos, tgt, torch.zeros(300, 300, dtype=torch.bool))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder_mod.decoder_self_attention(mha, tgt + pos, tgt)
+    assert len(calls) == 1
+    # negative control: the head-dim-64 scale inside the path is seen by the tolerance
+    monkeypatch.setattr(decoder_mod, "cpu_attention_bf16",
+                        lambda q, k, v: kernel((q.float() * 2 ** -0.5).bfloat16(), k, v))
+    wrong = run()
+    assert (wrong.double() - ref).abs().max().item() > 1.5 * plain_err + 1e-3
+
+
 def test_bf16_kernel_refuses_what_it_was_not_built_for():
     q, k, v = bf16_qkv(1, 2, 9)
     with pytest.raises(RuntimeError, match="bfloat16"):
         ca.cpu_attention_bf16(q.float(), k.float(), v.float())
-    with pytest.raises(RuntimeError, match="head dim 64"):
-        ca.cpu_attention_bf16(q[..., :32], k[..., :32], v[..., :32])
+    with pytest.raises(RuntimeError, match="head dim 64 and 32, got 16"):
+        ca.cpu_attention_bf16(q[..., :16], k[..., :16], v[..., :16])
     with torch.no_grad():
         assert ca.cpu_attention_bf16_enabled(q, k, v)
         assert not ca.cpu_attention_bf16_enabled(q.float(), k.float(), v.float())

@@ -21,10 +21,13 @@ product gives under CPU bfloat16 autocast) on CPUs with avx512_bf16: the same ti
 rounded to bfloat16 for the product with V (as torch's bfloat16 attention does), float32 1/sum,
 bfloat16 output. On the Zen 4 of docs/speed.md (1 thread) it ran ViT-S's 1025 tokens at 150
 GFLOP/s against 86 for the float32 kernel and 58 for torch's bfloat16 kernel; its error against a
-float64 computation on the same bfloat16 inputs is torch's (the output's rounding).
+float64 computation on the same bfloat16 inputs is torch's (the output's rounding). It also takes
+head dim 32, the decoder's self-attention (256 wide, 8 heads, 300 queries: 0.41 ms against 1.7 ms
+for torch's bfloat16 kernel on 2 threads; :func:`dinov2od.modeling.decoder.decoder_self_attention`).
 :func:`cpu_attention_bf16_enabled` holds its conditions (bfloat16 CPU tensors, no gradient, not
 tracing/exporting/compiling, the ``fused_linear`` and ``cpu_attention`` options on, no mask or
-dropout, head dim 64, a CPU with avx512_bf16 and a build that has the kernel). The inference option ``cpu_attention`` turns this kernel alone off
+dropout, head dim 64 or 32, a CPU with avx512_bf16 and a build that has the kernel). The inference
+option ``cpu_attention`` turns this kernel alone off
 (``with inference_options(cpu_attention=False)`` or ``DINOV2OD_CPU_ATTENTION=0``, see
 :mod:`dinov2od.layers.inference_options`; A/B timing, debugging; torch's FLOP counter, which cannot
 see it, counts the model with it off).
@@ -44,6 +47,7 @@ __all__ = ["ENV", "cpu_attention", "cpu_attention_available", "cpu_attention_bf1
 
 ENV = ENV_VARIABLES["cpu_attention"]  # DINOV2OD_CPU_ATTENTION (read in dinov2od.layers.inference_options)
 HEAD_DIM = 64
+BF16_HEAD_DIMS = (32, 64)  # the bfloat16 kernel's: the ViTs' 64 and the decoder self-attention's 32
 
 
 def cpu_attention_available() -> bool:
@@ -74,7 +78,7 @@ def cpu_attention_bf16_enabled(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
     """Whether :func:`cpu_attention_bf16` applies to these inputs (see the module doc)."""
     import torch
 
-    if mask is not None or p_drop or q.dim() != 4 or q.shape[-1] != HEAD_DIM or q.device.type != "cpu":
+    if mask is not None or p_drop or q.dim() != 4 or q.shape[-1] not in BF16_HEAD_DIMS or q.device.type != "cpu":
         return False
     if any(t.dtype != torch.bfloat16 for t in (q, k, v)):
         return False
@@ -91,7 +95,7 @@ def cpu_attention_bf16_enabled(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
 
 
 def cpu_attention_bf16(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, H, T, 64) bfloat16 CPU q, k, v -> (B, T, H, 64) bfloat16 attended values (check
+    """(B, H, T, D) bfloat16 CPU q, k, v, D 64 or 32 -> (B, T, H, D) bfloat16 attended values (check
     :func:`cpu_attention_bf16_enabled` first)."""
     return load_extension().attention_forward_bf16(q, k, v)
 

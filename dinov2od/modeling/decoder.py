@@ -44,17 +44,53 @@ from dinov2od.layers import (
     level_shapes,
     level_start_index_from_shapes,
 )
-from dinov2od.layers.fused_linear import linear
+from dinov2od.layers.cpu_attention import (BF16_HEAD_DIMS, cpu_attention_bf16, cpu_attention_bf16_available,
+                                           cpu_attention_bf16_enabled)
+from dinov2od.layers.fused_linear import bf16_linear_enabled, linear
+from dinov2od.layers.inference_options import current_options
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
-__all__ = ["DecoderOptions", "DeformableDecoder", "DecoderLayer", "EncoderLayer", "inverse_sigmoid"]
+__all__ = ["DecoderOptions", "DeformableDecoder", "DecoderLayer", "EncoderLayer", "decoder_self_attention",
+           "inverse_sigmoid"]
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Logit of x clamped to [eps, 1 - eps]."""
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def decoder_self_attention(mha: nn.MultiheadAttention, query: Tensor, value: Tensor,
+                           attn_mask: Optional[Tensor] = None) -> Tensor:
+    """``mha(query, query, value, attn_mask=attn_mask, need_weights=False)[0]`` for a batch-first
+    ``nn.MultiheadAttention``.
+
+    Under CPU bfloat16 autocast at inference (the conditions of
+    :func:`dinov2od.layers.fused_linear.bf16_linear_enabled`: no gradient, not tracing, exporting
+    or compiling, a CPU with native bfloat16) and without a mask, it computes what autocast makes
+    of the module's own path (bfloat16 q/k/v products, a bfloat16 attention with float32 softmax,
+    a bfloat16 output projection) with dinov2od's bfloat16 attention kernel in place of torch's:
+    for the decoder's 300 queries x 8 heads of 32 channels torch's kernel took 1.7-2.3 ms a layer
+    on the Zen 4 of docs/speed.md, ours 0.4-0.7 (:mod:`dinov2od.layers.cpu_attention`). The
+    inference option ``cpu_attention=False`` turns it off. Everywhere else: the module.
+    """
+    embed = mha.embed_dim
+    heads = mha.num_heads
+    fast = (attn_mask is None and not mha.training and mha.batch_first and mha._qkv_same_embed_dim
+            and mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn
+            and query.dim() == 3 and embed // heads in BF16_HEAD_DIMS and current_options().cpu_attention
+            and bf16_linear_enabled(query) and cpu_attention_bf16_available())
+    if fast:
+        b, t, _ = query.shape
+        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        qk = F.linear(query, weight[: 2 * embed], None if bias is None else bias[: 2 * embed])
+        v = F.linear(value, weight[2 * embed:], None if bias is None else bias[2 * embed:])
+        q, k = qk.view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
+        v = v.view(b, t, heads, -1).transpose(1, 2)
+        if cpu_attention_bf16_enabled(q, k, v):
+            return mha.out_proj(cpu_attention_bf16(q, k, v).reshape(b, t, embed))
+    return mha(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
 
 
 class _FFN(nn.Module):
@@ -135,9 +171,8 @@ class DecoderLayer(nn.Module):
         Returns:
             (B, Q, C)
         """
-        q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
-                                                           need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout(decoder_self_attention(self.self_attn, tgt + query_pos, tgt,
+                                                                   self_attn_mask)))
         if self.cross_attn_type == "deformable":
             out = self.cross_attn(tgt + query_pos, ref_per_level, memory, spatial_shapes, level_start, memory_mask,
                                   projected_value=projected_value)

@@ -143,6 +143,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bf16_available", &dinov2od::attention_bf16_available,
         "whether this build and CPU have the bfloat16 attention kernel (AVX-512 + avx512_bf16)");
   m.def("attention_forward_bf16", &dinov2od::attention_forward_bf16_cpu,
-        "attention_forward_bf16(q, k, v) -> (B, T, H, 64) bfloat16: the same of bfloat16 CPU tensors "
+        "attention_forward_bf16(q, k, v) -> (B, T, H, D) bfloat16: the same of bfloat16 CPU tensors, head dim D 64 or 32 "
         "(float32 accumulation and softmax), no gradient");
 }

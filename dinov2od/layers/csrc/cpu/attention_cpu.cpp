@@ -191,12 +191,15 @@ static void attend_rows(const float* q, int64_t q_stride, const float* kp, const
 #endif  // DINOV2OD_HAVE_AVX512_ATTENTION
 
 namespace {
-// the argument checks of both kernels: (B, H, T, 64) q, k, v of one shape, CPU, `dtype`, last dim contiguous
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype, const char* what) {
+// the argument checks of both kernels: (B, H, T, 64) q, k, v of one shape (head dim 32 too where
+// head_dim_32), CPU, `dtype`, last dim contiguous
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dtype, const char* what,
+               bool head_dim_32 = false) {
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "q, k, v must be (B, H, T, 64) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
+              "q, k, v must be (B, H, T, head dim) of one shape, got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
-  TORCH_CHECK(q.size(3) == kHeadDim, "the attention kernel is built for head dim 64, got ", q.size(3));
+  TORCH_CHECK(q.size(3) == kHeadDim || (head_dim_32 && q.size(3) == 32), "the ", what,
+              " attention kernel is built for head dim 64", head_dim_32 ? " and 32" : "", ", got ", q.size(3));
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == dtype, "q, k, v must be ", what, " CPU tensors, got ",
                 t->scalar_type(), " on ", t->device());
@@ -256,13 +259,15 @@ at::Tensor attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const
 
 // ---------------------------------------------------------------- bfloat16 (avx512_bf16)
 //
-//   q, k, v   (B, H, T, 64) bfloat16, last dim contiguous  -> out (B, T, H, 64) bfloat16
+//   q, k, v   (B, H, T, D) bfloat16, D = 64 (the ViTs) or 32 (the decoder's 256-wide, 8-head
+//             self-attention), last dim contiguous  -> out (B, T, H, D) bfloat16
 //
 // The same algorithm with VDPBF16PS, which multiplies pairs of bfloat16 and accumulates in float32:
-// scores S = Q K^T from K packed into 16-key panels of d-pairs ([NP][32][16][2]), an exact float32
-// softmax per row written back as bfloat16 probabilities P (row-major: a pair of keys is one 32-bit
-// broadcast), and O = P V from V packed into t-pairs ([T/2][64][2]); accumulation, the softmax and
-// the final 1/sum are float32, as torch's bfloat16 attention rounds P to bfloat16 for P V.
+// scores S = Q K^T / sqrt(D) from K packed into 16-key panels of d-pairs ([NP][D/2][16][2]), an exact
+// float32 softmax per row written back as bfloat16 probabilities P (row-major: a pair of keys is one
+// 32-bit broadcast), and O = P V from V packed into t-pairs ([T/2][D][2]), 32 output channels per
+// tile; accumulation, the softmax and the final 1/sum are float32, as torch's bfloat16 attention
+// rounds P to bfloat16 for P V.
 #ifdef DINOV2OD_HAVE_AVX512_ATTENTION
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")
@@ -282,15 +287,16 @@ static inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-// K^T panels of d-pairs ([NP][32][16][2], zero past T) and V in t-pairs ([TU][64][2], zero past T)
+// K^T panels of d-pairs ([NP][D/2][16][2], zero past T) and V in t-pairs ([TU][D][2], zero past T)
+template <int64_t D>
 static void pack_head(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
                       const Problem& pb, int64_t TU, uint16_t* kp, uint16_t* vp) {
   for (int64_t j = 0; j < pb.NP; ++j) {
-    uint16_t* panel = kp + j * kHeadDim * kPanel;
+    uint16_t* panel = kp + j * D * kPanel;
     for (int64_t i = 0; i < kPanel; ++i) {
       const int64_t t = j * kPanel + i;
       const uint16_t* row = t < pb.T ? k + t * k_stride : nullptr;
-      for (int64_t p = 0; p < kHeadDim / 2; ++p) {
+      for (int64_t p = 0; p < D / 2; ++p) {
         panel[(p * kPanel + i) * 2] = row ? row[2 * p] : 0;
         panel[(p * kPanel + i) * 2 + 1] = row ? row[2 * p + 1] : 0;
       }
@@ -299,8 +305,8 @@ static void pack_head(const uint16_t* k, int64_t k_stride, const uint16_t* v, in
   for (int64_t u = 0; u < TU; ++u) {
     const uint16_t* r0 = v + (2 * u) * v_stride;
     const uint16_t* r1 = 2 * u + 1 < pb.T ? v + (2 * u + 1) * v_stride : nullptr;
-    uint16_t* dst = vp + u * kHeadDim * 2;
-    for (int64_t c = 0; c < kHeadDim; ++c) {
+    uint16_t* dst = vp + u * D * 2;
+    for (int64_t c = 0; c < D; ++c) {
       dst[2 * c] = r0[c];
       dst[2 * c + 1] = r1 ? r1[c] : 0;
     }
@@ -308,14 +314,15 @@ static void pack_head(const uint16_t* k, int64_t k_stride, const uint16_t* v, in
 }
 
 // S[r][0:TP] = scale * q_r . K^T for 8 rows (rows past nr repeat the last valid one, not stored)
+template <int64_t D>
 static void scores_tile(const uint16_t* const* qr, const uint16_t* kp, const Problem& pb, float* S, int nr) {
   const __m512 sc = _mm512_set1_ps(pb.scale);
   for (int64_t j = 0; j < pb.NP; j += 2) {
-    const uint16_t* p0 = kp + j * kHeadDim * kPanel;
-    const uint16_t* p1 = p0 + kHeadDim * kPanel;
+    const uint16_t* p0 = kp + j * D * kPanel;
+    const uint16_t* p1 = p0 + D * kPanel;
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
            a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
-    for (int64_t p = 0; p < kHeadDim / 2; ++p) {
+    for (int64_t p = 0; p < D / 2; ++p) {
       const __m512i b0 = _mm512_loadu_si512(p0 + p * kPanel * 2), b1 = _mm512_loadu_si512(p1 + p * kPanel * 2);
       __m512i a;
       a = _mm512_set1_epi32(pair_at(qr[0] + 2 * p)); a00 = dp(a00, a, b0); a01 = dp(a01, a, b1);
@@ -354,13 +361,14 @@ static float softmax_row(const float* s_in, float* s, uint16_t* P, const Problem
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
-// o[r][0:32] = inv[r] * sum_t P[r][t] V[t][0:32] for 8 rows of P (rows past nr repeat, not stored)
+// o[r][0:32] = inv[r] * sum_t P[r][t] V[t][c0:c0+32] for 8 rows of P (rows past nr repeat, not stored)
+template <int64_t D>
 static void values_tile(const uint16_t* const* pr, const uint16_t* vc, int64_t TU, uint16_t* const* o,
                         const float* inv, int nr) {
   __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
          a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
   for (int64_t u = 0; u < TU; ++u) {
-    const __m512i v0 = _mm512_loadu_si512(vc + u * kHeadDim * 2), v1 = _mm512_loadu_si512(vc + u * kHeadDim * 2 + 32);
+    const __m512i v0 = _mm512_loadu_si512(vc + u * D * 2), v1 = _mm512_loadu_si512(vc + u * D * 2 + 32);
     __m512i b;
     b = _mm512_set1_epi32(pair_at(pr[0] + 2 * u)); a00 = dp(a00, b, v0); a01 = dp(a01, b, v1);
     b = _mm512_set1_epi32(pair_at(pr[1] + 2 * u)); a10 = dp(a10, b, v0); a11 = dp(a11, b, v1);
@@ -383,6 +391,7 @@ static void values_tile(const uint16_t* const* pr, const uint16_t* vc, int64_t T
 }
 
 // rows [q0, q0 + n) of one head. Scratch: S (kQueryBlock x TP float), P (kQueryBlock x TP bf16), inv
+template <int64_t D>
 static void attend_rows(const uint16_t* q, int64_t q_stride, const uint16_t* kp, const uint16_t* vp, uint16_t* o,
                         int64_t o_stride, int64_t q0, int64_t n, const Problem& pb, int64_t TU, float* S,
                         uint16_t* P, float* inv) {
@@ -390,17 +399,17 @@ static void attend_rows(const uint16_t* q, int64_t q_stride, const uint16_t* kp,
     const int nr = static_cast<int>(imin(8, n - r0));
     const uint16_t* qr[8];
     for (int r = 0; r < 8; ++r) qr[r] = q + (q0 + r0 + imin(r, nr - 1)) * q_stride;
-    scores_tile(qr, kp, pb, S + r0 * pb.TP, nr);
+    scores_tile<D>(qr, kp, pb, S + r0 * pb.TP, nr);
   }
   for (int64_t r = 0; r < n; ++r) inv[r] = softmax_row(nullptr, S + r * pb.TP, P + r * pb.TP, pb);
   for (int64_t r0 = 0; r0 < n; r0 += 8) {
     const int nr = static_cast<int>(imin(8, n - r0));
     const uint16_t* pr[8];
     for (int r = 0; r < 8; ++r) pr[r] = P + (r0 + imin(r, nr - 1)) * pb.TP;
-    for (int64_t c0 = 0; c0 < kHeadDim; c0 += 32) {
+    for (int64_t c0 = 0; c0 < D; c0 += 32) {
       uint16_t* orow[8];
       for (int r = 0; r < nr; ++r) orow[r] = o + (q0 + r0 + r) * o_stride + c0;
-      values_tile(pr, vp + c0 * 2, TU, orow, inv + r0, nr);
+      values_tile<D>(pr, vp + c0 * 2, TU, orow, inv + r0, nr);
     }
   }
 }
@@ -419,20 +428,17 @@ bool attention_bf16_available() {
 #endif
 }
 
-at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(attention_bf16_available(),
-              "dinov2od bfloat16 attention kernel: needs an x86-64 CPU with AVX-512 and avx512_bf16 and a "
-              "GCC build; use the float32 kernel or torch.nn.functional.scaled_dot_product_attention instead");
-  check_qkv(q, k, v, at::kBFloat16, "bfloat16");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
-  auto out = at::empty({B, T, H, kHeadDim}, q.options());
-  if (B * H * T == 0) return out;
 #ifdef DINOV2OD_HAVE_AVX512_ATTENTION
-  const attn_avx512::Problem pb = attn_avx512::make_problem(T);
+namespace {
+template <int64_t D>
+void attention_bf16_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
+  attn_avx512::Problem pb = attn_avx512::make_problem(T);
+  pb.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const int64_t TU = (T + 1) / 2;
   const int64_t BH = B * H;
-  auto kp = at::empty({BH, pb.NP * kHeadDim * kPanel}, q.options());
-  auto vp = at::empty({BH, TU * kHeadDim * 2}, q.options());
+  auto kp = at::empty({BH, pb.NP * D * kPanel}, q.options());
+  auto vp = at::empty({BH, TU * D * 2}, q.options());
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   auto w16 = [](at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
   const uint16_t *Q = u16(q), *K = u16(k), *V = u16(v);
@@ -440,8 +446,8 @@ at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, 
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      attn_bf16::pack_head(K + b * k.stride(0) + h * k.stride(1), k.stride(2), V + b * v.stride(0) + h * v.stride(1),
-                           v.stride(2), pb, TU, KP + bh * pb.NP * kHeadDim * kPanel, VP + bh * TU * kHeadDim * 2);
+      attn_bf16::pack_head<D>(K + b * k.stride(0) + h * k.stride(1), k.stride(2), V + b * v.stride(0) + h * v.stride(1),
+                              v.stride(2), pb, TU, KP + bh * pb.NP * D * kPanel, VP + bh * TU * D * 2);
     }
   });
   const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock;
@@ -452,12 +458,29 @@ at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, 
       const int64_t bh = task / blocks, q0 = (task % blocks) * kQueryBlock;
       const int64_t b = bh / H, h = bh % H;
       const int64_t n = std::min(kQueryBlock, T - q0);
-      attn_bf16::attend_rows(Q + b * q.stride(0) + h * q.stride(1), q.stride(2),
-                             KP + bh * pb.NP * kHeadDim * kPanel, VP + bh * TU * kHeadDim * 2,
-                             O + (b * T * H + h) * kHeadDim, H * kHeadDim, q0, n, pb, TU, S.data(), P.data(),
-                             inv.data());
+      attn_bf16::attend_rows<D>(Q + b * q.stride(0) + h * q.stride(1), q.stride(2), KP + bh * pb.NP * D * kPanel,
+                                VP + bh * TU * D * 2, O + (b * T * H + h) * D, H * D, q0, n, pb, TU, S.data(),
+                                P.data(), inv.data());
     }
   });
+}
+}  // namespace
+#endif
+
+at::Tensor attention_forward_bf16_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(attention_bf16_available(),
+              "dinov2od bfloat16 attention kernel: needs an x86-64 CPU with AVX-512 and avx512_bf16 and a "
+              "GCC build; use the float32 kernel or torch.nn.functional.scaled_dot_product_attention instead");
+  check_qkv(q, k, v, at::kBFloat16, "bfloat16", /*head_dim_32=*/true);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  auto out = at::empty({B, T, H, D}, q.options());
+  if (B * H * T == 0) return out;
+#ifdef DINOV2OD_HAVE_AVX512_ATTENTION
+  if (D == 64) {
+    attention_bf16_heads<64>(q, k, v, out);
+  } else {
+    attention_bf16_heads<32>(q, k, v, out);
+  }
 #endif
   return out;
 }
