@@ -368,3 +368,45 @@ def test_one_value_projection_for_all_decoder_layers_equals_one_per_layer(monkey
         c, _ = run(True, False)
     assert (c["pred_boxes"] - a["pred_boxes"]).abs().max() > 1e-3
     assert (c["pred_logits"] - a["pred_logits"]).abs().max() > 1e-3
+
+
+def test_one_value_projection_under_cpu_bfloat16_autocast(monkeypatch):
+    """At inference under CPU bfloat16 autocast the stacked value projection is oneDNN's bfloat16
+    product with the bias fused: the detector's outputs stay as close to the float32 ones as those
+    of one projection per layer (autocast's own addmm) are."""
+    from dinov2od.layers.precision import native_cpu_bf16
+    from dinov2od.modeling import decoder as decoder_mod
+    from dinov2od.modeling.decoder import DeformableDecoder
+
+    if not native_cpu_bf16():
+        pytest.skip("this CPU has no native bfloat16: the bfloat16 inference path is not taken here")
+    torch.manual_seed(0)
+    model = tiny_detector(num_decoder_layers=3).eval()
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.cross_attn.value_proj.weight.add_(torch.randn_like(layer.cross_attn.value_proj.weight) * 0.1)
+            layer.cross_attn.value_proj.bias.normal_(0, 0.1)
+        for p in model.decoder.box_heads.parameters():
+            p.normal_(0, 0.1)
+    images = torch.rand(2, 3, 56, 70)
+    calls = []
+    bf16_linear = decoder_mod.bf16_linear
+    monkeypatch.setattr(decoder_mod, "bf16_linear", lambda *a: calls.append(a[1].shape) or bf16_linear(*a))
+
+    def run(stacked, bf16=True):
+        monkeypatch.setattr(DeformableDecoder, "stack_value_proj", stacked)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(images)
+        return out["pred_boxes"].float()
+
+    reference = run(False, bf16=False)
+    per_layer = run(False)
+    assert calls == []
+    stacked = run(True)
+    assert calls == [(3 * 32, 32)]  # one product for the three layers (width 32)
+    err, per_layer_err = (stacked - reference).abs().max().item(), (per_layer - reference).abs().max().item()
+    assert per_layer_err > 0 and err <= 2 * per_layer_err + 1e-3, (err, per_layer_err)
+    # negative control: the stacked values handed to the layers in the wrong order are seen
+    original = DeformableDecoder._project_values
+    monkeypatch.setattr(DeformableDecoder, "_project_values", lambda self, *a: original(self, *a)[::-1])
+    assert (run(True) - reference).abs().max().item() > 2 * per_layer_err + 1e-3

@@ -46,7 +46,7 @@ from dinov2od.layers import (
 )
 from dinov2od.layers.cpu_attention import (BF16_HEAD_DIMS, cpu_attention_bf16, cpu_attention_bf16_available,
                                            cpu_attention_bf16_enabled)
-from dinov2od.layers.fused_linear import bf16_linear_enabled, linear
+from dinov2od.layers.fused_linear import bf16_linear, bf16_linear_enabled, linear
 from dinov2od.layers.inference_options import current_options
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
@@ -544,7 +544,9 @@ class DeformableDecoder(nn.Module):
     def _project_values(self, memory: Tensor, memory_mask: Optional[Tensor]) -> Optional[List[Tensor]]:
         """Every layer's deformable value projection of the memory (the same for all layers) in one
         (B S, C) x (C, layers x C) product instead of one per layer; on the CPU at inference with
-        oneDNN's fused bias (:func:`dinov2od.layers.fused_linear.linear`). Returns one (B, S, C)
+        oneDNN's fused bias (:func:`dinov2od.layers.fused_linear.linear`; under CPU bfloat16 autocast
+        its bfloat16 product, :func:`~dinov2od.layers.fused_linear.bf16_linear`, where autocast's
+        ``addmm`` first copies the bias into the 5440 x 1536 output: 4-6 ms of a 500 ms forward). Returns one (B, S, C)
         view per layer (the CPU kernel reads it through its strides), or None where the layers
         project their own: standard cross-attention, a single layer, or tracing (the exported
         graph keeps one projection per layer), or layers whose projection is not an ``nn.Linear``."""
@@ -556,7 +558,10 @@ class DeformableDecoder(nn.Module):
             return None
         weight = torch.cat([p.weight for p in projs])
         bias = torch.cat([p.bias for p in projs])
-        values = linear(memory, weight, bias)
+        if bf16_linear_enabled(memory):  # CPU bf16 autocast at inference: oneDNN adds the bias in the product
+            values = bf16_linear(memory, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+        else:
+            values = linear(memory, weight, bias)
         if memory_mask is not None:
             values = values.masked_fill(memory_mask[..., None], 0.0)
         return list(values.chunk(len(projs), -1))
