@@ -15,7 +15,7 @@ tracing/exporting/compiling, no autocast, the ``fused_linear`` option on), no ma
 head dim 64, a CPU with AVX-512 (avx512f, avx512dq) and a build that has the kernel. Everywhere else
 the caller runs torch's kernel.
 
-**bfloat16.** A second kernel takes (B, H, T, 64) bfloat16 q, k, v (what the ViT's bfloat16 q/k/v
+**bfloat16.** A second kernel takes (B, H, T, 64) or (B, H, T, 32) bfloat16 q, k, v (what the ViT's bfloat16 q/k/v
 product gives under CPU bfloat16 autocast) on CPUs with avx512_bf16: the same tiles with VDPBF16PS
 (pairs of bfloat16 multiplied, float32 accumulation), a float32 softmax whose probabilities are
 rounded to bfloat16 for the product with V (as torch's bfloat16 attention does), float32 1/sum,
