@@ -197,10 +197,10 @@ def test_a_wrong_kernel_would_be_caught(family, kernel_calls, monkeypatch):
     assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 3 * BLOCK_ATOL
 
 
-def _attention64(q, k, v):
-    """softmax(q k^T / sqrt(64)) v in float64, written out; (B, H, T, 64) -> (B, T, H, 64)."""
+def attention_float64(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in float64, written out; (B, H, T, d) -> (B, T, H, d)."""
     q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / 8.0
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     weights = (scores - scores.amax(-1, keepdim=True)).exp()
     return (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)
 
@@ -224,7 +224,7 @@ def test_kernel_output_inside_the_blocks_equals_float64_attention(family, monkey
     assert len(seen) == bb.out_indices[-1] + 1  # every block that runs
     for q, k, v, out in seen:
         assert q.shape[-1] == 64 and out.shape == (q.shape[0], q.shape[2], q.shape[1], 64)
-        torch.testing.assert_close(out.double(), _attention64(q, k, v), rtol=0, atol=5e-6)
+        torch.testing.assert_close(out.double(), attention_float64(q, k, v), rtol=0, atol=5e-6)
 
 
 def test_env_turns_the_kernel_off(kernel_calls, monkeypatch):

@@ -16,7 +16,7 @@ from dinov2od.layers.inference_options import inference_options
 from dinov2od.modeling import inference as inference_mod
 from dinov2od.modeling.backbones import base as backbone_mod
 
-from test_layers_cpu_attention import _attention64, _cpu_flags, kernel_expected, make, qkv_views
+from test_layers_cpu_attention import _cpu_flags, attention_float64, kernel_expected, make, qkv_views
 
 BF16_FLAGS = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "fma"}
 
@@ -55,22 +55,14 @@ def test_bf16_kernel_matches_float64_attention(b, h, t):
     q, k, v = bf16_qkv(b, h, t)  # strided views of one (B, T, 3, H, 64) product, as in the ViT
     out = ca.cpu_attention_bf16(q, k, v)
     assert out.dtype == torch.bfloat16 and out.shape == (b, t, h, 64) and out.is_contiguous()
-    ref = _attention64(q, k, v)
+    ref = attention_float64(q, k, v)
     assert kernel_close(out, ref), (out.double() - ref).abs().max().item()
     torch_err = (F.scaled_dot_product_attention(q, k, v).transpose(1, 2).double() - ref).abs().max().item()
     assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-3
     # contiguous inputs give the same numbers
     assert torch.equal(ca.cpu_attention_bf16(*(x.contiguous() for x in (q, k, v))), out)
     if t > 1:  # negative control: the tolerance sees a 1% temperature error
-        assert not kernel_close(out, _attention64(q * 1.01, k, v))
-
-
-def attention_float64(q, k, v):
-    """softmax(q k^T / sqrt(d)) v in float64, written out; (B, H, T, d) -> (B, T, H, d)."""
-    q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()
-    return (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)
+        assert not kernel_close(out, attention_float64(q * 1.01, k, v))
 
 
 @pytest.mark.parametrize("b,h,t", [(1, 8, 300), (2, 8, 49), (1, 3, 5), (1, 1, 1)])
@@ -229,7 +221,7 @@ def test_bf16_kernel_inside_the_blocks_equals_float64_attention(family, monkeypa
     assert len(seen) == bb.out_indices[-1] + 1
     for q, k, v, out in seen:
         assert q.dtype == torch.bfloat16
-        assert kernel_close(out, _attention64(q, k, v))
+        assert kernel_close(out, attention_float64(q, k, v))
 
 
 def test_cast_weights_follow_the_parameters(monkeypatch):
