@@ -546,7 +546,8 @@ class DeformableDecoder(nn.Module):
         (B S, C) x (C, layers x C) product instead of one per layer; on the CPU at inference with
         oneDNN's fused bias (:func:`dinov2od.layers.fused_linear.linear`; under CPU bfloat16 autocast
         its bfloat16 product, :func:`~dinov2od.layers.fused_linear.bf16_linear`, where autocast's
-        ``addmm`` first copies the bias into the 5440 x 1536 output: 4-6 ms of a 500 ms forward). Returns one (B, S, C)
+        ``addmm`` first copies the bias into the 5440 x 1536 output: about 4 ms of a 350 ms forward on 2
+        threads, nothing measurable on one, docs/speed.md). Returns one (B, S, C)
         view per layer (the CPU kernel reads it through its strides), or None where the layers
         project their own: standard cross-attention, a single layer, or tracing (the exported
         graph keeps one projection per layer), or layers whose projection is not an ``nn.Linear``."""
