@@ -8,7 +8,7 @@ Data: Detectron2's built-in ``coco_2017_train`` / ``coco_2017_val`` under
 ``$DETECTRON2_DATASETS`` (default ``./datasets``: ``coco/train2017``, ``coco/val2017``,
 ``coco/annotations/instances_{train,val}2017.json``).
 """
-from .common.data import dataloader
+from .common.data import dataloader, dataset
 from .common.models.dinov2_detr import model
 from .common.optim import AdamW as optimizer
 from .common.schedule import step_schedule

@@ -12,7 +12,7 @@ its hub id (``facebook/dinov3-vits16-pretrain-lvd1689m``, ``-vits16plus-``, ``-v
 SAT-493M (satellite) models expect their own pixel statistics: set ``model.pixel_mean`` and
 ``model.pixel_std`` to Meta's (0.430, 0.411, 0.296) / (0.213, 0.156, 0.143), times 255.
 """
-from .coco import dataloader, lr_multiplier, model, optimizer, train
+from .coco import dataloader, dataset, lr_multiplier, model, optimizer, train
 
 # --- the backbone, in one place: "small" | "small_plus" | "base" | "large" | "huge_plus" | "7b" ---
 VIT, HUB_ID = "base", "facebook/dinov3-vitb16-pretrain-lvd1689m"

@@ -16,17 +16,10 @@ Meta's weights), frozen with LoRA, and a small deformable decoder, at 192-256 px
 that trains in minutes on a CPU. For real accuracy start from configs/coco.py (Meta's ViT-B, GPUs)
 with the same ``dataset.*`` keys.
 """
-from .shapes import dataloader, lr_multiplier, model, optimizer, train
+from .shapes import dataloader, dataset, lr_multiplier, model, optimizer, train
 
-dataset = dict(
-    root=None,  # the folder (see above)
-    name="custom",  # registered as custom_train, custom_val (custom_test)
-    train_json=None,
-    train_images=None,  # default: the json's folder
-    val_json=None,
-    val_images=None,
-    check=True,  # check every image file before training
-)
+# dataset (configs/common/data.py): root=None (the folder, see above), name="custom" (registered as
+# custom_train, custom_val), train_json / train_images / val_json / val_images, check=True
 
 model.num_classes = None  # from the data
 dataloader.train.dataset.names = None  # custom_train, once dataset.root is read

@@ -17,7 +17,7 @@ The comparison rows of docs/demo.md are one override each:
 model.detector.backbone.lora_rank=0`` (from scratch) and ``model.detector.backbone.freeze=False
 model.detector.backbone.lora_rank=0`` (pretrained, fully fine-tuned).
 """
-from .common.data import dataloader
+from .common.data import dataloader, dataset
 from .common.models.dinov2_detr import model
 from .common.optim import AdamW as optimizer
 from .common.schedule import step_schedule

@@ -10,7 +10,7 @@ in miniature (docs/speed.md, "Speed and accuracy in miniature"):
 The demo already has three decoder layers (the efficient preset's third change). Same data,
 schedule and evaluation as the demo.
 """
-from .shapes import dataloader, lr_multiplier, model, optimizer, train
+from .shapes import dataloader, dataset, lr_multiplier, model, optimizer, train
 
 model.detector.backbone.window_size = 8
 model.detector.scale_factors = (1.0, 0.5)

@@ -2,7 +2,9 @@
 
 Datasets are Detectron2 registered names: ``coco_2017_train`` / ``coco_2017_val`` (under
 ``$DETECTRON2_DATASETS``), the built-in ``shapes_train`` / ``shapes_val``, or your own
-(``register_coco_instances`` / ``dinov2od.d2.register_coco_dataset``).
+(``register_coco_instances`` / ``dinov2od.d2.register_coco_dataset``), or a COCO folder named by
+``dataset.root`` (``dataset`` below; registered by ``dinov2od.d2.config.load_config``, which then
+points ``dataloader.train``/``test`` at it).
 """
 from omegaconf import OmegaConf
 
@@ -12,6 +14,17 @@ from detectron2.evaluation import COCOEvaluator
 
 from dinov2od.d2 import DetrDatasetMapper, build_detr_augmentation
 from dinov2od.d2.data_cache import train_dataset
+
+# Your own COCO data (docs/your_data.md): root=None leaves the dataloader's names as they are.
+dataset = dict(
+    root=None,  # a Roboflow / RF-DETR export or COCO's folder layout
+    name="custom",  # registered as <name>_train, <name>_val
+    train_json=None,  # explicit files instead of (or over) root
+    train_images=None,  # default: the json's folder
+    val_json=None,
+    val_images=None,
+    check=True,  # check every image file before training
+)
 
 dataloader = OmegaConf.create()
 
