@@ -18,8 +18,9 @@ See docs/distributed.md.
 
 Trailing ``key=value`` (lazy) or ``KEY VALUE`` (yacs) pairs override the config. Outputs
 (checkpoints, ``log.txt``, ``metrics.json``, TensorBoard events, ``inference/`` with
-``coco_instances_results.json``, and ``predictions/`` with drawn detections) go to the
-config's output directory.
+``coco_instances_results.json``, ``predictions/`` with drawn detections, and the pictures of
+``dinov2od/d2/plots.py``: ``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
+``confusion_matrix.png``/``.csv``, ``val_examples.jpg``) go to the config's output directory.
 
 On a CPU shared with other work, ``OMP_WAIT_POLICY=PASSIVE python tools/train_net.py ...`` makes
 idle OpenMP threads sleep instead of spinning (``make demo`` sets it); the tool itself leaves
@@ -42,6 +43,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import is_lazy, load_config  # noqa: E402
 from dinov2od.d2.launch import add_launch_arguments, launch_main  # noqa: E402
+from dinov2od.d2.plots import plot_inputs_from_config, write_result_plots  # noqa: E402
 from dinov2od.d2.report import run_summary  # noqa: E402
 from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
@@ -52,6 +54,18 @@ logger = logging.getLogger("dinov2od")
 def _report(output_dir: str, vis_dir: str = "", curve_rows: int = 0) -> None:
     if comm.is_main_process():
         logger.info(run_summary(output_dir, STARTED, vis_dir, curve_rows))
+
+
+def _plots(cfg) -> None:
+    """The run's pictures in its output folder (``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
+    ``confusion_matrix.png``/``.csv``, ``val_examples.jpg``: :mod:`dinov2od.d2.plots`), main process
+    only; a picture that cannot be drawn is a warning, never a failed run."""
+    if not comm.is_main_process():
+        return
+    try:
+        write_result_plots(**plot_inputs_from_config(cfg), since=STARTED)
+    except Exception as e:  # noqa: BLE001
+        logger.warning("Could not write the result plots: %s: %s", type(e).__name__, e)
 
 
 def setup(args):
@@ -82,7 +96,9 @@ def main(args):
     lazy = is_lazy(cfg)
     trainer_class = LazyTrainer if lazy else Trainer
     if args.eval_only:
-        return trainer_class.eval_only(cfg, resume=args.resume)
+        results = trainer_class.eval_only(cfg, resume=args.resume)
+        _plots(cfg)
+        return results
     trainer = trainer_class(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
@@ -98,6 +114,7 @@ def main(args):
             score_threshold=vis.get("score_threshold", 0.5),
             ema=trainer.ema,
         )
+    _plots(cfg)
     _report(trainer.settings.output_dir, vis_dir, cfg.train.get("print_loss_curve", 0) if lazy else 0)
     return results
 

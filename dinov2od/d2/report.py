@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence
 
 from dinov2od.layers.precision import cpu_flags
 
+from .plots import RESULT_FILES
+
 __all__ = ["cpu_description", "loss_curve", "outputs_listing", "run_summary"]
 
 # The x86 / Arm vector extensions that decide CPU speed here (AVX2-only machines run ~2x slower).
@@ -63,6 +65,7 @@ def outputs_listing(output_dir: str, vis_dir: str = "") -> List[str]:
         ("metrics.json", "training metrics"),
         ("log.txt", "log"),
         ("inference/coco_instances_results.json", "COCO-format detections"),
+        *RESULT_FILES,  # the pictures of dinov2od.d2.plots
     ):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
