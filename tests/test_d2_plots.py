@@ -252,7 +252,8 @@ def test_results_series_from_a_resumed_run_with_evaluation_lines(tmp_path):
         train(7, 6.0, 1.5, 1.0, 0.5),  # the writers' last flush repeats an iteration
         {"iteration": 8, "bbox/AP": 30.0, "bbox/AP50": 40.0},
         # resumed from the checkpoint of iteration 4: iterations 5.. again, other numbers
-        train(5, 6.5, 1.9, 0.9, 0.9), train(7, 5.5, 1.4, 0.8, 0.4), train(9, 5.0, 1.2, 0.7, 0.3),
+        train(5, 6.5, 1.9, 0.9, 0.9), train(7, 5.5, 1.4, 0.8, 0.4), train(9, 5.1, 1.3, 0.7, 0.3),
+        train(9, 5.0, 1.2, 0.7, 0.3),  # the same iteration again, other values: the last one counts
         {"iteration": 9, "bbox/AP": 35.0},  # evaluation on the iteration of a training line
     ]
     text = "\n".join(json.dumps(r) for r in lines).replace(

@@ -46,6 +46,7 @@ __all__ = [
     "coco_evaluate",
     "confusion_matrix",
     "draw_examples",
+    "evaluation_data",
     "loss_series",
     "per_class_ap",
     "plot_confusion_matrix",
@@ -688,7 +689,8 @@ def write_result_plots(
     def precision_plots() -> None:
         ev = coco_evaluate(gt, results, data["image_ids"])
         if ev is None:
-            raise ValueError(f"{results_file} holds no detections")
+            logger.warning("%s holds no detections: no pr_curves.png / per_class_ap.csv.", results_file)
+            return
         precision, thrs = ev.eval["precision"], ev.params.iouThrs
         plot_pr_curves(*pr_curves(precision, thrs), names, out("pr_curves.png"))
         write_per_class_csv(per_class_ap(precision, thrs, data["cat_ids"], names, data["num_gt"]),
@@ -704,14 +706,12 @@ def write_result_plots(
         from .dataset_mapper import read_image
 
         ids = data["image_ids"]
+        if not ids:
+            return
         picks = sorted({ids[round(i * (len(ids) - 1) / max(num_examples - 1, 1))] for i in range(num_examples)})
-        samples = []
-        for i in picks[:num_examples] if ids else []:
-            sample = dict(data["images"][i], image=read_image(files[i], format="RGB"),
-                          title=os.path.basename(files[i]))
-            samples.append(sample)
-        if samples:
-            draw_examples(samples, names, out("val_examples.jpg"), score_threshold)
+        samples = [dict(data["images"][i], image=read_image(files[i], format="RGB"), title=os.path.basename(files[i]))
+                   for i in picks]
+        draw_examples(samples, names, out("val_examples.jpg"), score_threshold)
 
     attempt("pr_curves.png / per_class_ap.csv", precision_plots)
     attempt("confusion_matrix.png / .csv", confusion)
