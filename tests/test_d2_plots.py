@@ -323,3 +323,24 @@ def test_training_and_eval_only_leave_the_pictures(tiny_config, train_net, tmp_p
                                                   "val_examples.jpg"}
     log = (ev / "log.txt").read_text()
     assert "Could not write confusion_matrix.png / .csv" in log and "RuntimeError: drawing failed" in log
+
+
+def test_plot_inputs_name_the_evaluated_dataset_in_both_config_styles():
+    """The evaluator's dataset and folder; the test loader's own images only for a subset evaluator
+    (configs/debug_overfit.py: SubsetCOCOEvaluator scores only the images it saw)."""
+    from detectron2.config import LazyConfig, get_cfg
+
+    from conftest import ROOT
+    from dinov2od.d2 import add_dinov2od_config
+
+    stock = plots.plot_inputs_from_config(LazyConfig.load(os.path.join(ROOT, "configs/shapes.py")))
+    assert stock == dict(output_dir="./output/shapes", dataset_name="shapes_val", dataset_dicts=None,
+                         inference_dir="./output/shapes/inference")
+    subset = plots.plot_inputs_from_config(LazyConfig.load(os.path.join(ROOT, "configs/debug_overfit.py")))
+    assert subset["dataset_name"] == "shapes_train" and callable(subset["dataset_dicts"])
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    cfg.merge_from_file(YACS_YAML)
+    cfg.merge_from_list(["DATASETS.TEST", "('shapes_train', 'shapes_val')", "OUTPUT_DIR", "/x"])
+    assert plots.plot_inputs_from_config(cfg) == dict(output_dir="/x", dataset_name="shapes_val", dataset_dicts=None,
+                                                      inference_dir="/x/inference")

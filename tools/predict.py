@@ -20,7 +20,12 @@ only the folder itself) for the extensions in ``IMAGE_EXTS``. Files that cannot 
 skipped with a warning. 16-bit grayscale PNGs are scaled to 0-255 (not clipped to white).
 
 Outputs, in ``--output`` (refused when it is, or is inside, an input folder, or when a drawing would
-land in an input folder or on an input file):
+land in an input folder or on an input file). An output folder that is not empty is refused, so one
+folder never mixes two runs: give another ``--output``, or ``--overwrite`` to first remove an earlier
+predict.py run's drawings and predictions from it. predict.py marks its folders with a small file,
+``.dinov2od-predict.json``; ``--overwrite`` clears only a folder that has it, and removes only what
+predict.py writes (``predictions.json``, ``predictions.jsonl`` and drawings, ``*.<image ext>.jpg``).
+
 
 * one drawing per image (Detectron2's ``Visualizer``, detections scoring >= ``--score-threshold``),
   named by the image's path relative to the input root (the folder given; with several inputs, the
@@ -40,6 +45,7 @@ stored, which otherwise report ``class_0..class_{K-1}`` with ids ``0..K-1``. Whe
 reaches ``--score-threshold`` the log gives the highest score seen and a threshold that draws it.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -61,6 +67,7 @@ from dinov2od.d2.visualize import draw_instances  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DRAWING_SUFFIX = ".jpg"  # appended to the image's relative path: x.png -> x.png.jpg
+MARKER = ".dinov2od-predict.json"  # marks a folder as predict.py's output: --overwrite may clear it
 logger = logging.getLogger("dinov2od.predict")
 
 
@@ -77,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--no-recursive", action="store_true", help="do not search the sub-folders of an input folder")
     p.add_argument("--output", default="output/predict",
                    help="folder for the drawings, predictions.jsonl and predictions.json (not inside an input folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--output holds an earlier predict.py run: remove its drawings and predictions first "
+                        "(only in a folder predict.py marked as its own; other files are kept)")
     p.add_argument("--score-threshold", type=float, default=0.3,
                    help="minimum score drawn (predictions.json keeps every detection); with the demo and custom "
                         "recipes' quality focal loss a score estimates the box's IoU, so good boxes score 0.4-0.8")
@@ -169,6 +179,71 @@ def check_output(output: str, inputs: Sequence[str], images: Sequence[Tuple[str,
                                  f"{given!r} ({target}); give another --output.")
 
 
+def _earlier_outputs(output: str) -> Tuple[List[str], List[str]]:
+    """(files predict.py writes, other entries) under ``output``, as paths relative to it (the marker
+    in neither)."""
+    ours, others = [], []
+    drawing_exts = tuple(ext + DRAWING_SUFFIX for ext in IMAGE_EXTS)
+    for folder, dirs, files in os.walk(output):
+        dirs.sort()
+        for f in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, f), output)
+            if rel == MARKER:
+                continue
+            low = f.lower()
+            if (rel in ("predictions.json", "predictions.jsonl") or low.endswith(drawing_exts)
+                    or (folder == output and low.startswith("predictions.json.tmp"))):
+                ours.append(rel)
+            else:
+                others.append(rel)
+    return ours, others
+
+
+def check_output_folder(output: str, overwrite: bool) -> None:
+    """Refuse an ``--output`` that is not empty, unless ``overwrite`` and predict.py marked it as its own.
+
+    Raises:
+        SystemExit: naming the folder, what it holds and the choices.
+    """
+    if not os.path.isdir(output):
+        if os.path.exists(output):
+            raise SystemExit(f"predict.py: --output {output!r} is a file, not a folder; give a folder.")
+        return
+    entries = sorted(set(os.listdir(output)) - {MARKER})
+    if not entries:
+        return
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} in all)" if len(entries) > 5 else "")
+    if not os.path.isfile(os.path.join(output, MARKER)):
+        raise SystemExit(
+            f"predict.py: --output {output!r} is not empty ({shown}) and is not a predict.py output folder "
+            f"(no {MARKER} in it), so nothing in it is removed, --overwrite included. Give another --output "
+            "(a new or empty folder). (A folder of an earlier predict.py version has no marker: delete it "
+            "yourself if it is one.)")
+    if not overwrite:
+        raise SystemExit(
+            f"predict.py: --output {output!r} holds an earlier predict.py run ({shown}); this run's drawings and "
+            "predictions would mix with its. Give another --output, or --overwrite to remove that run's drawings "
+            "and predictions first.")
+
+
+def clear_earlier_run(output: str) -> List[str]:
+    """Remove an earlier predict.py run's files from ``output`` (:func:`_earlier_outputs`; other files stay),
+    with a log line. Returns the paths removed, relative to ``output``."""
+    ours, others = _earlier_outputs(output)
+    for rel in ours:
+        os.remove(os.path.join(output, rel))
+    parents = {os.path.dirname(rel) for rel in ours} - {""}
+    for rel in sorted({os.path.join(*p.split(os.sep)[:i + 1]) for p in parents for i in range(len(p.split(os.sep)))},
+                      key=lambda d: -d.count(os.sep)):  # the drawings' sub-folders, deepest first, once empty
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(output, rel))
+    if ours:
+        logger.info("--overwrite: removed the earlier run's %d files from %s (%s%s)%s", len(ours), output,
+                    ", ".join(ours[:5]), ", ..." if len(ours) > 5 else "",
+                    f"; kept {len(others)} other files" if others else "")
+    return ours
+
+
 # ---------------------------------------------------------------------------- the model
 def build_predictor(args):
     """(predictor taking an image in its channel order, that order, metadata with the classes to report)."""
@@ -223,6 +298,7 @@ def main(argv=None):
         raise SystemExit("predict.py: give --weights CHECKPOINT.pth (or --onnx MODEL.onnx)")
     images = list_images(args.input, recursive=not args.no_recursive)
     check_output(args.output, args.input, images)  # before anything is built or written
+    check_output_folder(args.output, args.overwrite)
     try:
         if args.onnx:
             from dinov2od.export.d2 import build_onnx_predictor
@@ -241,6 +317,10 @@ def main(argv=None):
 
         predictor.model = quantize_dynamic_int8(predictor.model)
     os.makedirs(args.output, exist_ok=True)
+    if args.overwrite:
+        clear_earlier_run(args.output)
+    with atomic_write(os.path.join(args.output, MARKER), "w") as f:
+        json.dump({"tool": "tools/predict.py", "weights": args.weights or args.onnx, "inputs": args.input}, f)
     jsonl_path = os.path.join(args.output, "predictions.jsonl")
     json_path = os.path.join(args.output, "predictions.json")
     if os.path.isfile(json_path):  # an earlier run's: a predictions.json is always this run's, complete
