@@ -23,7 +23,8 @@ dataset = dict(
     train_images=None,  # default: the json's folder
     val_json=None,
     val_images=None,
-    check=True,  # check every image file before training
+    check=True,  # check every image file before training (False: skip)
+    check_images="decode",  # "decode" every image (a truncated file is found) or "header" only (~15x faster)
 )
 
 dataloader = OmegaConf.create()

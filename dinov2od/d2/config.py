@@ -180,6 +180,7 @@ KEYS: List[tuple] = [
     ("DATASETS.TEST_JSON", "", "dataset.val_json"),
     ("DATASETS.TEST_IMAGES", "", "dataset.val_images"),
     ("DATASETS.CHECK", True, "dataset.check"),  # check every file before training
+    ("DATASETS.CHECK_IMAGES", "decode", "dataset.check_images"),  # "decode" every image, or "header" only
 ]
 
 
@@ -346,11 +347,14 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
         key = (meta.get("json_file", None), meta.get("image_root", None))
         if not meta.get("dinov2od_check", False) or key in _CHECKED:
             continue
-        s = check_coco_dataset(*key)
+        mode = meta.get("dinov2od_check")
+        s = check_coco_dataset(meta.get("dinov2od_source_json", key[0]), key[1], check_files=mode)
         _CHECKED.add(key)
         logger.info(
-            "Checked %s: %d images (%d with boxes), %d boxes, %d classes; every file decodes and has the "
-            "json's size", name, s.num_images, s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes))
+            "Checked %s: %d images (%d with boxes), %d boxes, %d classes; %s", name, s.num_images,
+            s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes),
+            "every image decodes and has the json's size" if mode != "header" else
+            "every image header reads and has the json's size (headers only: a truncated file is not found)")
 
 
 # ---------------------------------------------------------------------------- batch per GPU
@@ -745,10 +749,12 @@ def _dataset_options(cfg) -> Dict[str, Any]:
         d = cfg.get("dataset", None) or {}
         opts = {k: d.get(k, None) for k in ("root", "name", "train_json", "train_images", "val_json", "val_images")}
         opts["check"] = d.get("check", True)
+        opts["check_images"] = d.get("check_images", "decode")
         return opts
     d = cfg.DATASETS
     return {"root": d.ROOT, "name": d.NAME, "train_json": d.TRAIN_JSON, "train_images": d.TRAIN_IMAGES,
-            "val_json": d.TEST_JSON, "val_images": d.TEST_IMAGES, "check": d.CHECK}
+            "val_json": d.TEST_JSON, "val_images": d.TEST_IMAGES, "check": d.CHECK,
+            "check_images": d.get("CHECK_IMAGES", "decode")}
 
 
 def dataset_names(cfg) -> Dict[str, List[str]]:
@@ -784,14 +790,16 @@ def resolve_dataset(cfg) -> None:
       (``ceil(epochs * images / (batch * accumulate_steps))``); yacs ``STEPS`` are scaled with
       ``MAX_ITER``. Each derived value is logged.
     """
-    from .datasets.folder import register_coco_folder
+    from .datasets.folder import check_mode, register_coco_folder
 
     opts = _dataset_options(cfg)
     lazy = is_lazy(cfg)
     if opts["root"] or opts["train_json"]:
         names = register_coco_folder(
             opts["root"] or None, opts["name"] or "custom", opts["train_json"] or None, opts["train_images"] or None,
-            opts["val_json"] or None, opts["val_images"] or None, check=bool(opts["check"]),
+            opts["val_json"] or None, opts["val_images"] or None,
+            check=check_mode(opts["check_images"], "dataset.check_images / DATASETS.CHECK_IMAGES")
+            if opts["check"] else False,
         )
         test = [names["val"]] if "val" in names else []
         if not test:
@@ -855,7 +863,8 @@ def _epochs_to_iterations(cfg) -> None:
         meta = MetadataCatalog.get(name)
         if not meta.get("json_file", None):
             raise ValueError(f"train.epochs / SOLVER.MAX_EPOCHS needs the size of {name!r}, which names no json_file.")
-        images += check_coco_dataset(meta.json_file, meta.image_root, check_files=False).num_images_with_boxes
+        json_file = meta.get("dinov2od_source_json", meta.json_file)  # the user's file (errors name it)
+        images += check_coco_dataset(json_file, meta.image_root, check_files=False).num_images_with_boxes
     if lazy:
         batch, accumulate = cfg.dataloader.train.total_batch_size, cfg.train.get("accumulate_steps", 1)
     else:

@@ -14,28 +14,40 @@ An explicit json + image folder per split needs no layout (:func:`register_coco_
 Registration reads the json's ``categories`` right away and fills the dataset's metadata
 (``thing_classes``, ``thing_dataset_id_to_contiguous_id``, the same values Detectron2's
 ``load_coco_json`` sets later), so the class count is known, and checked against the model, before
-anything is built. :func:`check_coco_dataset` reads the whole json and every image's header once:
-missing or undecodable files, sizes that differ from the json, unknown image or category ids and
-malformed boxes are reported together, naming the files, before training starts.
+anything is built. Roboflow's exports list the dataset itself as a category (id 0, no boxes, the
+``supercategory`` of every class): :func:`coco_classes` recognises it and leaves it out of the
+classes, and Detectron2 (loader and ``COCOEvaluator``) reads a copy of the json without it.
+
+:func:`check_coco_dataset` reads the whole json and decodes every image once (or reads the headers
+only, ``check="header"``): every problem that would stop or silently spoil training or evaluation
+is reported together, naming the files and ids, before training starts; what training and COCO
+evaluation do with boxes that need no fix (zero size, beyond the image, ``iscrowd``) is one warning
+line each. The list is in docs/your_data.md.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import tempfile
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 __all__ = [
+    "CHECK_MODES",
     "CocoSummary",
     "DatasetError",
     "check_coco_dataset",
+    "check_mode",
+    "coco_classes",
     "find_coco_splits",
     "read_coco_categories",
     "register_coco_dataset",
@@ -50,6 +62,10 @@ SKIP_CHECK_HINT = (
     "or skip this check (e.g. on a large dataset you have checked before): dataset.check=False "
     "(lazy configs) / DATASETS.CHECK False (yacs)."
 )
+# how the start-up check opens the images: "decode" (every pixel, so a truncated file is found) or
+# "header" (size only, ~15x faster; docs/your_data.md has the timings)
+CHECK_MODES = ("decode", "header")
+EDGE_TOLERANCE = 1.0  # px a box may reach beyond its image before the check counts it
 
 
 class DatasetError(ValueError):
@@ -78,43 +94,162 @@ def _read_json(json_file: str) -> dict:
 
 
 def _categories(data: dict, json_file: str) -> Tuple[List[str], List[int]]:
-    cats = sorted(data["categories"], key=lambda c: c["id"])  # Detectron2's load_coco_json order
-    ids = [int(c["id"]) for c in cats]
+    """All of the json's categories, as Detectron2's ``load_coco_json`` takes them (sorted by id)."""
+    try:
+        cats = sorted(data["categories"], key=lambda c: int(c["id"]))  # Detectron2's load_coco_json order
+        ids = [int(c["id"]) for c in cats]
+    except (KeyError, TypeError, ValueError):
+        raise DatasetError(
+            f"COCO json {json_file!r}: every entry of 'categories' needs an integer 'id' and a 'name'."
+        ) from None
     if len(set(ids)) != len(ids):
         raise DatasetError(f"COCO json {json_file!r} lists a category id twice: {ids}.")
-    return [str(c["name"]) for c in cats], ids
+    return [str(c.get("name")) for c in cats], ids
+
+
+def roboflow_supercategory(data: dict) -> Optional[dict]:
+    """The category a Roboflow export adds for the dataset itself, or None.
+
+    Roboflow writes ``{"id": 0, "name": "<dataset>", "supercategory": "none"}`` and then every class
+    with ``"supercategory": "<dataset>"``; no box has that category. Recognised here: the one
+    category that has no boxes and is the ``supercategory`` of every other category (there are at
+    least two categories). A category with boxes is always a class.
+    """
+    cats = data.get("categories") or []
+    if len(cats) < 2:
+        return None
+    used = {a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict)}
+    for cat in cats:
+        others = [c for c in cats if c is not cat]
+        if cat.get("id") not in used and all(c.get("supercategory") == cat.get("name") for c in others):
+            return cat
+    return None
+
+
+def coco_classes(data: dict, json_file: str) -> Tuple[List[str], List[int], Optional[dict]]:
+    """``(names, ids, dropped)``: the classes of a COCO json in Detectron2's contiguous order (by id)
+    and the Roboflow dataset category left out of them (:func:`roboflow_supercategory`), or None."""
+    dropped = roboflow_supercategory(data)
+    names, ids = _categories(data, json_file)
+    if dropped is not None:
+        keep = [i for i, d in enumerate(ids) if d != int(dropped["id"])]
+        names, ids = [names[i] for i in keep], [ids[i] for i in keep]
+    return names, ids, dropped
 
 
 def read_coco_categories(json_file: str) -> Tuple[List[str], List[int]]:
-    """``(names, ids)`` of a COCO json's categories, in Detectron2's contiguous order (by id)."""
+    """``(names, ids)`` of every category of a COCO json, in Detectron2's contiguous order (by id):
+    the classes ``load_coco_json`` gives it (a Roboflow dataset category included; the classes
+    :func:`register_coco_dataset` registers are :func:`coco_classes`')."""
     return _categories(_read_json(json_file), json_file)
 
 
-def register_coco_dataset(name: str, json_file: str, image_root: str, check: bool = True) -> None:
+def check_mode(check: Union[bool, str, None], key: str = "dataset.check_images") -> Union[bool, str]:
+    """``False`` (no check), ``"decode"`` or ``"header"`` from a ``check`` option (True = "decode")."""
+    if check is None or check is False or (isinstance(check, str) and check.lower() in ("", "false", "off", "none")):
+        return False
+    if check is True:
+        return "decode"
+    if isinstance(check, str) and check.lower() in CHECK_MODES:
+        return check.lower()
+    raise ValueError(
+        f"{key} must be one of {list(CHECK_MODES)} (decode every image, or read the headers only), got {check!r}; "
+        "dataset.check=False / DATASETS.CHECK False turns the check off."
+    )
+
+
+def _zero_annotation_id(data: dict) -> bool:
+    """Whether an annotation has id 0 (Roboflow numbers them from 0): pycocotools' ``COCOeval`` (and
+    Detectron2's copy of it) records a match by the ground truth's id, and takes id 0 for "no
+    match", so that box could never be found and its detection counted as a false positive."""
+    return any(isinstance(a, dict) and a.get("id") == 0 for a in data.get("annotations") or [])
+
+
+def _json_for_detectron2(data: dict, json_file: str, dropped: Optional[dict]) -> str:
+    """The json Detectron2's loader and ``COCOEvaluator`` read: ``json_file`` itself, or a copy in the
+    dataset cache (never next to the user's file) without the Roboflow dataset category ``dropped``
+    and with annotation ids 1..N where one was 0 (:func:`_zero_annotation_id`). Image ids, category
+    ids, boxes and everything else are the user's. The same content is written once (the name holds
+    the source's hash)."""
+    renumber = _zero_annotation_id(data)
+    if dropped is None and not renumber:
+        return json_file
+    with open(json_file, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:16]
+    stem = os.path.basename(json_file).rsplit(".json", 1)[0].strip("._") or "annotations"
+    out = dict(data)
+    if dropped is not None:
+        out["categories"] = [c for c in data["categories"] if c is not dropped]
+    if renumber:
+        out["annotations"] = [dict(a, id=i + 1) if isinstance(a, dict) else a for i, a in enumerate(data["annotations"])]
+        logger.info(
+            "%s: annotation ids start at 0; pycocotools' COCOeval takes a match with annotation id 0 for no match "
+            "(that box could never be found), so Detectron2 reads a copy with annotation ids 1..%d",
+            json_file, len(out["annotations"]),
+        )
+    from ..data_cache import default_cache_dir
+
+    tag = ("-no-category-%s" % dropped["id"] if dropped is not None else "") + ("-ann-ids-from-1" if renumber else "")
+    for folder in (os.path.join(default_cache_dir(), "json"), os.path.join(tempfile.gettempdir(), "dinov2od-json")):
+        path = os.path.join(folder, f"{stem}-{digest}{tag}.json")
+        if os.path.isfile(path):
+            return path
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(out, f)
+            os.replace(tmp, path)  # atomic: another rank writing the same file is harmless
+            return path
+        except OSError:
+            continue
+    raise DatasetError(f"Cannot write the copy of {json_file} that Detectron2 should read (no writable cache folder).")
+
+
+def register_coco_dataset(
+    name: str, json_file: str, image_root: str, check: Union[bool, str] = True
+) -> None:
     """Register a COCO-format detection dataset (Detectron2's ``register_coco_instances``) with its
     classes in the metadata at once, so the class count is checked before the model is built.
+
+    A Roboflow dataset category (:func:`roboflow_supercategory`) is left out of the classes (one log
+    line names it): Detectron2's loader and ``COCOEvaluator`` read a copy of the json without it
+    (metadata ``json_file``; ``dinov2od_source_json`` is the file given here), with annotation ids
+    from 1 where Roboflow starts them at 0 (pycocotools takes id 0 for "no match"). The other
+    classes keep their ids (``thing_dataset_id_to_contiguous_id``), so predictions carry the json's
+    ids.
 
     Args:
         name: dataset name to use in configs, e.g. ``"my_train"``.
         json_file: COCO instances json (``images``, ``annotations``, ``categories``).
         image_root: folder the json's ``file_name`` entries are relative to.
         check: training runs :func:`check_coco_dataset` on it before it starts (metadata
-            ``dinov2od_check``).
+            ``dinov2od_check``): True or "decode" (decode every image), "header" (headers only),
+            False (no check).
     """
-    names, ids = read_coco_categories(json_file)
+    mode = check_mode(check, "check")
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
-        if meta.get("json_file", None) == json_file and meta.get("image_root", None) == image_root:
+        source = meta.get("dinov2od_source_json", meta.get("json_file", None))
+        if source == json_file and meta.get("image_root", None) == image_root:
             return  # the same registration again (e.g. the config loaded twice)
         raise ValueError(
-            f"Dataset {name!r} is already registered with {meta.get('json_file', '?')}; "
-            f"pick another name for {json_file}."
+            f"Dataset {name!r} is already registered with {source or '?'}; pick another name for {json_file}."
         )
-    register_coco_instances(name, {}, json_file, image_root)
+    data = _read_json(json_file)
+    names, ids, dropped = coco_classes(data, json_file)
+    if dropped is not None:
+        logger.info(
+            "%s: category %r (id %s) has no boxes and is the supercategory of every other category (Roboflow "
+            "lists the dataset itself so); it is not a class: %d classes %s, ids %s",
+            json_file, dropped.get("name"), dropped.get("id"), len(names), names, ids,
+        )
+    register_coco_instances(name, {}, _json_for_detectron2(data, json_file, dropped), image_root)
     MetadataCatalog.get(name).set(
         thing_classes=names,
         thing_dataset_id_to_contiguous_id={d: i for i, d in enumerate(ids)},
-        dinov2od_check=check,
+        dinov2od_check=mode,
+        dinov2od_source_json=json_file,
     )
 
 
@@ -167,7 +302,7 @@ def register_coco_folder(
     train_images: Optional[str] = None,
     val_json: Optional[str] = None,
     val_images: Optional[str] = None,
-    check: bool = True,
+    check: Union[bool, str] = True,
 ) -> Dict[str, str]:
     """Register the splits of a dataset folder (or of explicit json + image folder pairs).
 
@@ -194,13 +329,17 @@ def register_coco_folder(
         register_coco_dataset(names[split], os.path.abspath(json_file), os.path.abspath(image_root), check)
     if "val" not in names and "test" in names:
         names["val"] = names["test"]
-    if names.get("val") and read_coco_categories(splits["train"][0]) != read_coco_categories(
-        MetadataCatalog.get(names["val"]).json_file
-    ):
-        raise DatasetError(
-            f"The training split ({splits['train'][0]}) and the evaluation split "
-            f"({MetadataCatalog.get(names['val']).json_file}) list different categories; export them together."
-        )
+    if names.get("val"):
+        train, val = MetadataCatalog.get(names["train"]), MetadataCatalog.get(names["val"])
+        if (train.thing_classes, train.thing_dataset_id_to_contiguous_id) != (
+            val.thing_classes, val.thing_dataset_id_to_contiguous_id
+        ):
+            raise DatasetError(
+                f"The training split ({train.dinov2od_source_json}: {train.thing_classes}, ids "
+                f"{list(train.thing_dataset_id_to_contiguous_id)}) and the evaluation split "
+                f"({val.dinov2od_source_json}: {val.thing_classes}, ids {list(val.thing_dataset_id_to_contiguous_id)}) "
+                "list different classes; export them together."
+            )
     return names
 
 
@@ -212,13 +351,18 @@ class CocoSummary:
     json_file: str
     num_images: int = 0
     num_images_with_boxes: int = 0  # images with at least one usable (non-crowd, positive-area) box
-    num_boxes: int = 0
+    num_boxes: int = 0  # usable boxes: non-crowd, positive width and height
     num_degenerate: int = 0  # boxes of zero or negative width/height (the mapper skips them)
+    num_crowd: int = 0  # iscrowd boxes: not trained on; ignore regions in COCO evaluation
+    num_beyond: int = 0  # boxes reaching more than EDGE_TOLERANCE px beyond their image (training clips them)
+    images: Union[bool, str] = False  # how the image files were opened: "decode", "header" or False
     problems: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """(width, height) as Detectron2 will see the image: after EXIF orientation, from the header only."""
+def _image_size(path: str, decode: bool) -> Tuple[int, int]:
+    """(width, height) as Detectron2 will see the image: after EXIF orientation. ``decode``: every
+    pixel is decoded (PIL ``load()``, as training reads the file), so a truncated file raises."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -227,18 +371,20 @@ def _image_size(path: str) -> Tuple[int, int]:
             orientation = im.getexif().get(0x0112, 1)
         except Exception:  # a broken EXIF block: Detectron2 ignores it as well
             orientation = 1
+        if decode:
+            im.load()
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _check_image(image_root: str, img: dict) -> Optional[str]:
+def _check_image(image_root: str, img: dict, decode: bool) -> Optional[str]:
     file_name = img.get("file_name")
     if not file_name:
-        return f"image id {img.get('id')} has no file_name"
+        return f"image id {img.get('id')!r} has no file_name"
     path = os.path.join(image_root, file_name)
     if not os.path.isfile(path):
         return f"{file_name}: file not found under {image_root}"
     try:
-        w, h = _image_size(path)
+        w, h = _image_size(path, decode)
     except Exception as e:  # PIL raises several types for undecodable files
         return f"{file_name}: cannot be decoded as an image ({type(e).__name__}: {e})"
     jw, jh = img.get("width"), img.get("height")
@@ -249,52 +395,168 @@ def _check_image(image_root: str, img: dict) -> Optional[str]:
     return None
 
 
-def check_coco_dataset(json_file: str, image_root: str, check_files: bool = True, threads: int = 8) -> CocoSummary:
-    """Check a COCO detection dataset before training; raise one error listing every problem.
+def _examples(items: List[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
-    Checked: the json parses and has images and categories; every image file exists, decodes its
-    header, is at least one patch in size and has the json's width and height; every annotation
-    names a known image and a known category and has a box of four finite numbers. Boxes of zero
-    or negative size are counted and reported as a warning (training skips them).
 
-    Args:
-        json_file, image_root: as registered.
-        check_files: also open every image file's header (threads in parallel).
-
-    Raises:
-        DatasetError: naming the json, the first problems (with their count) and the fix.
-    """
-    data = _read_json(json_file)
-    _, cat_ids = _categories(data, json_file)
-    summary = CocoSummary(json_file=json_file, num_images=len(data["images"]))
-    problems = summary.problems
-    image_ids = {img.get("id") for img in data["images"]}
-    known_cats = set(cat_ids)
-    with_boxes = set()
-    for ann in data.get("annotations", []):
-        where = f"annotation id {ann.get('id')} (image id {ann.get('image_id')})"
-        if ann.get("image_id") not in image_ids:
-            problems.append(f"{where}: no image has this id")
+def _check_json(data: dict, json_file: str, summary: CocoSummary) -> None:
+    """Everything :func:`check_coco_dataset` checks without opening an image file."""
+    problems, warnings = summary.problems, summary.warnings
+    names, cat_ids = _categories(data, json_file)
+    # ---- categories: one name per class
+    by_name: Dict[str, List[int]] = defaultdict(list)
+    for n, i in zip(names, cat_ids):
+        by_name[n].append(i)
+    for n, ids in by_name.items():
+        if len(ids) > 1:
+            problems.append(
+                f"category name {n!r} is used by ids {ids}: a class needs its own name (predictions and the "
+                "AP table would show the same name twice); merge them into one category or rename one"
+            )
+    # ---- images: one id each, all of one type, a size
+    images = data["images"]
+    files_of: Dict[object, List[str]] = defaultdict(list)
+    kinds: Dict[str, List[str]] = defaultdict(list)
+    for img in images:
+        if not isinstance(img, dict) or "id" not in img:
+            problems.append(f"images entry {str(img)[:80]} has no 'id'")
             continue
+        iid = img["id"]
+        if isinstance(iid, (list, dict)):
+            problems.append(f"image id {iid!r} ({img.get('file_name')}) is not a number")
+            continue
+        files_of[iid].append(str(img.get("file_name")))
+        kinds["str" if isinstance(iid, str) else "int"].append(f"{iid!r} ({img.get('file_name')})")
+        if img.get("width") is None or img.get("height") is None:
+            problems.append(
+                f"image id {iid!r} ({img.get('file_name')}): no width/height in the json (Detectron2's loader needs them)"
+            )
+    if len(kinds) > 1:
+        problems.append(
+            f"image ids mix integers (e.g. {_examples(kinds['int'], 2)}) and strings (e.g. {_examples(kinds['str'], 2)}): "
+            "Detectron2's loader sorts the ids and stops with \"TypeError: '<' not supported between instances of "
+            "'str' and 'int'\". Fix: write every image id as an integer, in images[].id and annotations[].image_id"
+        )
+    for iid, files in files_of.items():
+        if len(files) > 1:
+            problems.append(
+                f"image id {iid!r} is listed {len(files)} times ({', '.join(files)}): Detectron2 keeps only one "
+                "of these images and gives it the boxes of all of them; give each image its own id"
+            )
+    size_of = {img["id"]: (img.get("width"), img.get("height"), img.get("file_name"))
+               for img in images if isinstance(img, dict) and not isinstance(img.get("id"), (list, dict, type(None)))}
+    # ---- annotations
+    known_cats = set(cat_ids)
+    ann_ids = Counter()
+    with_boxes, crowd_images, beyond_images = set(), set(), set()
+    degenerate, crowd, beyond = [], [], []
+    for ann in data.get("annotations") or []:
+        if not isinstance(ann, dict):
+            problems.append(f"annotations entry {str(ann)[:80]} is not an object")
+            continue
+        ann_ids[ann.get("id")] += 1
+        iid = ann.get("image_id")
+        where = f"annotation id {ann.get('id')} (image id {iid!r}"
+        if iid not in size_of:
+            problems.append(f"{where}): no image has this id")
+            continue
+        width, height, file_name = size_of[iid]
+        where += f", {file_name})"
         if ann.get("category_id") not in known_cats:
             problems.append(f"{where}: category_id {ann.get('category_id')} is not in 'categories' {sorted(known_cats)}")
             continue
         box = ann.get("bbox")
         if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in box
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box
         ):
             problems.append(f"{where}: bbox {box!r} is not four finite numbers [x, y, width, height]")
             continue
         if box[2] <= 0 or box[3] <= 0:
             summary.num_degenerate += 1
+            degenerate.append(f"{where} bbox {box}")
+            continue
+        x0, y0, x1, y1 = box[0], box[1], box[0] + box[2], box[1] + box[3]
+        if width is not None and height is not None:
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                problems.append(
+                    f"{where}: bbox {box} lies entirely outside the {width}x{height} image (training would drop it, "
+                    "evaluation would count it as an object never found); are the coordinates for another image "
+                    "size, or width and height swapped?"
+                )
+                continue
+            tol = EDGE_TOLERANCE
+            if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+                summary.num_beyond += 1
+                beyond_images.add(iid)
+                beyond.append(f"{where} bbox {box} in {width}x{height}")
+        if ann.get("iscrowd", 0):
+            summary.num_crowd += 1
+            crowd_images.add(iid)
+            crowd.append(where)
             continue
         summary.num_boxes += 1
-        if not ann.get("iscrowd", 0):
-            with_boxes.add(ann["image_id"])
+        with_boxes.add(iid)
+    repeated = [f"{i} ({n}x)" for i, n in ann_ids.items() if n > 1]
+    if repeated:
+        problems.append(
+            f"annotation ids listed more than once: {_examples(repeated, 5)}; Detectron2's loader refuses the file "
+            "(\"Annotation ids ... are not unique\"). Give each annotation its own id"
+        )
     summary.num_images_with_boxes = len(with_boxes)
-    if check_files:
-        with ThreadPoolExecutor(threads) as pool:
-            problems.extend(p for p in pool.map(lambda im: _check_image(image_root, im), data["images"]) if p)
+    if degenerate:
+        warnings.append(
+            f"{len(degenerate)} box(es) of zero or negative width/height (first: {degenerate[0]}); "
+            "training skips them."
+        )
+    if beyond:
+        warnings.append(
+            f"{len(beyond)} box(es) in {len(beyond_images)} image(s) reach more than {EDGE_TOLERANCE:g} px beyond their "
+            f"image (first: {beyond[0]}); training clips them to the image (Detectron2's "
+            "transform_instance_annotations); COCO evaluation compares predictions with the box as written, so "
+            "even a perfect detection of such an object has IoU < 1. Clip them in the json to score the visible part."
+        )
+    if crowd:
+        warnings.append(
+            f"{len(crowd)} iscrowd box(es) in {len(crowd_images)} image(s) (first: {crowd[0]}); training "
+            "ignores them (Detectron2's mapper drops crowd boxes; an image with only crowd boxes is left out); COCO "
+            "evaluation treats them as ignore regions: a detection on one is neither a hit nor a false positive."
+        )
+
+
+def check_coco_dataset(
+    json_file: str, image_root: str, check_files: Union[bool, str] = True, threads: Optional[int] = None
+) -> CocoSummary:
+    """Check a COCO detection dataset before training; raise one error listing every problem.
+
+    Errors (all raised together, naming the files and ids): the json does not parse or has no
+    images or categories; a category id twice; a category name twice; an image id twice; image ids
+    that mix integers and strings; an image without width/height; an annotation id twice; an
+    annotation of an unknown image or category, or whose box is not four finite numbers, or lies
+    entirely outside its image; and, with ``check_files``, an image file missing, not decoding
+    (``"decode"``: every pixel, so a truncated file is found), smaller than a patch or of another
+    size than the json's. Warnings (one line each, with counts): boxes of zero size (skipped),
+    boxes reaching beyond the image (clipped by training), ``iscrowd`` boxes (ignored by training,
+    ignore regions in evaluation). docs/your_data.md lists what happens to the data in each case.
+
+    Args:
+        json_file, image_root: as registered.
+        check_files: True or "decode": decode every image (threads in parallel: PIL releases the
+            GIL while decoding); "header": read each image's header only; False: the json only.
+        threads: decoding threads (default: ``min(32, cpus + 4)``).
+
+    Raises:
+        DatasetError: naming the json, the first problems (with their count) and the fix.
+    """
+    mode = check_mode(check_files, "check_files")
+    data = _read_json(json_file)
+    summary = CocoSummary(json_file=json_file, num_images=len(data["images"]), images=mode)
+    _check_json(data, json_file, summary)
+    problems = summary.problems
+    if mode:
+        images = [im for im in data["images"] if isinstance(im, dict)]
+        decode = mode == "decode"
+        with ThreadPoolExecutor(threads or min(32, (os.cpu_count() or 1) + 4)) as pool:
+            problems.extend(p for p in pool.map(lambda im: _check_image(image_root, im, decode), images) if p)
     if problems:
         shown = "\n  - ".join(problems[:12])
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -302,8 +564,11 @@ def check_coco_dataset(json_file: str, image_root: str, check_files: bool = True
             f"{json_file}: {len(problems)} problem(s) found before training:\n  - {shown}{more}\n"
             f"Fix the files or the json, {SKIP_CHECK_HINT}"
         )
-    if summary.num_degenerate:
-        logger.warning(
-            "%s: %d box(es) of zero or negative width/height; training skips them.", json_file, summary.num_degenerate
-        )
+    for line in summary.warnings:
+        if (json_file, line) not in _WARNED:  # once per process (the epochs count reads the json too)
+            _WARNED.add((json_file, line))
+            logger.warning("%s: %s", json_file, line)
     return summary
+
+
+_WARNED: set = set()

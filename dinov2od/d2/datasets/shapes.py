@@ -13,10 +13,14 @@ per image, so two machines produce identical files.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
+import multiprocessing
 import os
+import sys
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -199,16 +203,71 @@ def _stamp(num_images: int, seed: int) -> dict:
     return {"generator_version": GENERATOR_VERSION, "num_images": num_images, "seed": seed}
 
 
+def _is_main_guard(test: ast.expr) -> bool:
+    """Whether ``test`` is ``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    left, right = test.left, test.comparators[0]
+
+    def name(x):
+        return isinstance(x, ast.Name) and x.id == "__name__"
+
+    def main(x):
+        return isinstance(x, ast.Constant) and x.value == "__main__"
+
+    return (name(left) and main(right)) or (main(left) and name(right))
+
+
+def _unguarded_main_script() -> Optional[str]:
+    """The script that worker processes would re-run unprotected, or None when they may be started.
+
+    A process started with ``spawn`` (macOS, Windows; the start method used here everywhere) first
+    imports the parent's ``__main__`` file as ``__mp_main__``: the script's top-level code runs
+    again, and where it reaches this generator again the worker dies and ``Pool.map`` waits
+    forever. That is the case when the main module's top-level code is running right now (it called
+    us) at a line outside an ``if __name__ == "__main__":`` block. No file (an interactive session,
+    ``python -c``, a notebook): nothing is re-run.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    frame = sys._getframe(1)
+    if threading.current_thread() is not threading.main_thread():
+        frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:  # the script's top level is not running (e.g. called at exit): be safe
+        return path
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return path
+    line = frame.f_lineno
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_guard(node.test) and node.lineno <= line <= (node.end_lineno or line):
+            return None
+    return path
+
+
 def ensure_shapes_split(
-    split: str, root: Optional[str] = None, num_images: Optional[int] = None
+    split: str, root: Optional[str] = None, num_images: Optional[int] = None, workers: Optional[int] = None
 ) -> Tuple[str, str]:
     """Generate ``split`` into the cache folder unless an identical copy is already there.
+
+    Generation runs in worker processes (``spawn``) when the caller allows it, else in this
+    process: a script that calls this at its top level without an ``if __name__ == "__main__":``
+    guard would be re-run by each worker (see :func:`_unguarded_main_script`); it is told so in
+    the log and gets the same files, in one process.
 
     Args:
         split: "train" or "val".
         root: folder holding ``shapes/``; defaults to :func:`default_shapes_root`.
         num_images: override the split's size (e.g. a small copy for tests); the images are a
             prefix of the full split's.
+        workers: worker processes (default: up to 4, one per CPU and per 64 images); 1 or 0
+            generates in this process.
 
     Returns:
         (json_file, image_root) of the split.
@@ -224,16 +283,30 @@ def ensure_shapes_split(
             info = json.load(f).get("info", {})
         if info.get("dinov2od_shapes") == _stamp(num_images, seed):
             return json_file, out_dir
-    logger.info("Generating the shapes '%s' split (%d images) into %s ...", split, num_images, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     jobs = [(seed + i, os.path.join(out_dir, f"{i:06d}.jpg")) for i in range(num_images)]
-    workers = min(os.cpu_count() or 1, 4, max(1, num_images // 64))
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4, max(1, num_images // 64))
+    workers = max(1, min(int(workers), num_images))
+    unguarded = _unguarded_main_script() if workers > 1 else None
+    if unguarded:
+        logger.info(
+            "Generating the shapes '%s' split (%d images) into %s in this process: %s calls the generator "
+            "outside an `if __name__ == \"__main__\":` block, and worker processes would run that script again. "
+            "Put the call under that guard to generate with %d processes.", split, num_images, out_dir, unguarded,
+            workers,
+        )
+        workers = 1
+    elif multiprocessing.current_process().daemon and workers > 1:  # a daemon (a pool worker) has no children
+        workers = 1
     if workers > 1:  # each image depends on its seed only, so the files are the same either way
-        import multiprocessing
-
+        logger.info("Generating the shapes '%s' split (%d images) into %s with %d worker processes ...",
+                    split, num_images, out_dir, workers)
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_write_image, jobs, chunksize=32)
+            results = pool.map(_write_image, jobs, chunksize=max(1, min(32, num_images // workers)))
     else:
+        if not unguarded:
+            logger.info("Generating the shapes '%s' split (%d images) into %s ...", split, num_images, out_dir)
         results = [_write_image(job) for job in jobs]
     images, annotations = [], []
     for i, ((h, w), annos) in enumerate(results):
