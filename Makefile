@@ -29,8 +29,11 @@ benchmark-peers: env-peers
 
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (a shared CPU runs faster)
 # Afterwards MODEL_CARD.md's snippet runs verbatim, on the demo's trained weights vs DefaultPredictor
+# --overwrite: output/shapes is the demo's own folder, so `make demo` retrains into it from the start
+# (removing the earlier demo's checkpoints, metrics, events and evaluation; train_net refuses a used
+# folder without it)
 demo: env
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python tools/train_net.py --config-file configs/shapes.py
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python tools/train_net.py --config-file configs/shapes.py --overwrite
 	DINOV2OD_MODEL_CARD_CHECKPOINT=output/shapes/model_final_ema.pth \
 	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_d2_model_card.py
 

@@ -161,10 +161,9 @@ def train_net():
     """``tools/train_net.py`` as a module; ``train_net.run(config, *opts, flags=())`` runs its main."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import train_net as module
-    from detectron2.engine import default_argument_parser
 
     def run(config, *opts, flags=()):
-        args = default_argument_parser().parse_args(["--config-file", config, *flags, *opts])
+        args = module.argument_parser().parse_args(["--config-file", config, *flags, *opts])
         return module.main(args)
 
     module.run = run

@@ -143,8 +143,8 @@ def test_predict_folder_through_both_config_styles_matches_default_predictor(
             results = predict.main(argv)
         assert "broken.jpg" in caplog.text, style  # skipped with a warning naming it
         pred_dir = tmp_path / style
-        assert sorted(os.listdir(pred_dir)) == ["000000.jpg.jpg", "000001.jpg.jpg", "predictions.json",
-                                                "predictions.jsonl"], style
+        assert sorted(os.listdir(pred_dir)) == [predict.MARKER, "000000.jpg.jpg", "000001.jpg.jpg",
+                                                "predictions.json", "predictions.jsonl"], style
         with open(pred_dir / "predictions.json") as f:
             assert json.load(f) == results
         for name in ("000000.jpg", "000001.jpg"):

@@ -22,10 +22,19 @@ Trailing ``key=value`` (lazy) or ``KEY VALUE`` (yacs) pairs override the config.
 ``dinov2od/d2/plots.py``: ``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
 ``confusion_matrix.png``/``.csv``, ``val_examples.jpg``) go to the config's output directory.
 
+One output folder takes one run at a time: a run holds a lock on ``train_net.lock`` in it (released
+when the process exits, even by a crash or ``kill -9``), and another training or ``--eval-only`` into
+it meanwhile is refused, naming the holder. A new training (no ``--resume``) into a folder that holds
+one (``last_checkpoint``, ``model_*.pth``, ``metrics.json``) is refused with the choices: ``--resume``,
+another folder, or ``--overwrite`` (removes that run's checkpoints, tag, metrics, events,
+``inference/``, ``predictions/`` and result plots; nothing else). ``--eval-only`` may use such a
+folder. See docs/training.md.
+
 On a CPU shared with other work, ``OMP_WAIT_POLICY=PASSIVE python tools/train_net.py ...`` makes
 idle OpenMP threads sleep instead of spinning (``make demo`` sets it); the tool itself leaves
 OpenMP's settings to the user.
 """
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -45,6 +54,7 @@ from dinov2od.d2.config import is_lazy, load_config  # noqa: E402
 from dinov2od.d2.launch import add_launch_arguments, launch_main  # noqa: E402
 from dinov2od.d2.plots import plot_inputs_from_config, write_result_plots  # noqa: E402
 from dinov2od.d2.report import run_summary  # noqa: E402
+from dinov2od.d2.run_folder import RunFolderError, claim_output_folder  # noqa: E402
 from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
 from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
 
@@ -68,9 +78,43 @@ def _plots(cfg) -> None:
         logger.warning("Could not write the result plots: %s: %s", type(e).__name__, e)
 
 
-def setup(args):
+def claim_folder(args, output_dir: str):
+    """Claim the output folder for this run before anything is written into it
+    (:func:`~dinov2od.d2.run_folder.claim_output_folder`: its lock; a new run into a folder holding a
+    training is refused unless ``--resume`` or ``--overwrite``).
+
+    The main process (global rank 0, which writes the checkpoints, metrics and config) claims it; in a
+    distributed job every rank then learns its verdict, so a refused job stops on every rank at once with
+    that message (not a lost peer's error, nor a wait for the timeout where a lost peer goes unnoticed),
+    and the job's own ranks never refuse each other.
+
+    Returns:
+        the claim on the main process (release it when the run ends), else None.
+    """
+    claim, refusal, error = None, "", None
+    if comm.is_main_process():
+        try:
+            claim = claim_output_folder(output_dir, resume=args.resume, eval_only=args.eval_only,
+                                        overwrite=getattr(args, "overwrite", False))
+        except RunFolderError as e:
+            refusal = str(e)
+        except Exception as e:  # noqa: BLE001  (e.g. a folder that cannot be created: every rank stops)
+            refusal, error = f"{type(e).__name__}: {e}", e
+    if comm.get_world_size() > 1:
+        refusal = comm.all_gather(refusal)[0]
+    if error is not None:
+        raise error
+    if refusal:
+        raise RunFolderError(refusal if comm.is_main_process() else
+                             f"rank {comm.get_rank()} stops: rank 0 refused the output folder {output_dir}.")
+    return claim
+
+
+def setup(args, hold=None):
     """The config (lazy or yacs, :func:`~dinov2od.d2.config.load_config`) with the command line's
-    overrides applied and its own data registered."""
+    overrides applied and its own data registered, once the output folder is claimed for this run
+    (:func:`claim_folder`; its lock is released when ``hold``, an ``ExitStack``, closes, else when the
+    process ends)."""
     early = logging.handlers.BufferingHandler(capacity=10000)  # what load_config logs, shown once the
     logger.addHandler(early)                                     # logger is set up below
     logger.setLevel(logging.DEBUG)
@@ -83,16 +127,26 @@ def setup(args):
     else:
         cfg.freeze()
         output_dir = cfg.OUTPUT_DIR
+    claim = claim_folder(args, output_dir)  # before default_setup writes config.yaml and log.txt
+    if claim is not None and hold is not None:
+        hold.callback(claim.release)
     default_setup(cfg, args)
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="dinov2od")
     for record in early.buffer:
         logger.handle(record)
+    if claim is not None and claim.removed:
+        logger.info("--overwrite: removed the earlier run's %s from %s", ", ".join(claim.removed), output_dir)
     return cfg
 
 
 def main(args):
-    """Train (or with ``--eval-only``, evaluate); returns the last evaluation results."""
-    cfg = setup(args)
+    """Train (or with ``--eval-only``, evaluate); returns the last evaluation results. The output
+    folder is this run's until it returns (:func:`claim_folder`)."""
+    with contextlib.ExitStack() as hold:
+        return _main(args, setup(args, hold))
+
+
+def _main(args, cfg):
     lazy = is_lazy(cfg)
     trainer_class = LazyTrainer if lazy else Trainer
     if args.eval_only:
@@ -120,8 +174,14 @@ def main(args):
 
 
 def argument_parser():
-    """Detectron2's ``default_argument_parser()`` with ``--dist-timeout`` and ``--launcher``."""
-    return add_launch_arguments(default_argument_parser())
+    """Detectron2's ``default_argument_parser()`` with ``--dist-timeout``, ``--launcher`` and ``--overwrite``."""
+    parser = add_launch_arguments(default_argument_parser())
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="train from the start into an output folder that holds an earlier training: first remove that "
+             "run's checkpoints, last_checkpoint, metrics.json, events, inference/, predictions/ and result "
+             "plots (nothing else; log.txt is appended to). Without it such a folder is refused; --resume continues it")
+    return parser
 
 
 def invoke_main() -> None:

@@ -39,6 +39,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from .run_folder import checkpoint_to_resume
+
 __all__ = [
     "CrashSafeCheckpointer",
     "RNGStateHook",
@@ -214,6 +216,8 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
     * Loading refuses a file that does not fit the model (:func:`check_fit`); with
       ``allow_class_change`` (fine-tuning) the class count may differ. A file that cannot be read
       raises an error naming the last complete checkpoint beside it.
+    * :meth:`get_checkpoint_file` (``--resume``): when the file ``last_checkpoint`` names is gone,
+      the newest complete ``model_*.pth`` beside it, with a warning.
 
     Folders that are not local (an ``iopath`` URL) fall back to Detectron2's own writing.
     """
@@ -296,6 +300,15 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         return leftovers
 
     # ------------------------------------------------------------------------ loading
+    def get_checkpoint_file(self) -> str:
+        """The file ``last_checkpoint`` names; when it is gone, the newest complete ``model_*.pth``
+        beside it, with a warning (:func:`~dinov2od.d2.run_folder.checkpoint_to_resume`; no complete
+        one: ``FileNotFoundError`` naming the folder)."""
+        path = super().get_checkpoint_file()
+        if not path or not self._local():
+            return path
+        return checkpoint_to_resume(self.save_dir, path)
+
     def load(self, path: str, *args, **kwargs):
         if not path:  # fvcore would log "Initializing model from scratch", which is not what happens
             self.logger.info(

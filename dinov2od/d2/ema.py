@@ -1,7 +1,8 @@
 """An exponential moving average (EMA) of the weights, its hook, and its export for predictors.
 
-The EMA is saved inside every training checkpoint (key ``"ema"``). After training, its weights
-are also written as a plain weights file, ``model_final_ema.pth``, which ``DefaultPredictor``
+The EMA is saved inside every training checkpoint (key ``"ema"``). After the last iteration (before
+the evaluation after training, so a failed evaluation still leaves it: :class:`EMAExportHook`), its
+weights are also written as a plain weights file, ``model_final_ema.pth``, which ``DefaultPredictor``
 and ``tools/predict.py`` load like any checkpoint. That export is never tagged as
 ``last_checkpoint``: the tag always names a full training checkpoint, so ``--resume`` continues
 with the optimizer, scheduler and EMA state.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -21,7 +23,7 @@ from detectron2.utils import comm
 from .checkpoint import atomic_save, non_finite_entries
 from .train_loop import unwrap_model
 
-__all__ = ["EMA_WEIGHTS_FILE", "EMAHook", "ModelEMA", "export_ema_weights"]
+__all__ = ["EMA_WEIGHTS_FILE", "EMAExportHook", "EMAHook", "ModelEMA", "export_ema_weights"]
 
 EMA_WEIGHTS_FILE = "model_final_ema.pth"
 
@@ -114,6 +116,28 @@ class EMAHook(HookBase):
 
     def after_step(self) -> None:
         self.ema.update()
+
+
+class EMAExportHook(HookBase):
+    """Write ``model_final_ema.pth`` (:func:`export_ema_weights`) once training has done its last
+    iteration, in ``after_train`` before the evaluation after training (place it before ``EvalHook``):
+    an evaluation that fails, or is killed, still leaves the file.
+
+    Nothing is written when training stopped early (an error in an iteration, a non-finite loss
+    or gradient: ``TrainerBase`` leaves ``iter`` below ``max_iter``) or while a ``FloatingPointError``
+    propagates; non-finite EMA weights are refused by :func:`export_ema_weights` itself.
+    """
+
+    def __init__(self, ema: ModelEMA, output_dir: str):
+        self.ema = ema
+        self.output_dir = output_dir
+
+    def after_train(self) -> None:
+        if self.trainer.iter < self.trainer.max_iter:  # TrainerBase sets iter = max_iter after the last one
+            return
+        if isinstance(sys.exc_info()[1], FloatingPointError):
+            return
+        export_ema_weights(self.ema, self.output_dir)
 
 
 def export_ema_weights(ema: Optional[ModelEMA], output_dir: str) -> Optional[str]:

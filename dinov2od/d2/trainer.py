@@ -36,7 +36,7 @@ from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_load
 from .config import build_optimizer_from_cfg, check_config_datasets, check_num_classes, dataset_names
 from .data_cache import cached_dataset_dicts
 from .dataset_mapper import DetrDatasetMapper
-from .ema import EMAHook, ModelEMA, export_ema_weights
+from .ema import EMAExportHook, EMAHook, ModelEMA
 from .launch import check_ranks_agree
 from .evaluation import eval_context, run_evaluation
 from .metadata import set_model_classes
@@ -144,13 +144,34 @@ def wrap_model_for_ddp(model, device: str, **kwargs):
     return create_ddp_model(model, **kwargs)
 
 
+def check_weights_to_evaluate(settings: TrainSettings, resume: bool) -> None:
+    """Refuse an evaluation with no weights to load: evaluating the random initialisation is never silent.
+
+    Raises:
+        ValueError: no ``train.init_checkpoint`` / ``MODEL.WEIGHTS``, and (with ``resume``) no
+            ``last_checkpoint`` in the output folder; naming both ways to give weights.
+    """
+    if settings.init_checkpoint:
+        return
+    if resume and os.path.isfile(os.path.join(settings.output_dir, "last_checkpoint")):
+        return
+    where = (f"and the output folder {settings.output_dir} has no checkpoint to resume (no last_checkpoint)"
+             if resume else "and --resume was not given")
+    raise ValueError(
+        f"--eval-only has no weights to evaluate: train.init_checkpoint / MODEL.WEIGHTS is empty {where}; it "
+        "would evaluate the untrained model. Give the weights: train.init_checkpoint=PATH.pth (lazy) / "
+        "MODEL.WEIGHTS PATH.pth (yacs), or --resume with train.output_dir / OUTPUT_DIR set to the folder of "
+        "the training to evaluate.")
+
+
 def _evaluate_weights(model, settings: TrainSettings, evaluate: Callable, resume: bool) -> dict:
     """Load the last checkpoint (``resume``) or ``settings.init_checkpoint``, then evaluate."""
+    check_weights_to_evaluate(settings, resume)
     ema = ModelEMA(model, settings.ema_decay) if settings.ema_enabled else None
     checkpointer = CrashSafeCheckpointer(model, settings.output_dir, **({"ema": ema} if ema else {}))
     path = settings.init_checkpoint
     if resume and checkpointer.has_checkpoint():
-        path = checkpointer.get_checkpoint_file()
+        path = checkpointer.get_checkpoint_file()  # a missing file: the newest complete one beside it
     checkpointer.load(path)  # the EMA entry too, when the file has one
     if path:  # without a file each rank keeps its own initialisation (no DDP broadcast here)
         check_ranks_agree(0, path, settings.output_dir, model, resume and path != settings.init_checkpoint)
@@ -222,10 +243,11 @@ class DetrTrainer(TrainerBase):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> list:
-        """The hooks, in order: timing, LR, EMA, random states, checkpoints, evaluation, writers.
+        """The hooks, in order: timing, LR, EMA, random states, checkpoints, the EMA export,
+        evaluation, writers.
 
-        Evaluation runs after checkpointing (a failed evaluation leaves the checkpoint), writers last
-        (so evaluation results are written).
+        Evaluation runs after checkpointing and the EMA export (a failed evaluation leaves
+        ``model_final.pth`` and ``model_final_ema.pth``), writers last (so evaluation results are written).
         """
         s, main = self.settings, comm.is_main_process()
         return [
@@ -236,6 +258,7 @@ class DetrTrainer(TrainerBase):
             hooks.PeriodicCheckpointer(self.checkpointer, s.checkpoint_period, max_to_keep=s.max_to_keep)
             if main
             else None,
+            EMAExportHook(self.ema, s.output_dir) if self.ema is not None and main else None,
             hooks.EvalHook(s.eval_period, self.evaluate, eval_after_train=s.eval_after_train),
             hooks.PeriodicWriter(self.build_writers(), period=s.log_period) if main else None,
         ]
@@ -265,8 +288,12 @@ class DetrTrainer(TrainerBase):
         self.checkpointer.remove_temporary_files()
         resuming = resume and self.checkpointer.has_checkpoint()
         self.checkpointer.allow_class_change = not resuming
-        path = self.checkpointer.get_checkpoint_file() if resuming else self.settings.init_checkpoint
-        self.checkpointer.resume_or_load(self.settings.init_checkpoint, resume=resume)
+        if resuming:  # last_checkpoint's file, or when it is gone the newest complete one (with a warning)
+            path = self.checkpointer.get_checkpoint_file()
+            self.checkpointer.load(path)
+        else:
+            path = self.settings.init_checkpoint
+            self.checkpointer.load(path, checkpointables=[])
         if resuming:
             self.start_iter = self.iter + 1
         if self.ema is not None and self.ema.num_updates == 0:  # no EMA state was loaded
@@ -274,7 +301,9 @@ class DetrTrainer(TrainerBase):
         check_ranks_agree(self.start_iter, path, self.settings.output_dir, self.model, resuming)
 
     def train(self) -> Optional[dict]:
-        """Train from ``start_iter`` to ``max_iter``, then export the EMA weights.
+        """Train from ``start_iter`` to ``max_iter``. Once the last iteration is done the EMA weights
+        are exported (``model_final_ema.pth``, :class:`~dinov2od.d2.ema.EMAExportHook`) before the
+        evaluation after training, so an evaluation that fails (its error is raised) leaves them.
 
         Returns:
             the last evaluation results (None without evaluation).
@@ -284,7 +313,6 @@ class DetrTrainer(TrainerBase):
         per_rank = self.settings.ims_per_batch // comm.get_world_size()
         position_train_loader(self._trainer.data_loader, self.start_iter * per_rank * self.settings.accumulate_steps)
         TrainerBase.train(self, self.start_iter, self.max_iter)
-        export_ema_weights(self.ema, self.settings.output_dir)
         return getattr(self, "_last_eval_results", None)
 
     def run_step(self) -> None:
@@ -364,6 +392,7 @@ class LazyTrainer(DetrTrainer):
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``train.init_checkpoint`` (the last checkpoint with ``resume``) and evaluate."""
         settings = TrainSettings.from_lazy(cfg)
+        check_weights_to_evaluate(settings, resume)  # before the model is built
         return _evaluate_weights(build_lazy_model(cfg, ("test",)), settings, partial(evaluate_lazy, cfg), resume)
 
 
@@ -401,9 +430,11 @@ class Trainer(DetrTrainer, DefaultTrainer):
     @classmethod
     def eval_only(cls, cfg, resume: bool = False) -> dict:
         """Load ``MODEL.WEIGHTS`` (the last checkpoint in ``OUTPUT_DIR`` with ``resume``) and evaluate."""
+        settings = TrainSettings.from_yacs(cfg)
+        check_weights_to_evaluate(settings, resume)  # before the model is built
         check_config_datasets(cfg, ("test",))
         model = cls.build_model(cfg)
-        return _evaluate_weights(model, TrainSettings.from_yacs(cfg), partial(cls.test, cfg), resume)
+        return _evaluate_weights(model, settings, partial(cls.test, cfg), resume)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
