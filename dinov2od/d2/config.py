@@ -353,8 +353,8 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
         logger.info(
             "Checked %s: %d images (%d with boxes), %d boxes, %d classes; %s", name, s.num_images,
             s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes),
-            "every image decodes and has the json's size" if mode != "header" else
-            "every image header reads and has the json's size (headers only: a truncated file is not found)")
+            "every file decodes and has the json's size" if mode != "header" else
+            "every file's header reads and has the json's size (headers only: a truncated file is not found)")
 
 
 # ---------------------------------------------------------------------------- batch per GPU
