@@ -41,7 +41,8 @@ def assert_same_state(a, b, path="checkpoint"):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu")
+    """A checkpoint, read as an untrusted file would be: the project's own need no full unpickling."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def find(state, key):
@@ -147,6 +148,16 @@ def test_ema_export_does_not_retag_and_resume_continues(tiny_config, train_net, 
     assert os.path.isfile(os.path.join(out, "model_final_ema.pth"))
     assert tag_of(out) == "model_final.pth"
     assert set(load(os.path.join(out, "model_final_ema.pth"))) == {"model"}  # weights only, for predictors
+    # beside it the same weights as .safetensors, and a JSON with what using them takes
+    from safetensors.torch import load_file
+
+    exported = load_file(os.path.join(out, "model_final_ema.safetensors"))
+    ema_weights = load(os.path.join(out, "model_final_ema.pth"))["model"]
+    assert set(exported) == set(ema_weights) and all(torch.equal(exported[k], v) for k, v in ema_weights.items())
+    with open(os.path.join(out, "model_final_ema.json")) as f:
+        info = json.load(f)
+    assert info["class_names"] == ["circle", "square", "triangle"] and info["ema_updates"] == 4
+    assert info["config_file"] == "config.yaml" and info["detector_kwargs_note"].startswith("checked")
     train_net.run(tiny_config, *common, "train.max_iter=6", flags=["--resume"])
     final = load(os.path.join(out, "model_final.pth"))
     assert final["iteration"] == 5

@@ -60,7 +60,7 @@ def test_resumed_run_continues_each_random_stream(tmp_path):
     assert len(uninterrupted) == MAX_ITER
 
     ckpt = os.path.join(out, "model_0000002.pth")
-    state = torch.load(ckpt, map_location="cpu")["trainer"]["hooks"]["RNGStateHook"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["trainer"]["hooks"]["RNGStateHook"]
     assert set(state) == {"python", "numpy", "torch"}
 
     _seed(999)  # a new process: its generators are anywhere

@@ -33,7 +33,9 @@ logger = logging.getLogger("dinov2od.export")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="lazy .py or yacs .yaml config")
-    p.add_argument("--weights", default=None, help="checkpoint (.pth); none = random init (for tests)")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint (.pth or .safetensors, read without running code from it: SECURITY.md); "
+                        "none = random init (for tests)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--format", default="detector", choices=["detector", "detectron2"],
                    help="detector: plain DINOv2ObjectDetector + top-k, batched; detectron2: the "
@@ -111,10 +113,14 @@ def main(argv=None):
 
     from dinov2od.export import export_detector
     from dinov2od.export.d2 import export_meta_arch
+    from dinov2od.modeling.checkpoint_io import UnsafeCheckpointError
 
     args = parse_args(argv)
     setup_logger(name="dinov2od")
-    model = build_model(args)
+    try:
+        model = build_model(args)
+    except UnsafeCheckpointError as e:  # --weights needs full unpickling: the message names the opt-in
+        raise SystemExit(f"export_onnx.py: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     topk = args.topk or getattr(model, "test_topk", 100)
     if args.format == "detector":

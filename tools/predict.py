@@ -61,6 +61,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401
 from dinov2od.d2.checkpoint import atomic_write  # noqa: E402
+from dinov2od.modeling.checkpoint_io import UnsafeCheckpointError  # noqa: E402
 from dinov2od.d2.dataset_mapper import read_image  # noqa: E402
 from dinov2od.d2.evaluation import detections_to_coco_results  # noqa: E402
 from dinov2od.d2.visualize import draw_instances  # noqa: E402
@@ -78,7 +79,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--config-file", required=True, help="lazy .py, a lazy run's saved config.yaml, or a yacs .yaml")
-    p.add_argument("--weights", default=None, help="checkpoint (.pth) to load (required unless --onnx)")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint (.pth or .safetensors) to load (required unless --onnx); read without running "
+                        "code from it (SECURITY.md)")
     p.add_argument("--onnx", default=None, help="run this graph (tools/export_onnx.py) with onnxruntime instead")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--no-recursive", action="store_true", help="do not search the sub-folders of an input folder")
@@ -308,6 +311,8 @@ def main(argv=None):
             predictor, fmt, metadata = build_predictor(args)
     except KeyError as e:  # an unregistered --dataset
         raise SystemExit(f"predict.py: {e.args[0] if e.args else e}") from e
+    except UnsafeCheckpointError as e:  # --weights needs full unpickling: the message names the opt-in
+        raise SystemExit(f"predict.py: {e}") from None
     num_classes = getattr(getattr(predictor, "model", predictor), "num_classes", None)
     if num_classes and len(metadata.thing_classes) != num_classes:
         raise SystemExit(f"predict.py: --dataset {args.dataset} has {len(metadata.thing_classes)} classes but the "

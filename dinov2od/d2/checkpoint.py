@@ -12,6 +12,11 @@ besides them (the random states, and the position in the training data stream).
   class count is the one mismatch it allows. :func:`load_inference_weights` loads weights for
   prediction and export with the same checks.
 * :class:`RNGStateHook`: the process's random states go into every checkpoint and come back on resume.
+* Files are data, never code: every checkpoint is read by :func:`load_checkpoint_file`
+  (``.safetensors``, or ``torch.load(weights_only=True)``; a file that needs full unpickling is
+  refused unless named in ``DINOV2OD_TRUSTED_CHECKPOINTS``), also by Detectron2's own
+  ``DetectionCheckpointer`` (``DefaultPredictor``) for dinov2od models, and the project's
+  checkpoints are saved so that ``weights_only=True`` reads them (SECURITY.md).
 * :func:`position_train_loader`: the train loader starts where the interrupted run stopped, and
   each sample's augmentation is drawn from random states seeded by its position in the stream,
   so it does not depend on the number of loader workers or on where a run was resumed.
@@ -23,11 +28,12 @@ import glob
 import itertools
 import logging
 import os
-import pickle
 import random
 import re
 import sys
+import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs
 
 import numpy as np
 import torch
@@ -39,14 +45,24 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from dinov2od.modeling.checkpoint_io import (
+    UnreadableCheckpointError,
+    UnsafeCheckpointError,
+    load_state,
+    not_weights_only,
+    plain_state,
+)
+
 from .run_folder import checkpoint_to_resume
 
 __all__ = [
     "CrashSafeCheckpointer",
     "RNGStateHook",
+    "UnsafeCheckpointError",
     "atomic_save",
     "atomic_write",
     "check_fit",
+    "load_checkpoint_file",
     "load_inference_weights",
     "non_finite_entries",
     "position_train_loader",
@@ -215,7 +231,9 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
       calls it when it starts.
     * Loading refuses a file that does not fit the model (:func:`check_fit`); with
       ``allow_class_change`` (fine-tuning) the class count may differ. A file that cannot be read
-      raises an error naming the last complete checkpoint beside it.
+      raises an error naming the last complete checkpoint beside it. Files are read without running
+      code from them (:func:`load_checkpoint_file`), ``.safetensors`` too, and saved so that
+      ``torch.load(weights_only=True)`` reads them (config containers become lists and dicts).
     * :meth:`get_checkpoint_file` (``--resume``): when the file ``last_checkpoint`` names is gone,
       the newest complete ``model_*.pth`` beside it, with a warning.
 
@@ -252,11 +270,24 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         if not self._local():
             return super().save(name, **kwargs)
         data.update(kwargs)
+        data = plain_state(data)  # config containers (a lazy optimizer's betas) as lists: weights_only reads them
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
+        self._warn_unless_weights_only(basename, data)
         self.logger.info("Saving checkpoint to %s", path)
         atomic_save(data, path)
         self.tag_last_checkpoint(basename)
+
+    def _warn_unless_weights_only(self, basename: str, data: dict) -> None:
+        """Warn (once) when ``data`` holds entries that ``torch.load(weights_only=True)`` refuses (a
+        hook's or checkpointable's own objects): such a file loads only when trusted by name."""
+        bad = not_weights_only(data)
+        if bad and not getattr(self, "_warned_not_weights_only", False):
+            self._warned_not_weights_only = True
+            self.logger.warning(
+                "%s holds entries that only full unpickling reads (%s): loading it will need "
+                "DINOV2OD_TRUSTED_CHECKPOINTS (SECURITY.md). Make their state_dict() return tensors, "
+                "numbers, strings, lists and dicts.", basename, ", ".join(bad))
 
     def _check_finite(self, name: str, data: dict) -> None:
         """Raise FloatingPointError if the model's or the EMA's weights in ``data`` are not all finite."""
@@ -322,10 +353,7 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
             self._path = None
 
     def _load_file(self, filename: str):
-        try:
-            return super()._load_file(filename)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, UnicodeDecodeError) as e:
-            raise ValueError(_unreadable_message(filename, e)) from e
+        return load_checkpoint_file(self, filename)
 
     def _load_model(self, checkpoint):
         keep = {k: v.clone() for k, v in self.model.state_dict().items() if k.rsplit(".", 1)[-1] in OPTIONAL_KEYS}
@@ -338,20 +366,95 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
         return _IncompatibleKeys([], [], [])  # nothing left for fvcore to warn about
 
 
+def load_checkpoint_file(checkpointer, filename: str) -> dict:
+    """``DetectionCheckpointer._load_file`` without running code from the file: ``filename`` is read
+    by :func:`~dinov2od.modeling.checkpoint_io.load_state` (``.safetensors``, or ``torch.load`` with
+    ``weights_only=True``; a file that needs full unpickling is refused unless named in
+    ``DINOV2OD_TRUSTED_CHECKPOINTS``, Detectron2's ``.pkl`` model-zoo files included).
+
+    Returns what Detectron2's reader does: ``{"model": state_dict, ...}`` (a bare ``state_dict`` or a
+    ``.safetensors`` file is wrapped; a plain ``DINOv2ObjectDetector`` ``state_dict`` loaded into the
+    meta-architecture gets its ``detector.`` prefix).
+
+    Raises:
+        UnsafeCheckpointError: (a ``ValueError``) the file needs full unpickling and is not trusted.
+        ValueError: the file is truncated or corrupt, naming the newest complete checkpoint beside it.
+    """
+    try:
+        data = load_state(filename)
+    except UnreadableCheckpointError as e:
+        raise ValueError(_unreadable_message(filename, e.error)) from e.error
+    if filename.endswith(".pkl"):  # trusted by name, or plain data
+        if isinstance(data, dict) and "model" in data and "__author__" in data:  # Detectron2's model zoo
+            return data
+        blobs = data.get("blobs", data) if isinstance(data, dict) else {}  # Caffe2 / Detectron1
+        return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+                "__author__": "Caffe2", "matching_heuristics": True}
+    if not isinstance(data, dict) or "model" not in data:
+        data = {"model": data}
+    data["model"] = _with_detector_prefix(checkpointer.model, data["model"])
+    parsed = getattr(checkpointer, "_parsed_url_during_load", None)
+    if parsed is not None and parsed.query:  # Detectron2's "?matching_heuristics=True"
+        queries = parse_qs(parsed.query)
+        if queries.pop("matching_heuristics", None) == ["True"]:
+            data["matching_heuristics"] = True
+        if queries:
+            raise ValueError(f"Unsupported query {sorted(queries)} in {parsed.geturl()}")
+    return data
+
+
+def _with_detector_prefix(model, state):
+    """A plain ``DINOv2ObjectDetector`` ``state_dict`` for the meta-architecture: keys ``detector.*``."""
+    detector = getattr(getattr(model, "module", model), "detector", None)
+    if not isinstance(detector, torch.nn.Module) or not isinstance(state, dict) or not state:
+        return state
+    if any(str(k).startswith("detector.") for k in state):
+        return state
+    own = set(detector.state_dict())
+    if 2 * len(own.intersection(state)) < len(state):
+        return state
+    return {f"detector.{k}": v for k, v in state.items()}
+
+
+def _complete(path: str) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` archive (zip format, every member's CRC checks).
+    Nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
+        return False
+
+
+def _is_dinov2od_model(model) -> bool:
+    from dinov2od.modeling import DINOv2ObjectDetector
+
+    m = getattr(model, "module", model)
+    return isinstance(m, DINOv2ObjectDetector) or isinstance(getattr(m, "detector", None), DINOv2ObjectDetector)
+
+
+def _detectron2_load_file(self, filename: str):
+    """``DetectionCheckpointer._load_file`` as installed by dinov2od: a dinov2od model's weights
+    (``DefaultPredictor``'s ``MODEL.WEIGHTS``, ``DefaultTrainer``) are read by
+    :func:`load_checkpoint_file`, without running code; other models' as Detectron2 reads them."""
+    if _is_dinov2od_model(self.model):
+        return load_checkpoint_file(self, filename)
+    return _detectron2_load_file.original(self, filename)
+
+
+if not hasattr(DetectionCheckpointer._load_file, "original"):  # once, also if this module is reloaded
+    _detectron2_load_file.original = DetectionCheckpointer._load_file
+    DetectionCheckpointer._load_file = _detectron2_load_file
+
+
 def _unreadable_message(path: str, error: Exception) -> str:
-    """The error for a checkpoint that cannot be read, naming the newest readable one beside it."""
+    """The error for a checkpoint that cannot be read, naming the newest complete one beside it
+    (checked without unpickling anything: :func:`_complete`)."""
     folder = os.path.dirname(os.path.abspath(path))
     others = [p for p in glob.glob(os.path.join(glob.escape(folder), "model_*.pth"))
               if os.path.abspath(p) != os.path.abspath(path) and not p.endswith("_ema.pth")]  # weights only
     others.sort(key=lambda p: os.path.getmtime(p), reverse=True)
-    good = None
-    for other in others:
-        try:
-            torch.load(other, map_location="cpu")
-        except Exception:  # noqa: BLE001  (any reason it cannot be read: try the next)
-            continue
-        good = other
-        break
+    good = next((other for other in others if _complete(other)), None)
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     msg = f"Cannot read the checkpoint {path}: it is truncated or corrupt ({type(error).__name__}: {detail})."
     if good is None:
@@ -373,11 +476,13 @@ def load_inference_weights(model: torch.nn.Module, path: str, use_ema: bool = Tr
 
     Args:
         model: the built model (the meta-architecture or a plain detector), on its device.
-        path: a training checkpoint (``model_final.pth``) or a weights file (``model_final_ema.pth``).
+        path: a training checkpoint (``model_final.pth``) or a weights file (``model_final_ema.pth``,
+            ``model_final_ema.safetensors``), read without running code from it (:func:`load_checkpoint_file`).
         use_ema: use the checkpoint's EMA weights when it has them.
 
     Raises:
-        ValueError: the file does not fit the model, or cannot be read.
+        ValueError: the file does not fit the model, or cannot be read, or needs full unpickling and is
+            not trusted (``UnsafeCheckpointError``).
     """
     if not path:
         raise ValueError("No weights file given: pass a checkpoint such as output/model_final.pth.")
@@ -411,10 +516,12 @@ class RNGStateHook(HookBase):
         self._pending: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        """The states as tensors, numbers and strings (``torch.load(weights_only=True)`` reads them)."""
+        return {"torch": torch.get_rng_state(), "numpy": numpy_state_to_plain(np.random.get_state()),
+                "python": random.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending = state
+        self._pending = dict(state, numpy=numpy_state_from_plain(state["numpy"]))
 
     def before_train(self) -> None:
         if self._pending is None:
@@ -426,6 +533,23 @@ class RNGStateHook(HookBase):
         np.random.set_state(self._pending["numpy"])
         random.setstate(self._pending["python"])
         self._pending = None
+
+
+def numpy_state_to_plain(state) -> dict:
+    """``np.random.get_state()`` (a tuple holding a numpy array) as a dict of a tensor and numbers."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = state
+    return {"algorithm": str(algorithm), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def numpy_state_from_plain(state):
+    """The tuple ``np.random.set_state`` takes, from :func:`numpy_state_to_plain`'s dict (a tuple,
+    as checkpoints of earlier versions hold, is returned as it is)."""
+    if not isinstance(state, dict):
+        return state
+    keys = state["keys"].numpy() if isinstance(state["keys"], torch.Tensor) else np.asarray(state["keys"])
+    return (state["algorithm"], keys.astype(np.uint32), int(state["pos"]), int(state["has_gauss"]),
+            float(state["cached_gaussian"]))
 
 
 # ---------------------------------------------------------------------------- data stream position

@@ -20,6 +20,8 @@ from torch import nn
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from dinov2od.modeling.checkpoint_io import export_for_inference
+
 from .checkpoint import atomic_save, non_finite_entries
 from .train_loop import unwrap_model
 
@@ -145,10 +147,13 @@ def export_ema_weights(ema: Optional[ModelEMA], output_dir: str) -> Optional[str
 
     The file holds only ``{"model": averaged weights}`` (what ``DefaultPredictor`` loads). It is
     written crash-safely and does not touch ``last_checkpoint``; non-finite weights raise
-    FloatingPointError and write nothing.
+    FloatingPointError and write nothing. The same weights are also written as
+    ``model_final_ema.safetensors`` with ``model_final_ema.json`` beside it (classes, the detector's
+    constructor arguments, input settings, the run's ``config.yaml``:
+    :func:`~dinov2od.modeling.checkpoint_io.export_for_inference`), the format to share them in.
 
     Returns:
-        the path written, or None without EMA or off the main process.
+        the path written (the ``.pth``), or None without EMA or off the main process.
     """
     if ema is None or not comm.is_main_process():
         return None
@@ -161,4 +166,7 @@ def export_ema_weights(ema: Optional[ModelEMA], output_dir: str) -> Optional[str
             f"{', ...' if len(bad) > 5 else ''}); nothing was written."
         )
     atomic_save({"model": weights}, path)
+    config = os.path.join(output_dir, "config.yaml")  # written by train_net.py (default_setup)
+    export_for_inference(ema.model, os.path.splitext(path)[0] + ".safetensors", weights, ema_updates=ema.num_updates,
+                         config_file="config.yaml" if os.path.isfile(config) else None)
     return path

@@ -32,12 +32,15 @@ def model_classes(model) -> Optional[Tuple[List[str], List[int]]]:
 
 def classes_in_checkpoint(path: str) -> Optional[Tuple[List[str], List[int]]]:
     """``(names, dataset ids)`` stored in a checkpoint's ``class_metadata`` buffer (a Detectron2
-    checkpoint of the meta-architecture or a plain detector ``state_dict``), or None."""
+    checkpoint of the meta-architecture or a plain detector ``state_dict``, ``.pth`` or
+    ``.safetensors``), or None. The file is read without running code from it
+    (:func:`~dinov2od.modeling.checkpoint_io.load_state`: ``UnsafeCheckpointError`` unless trusted)."""
     import torch
 
+    from dinov2od.modeling.checkpoint_io import load_state
     from dinov2od.modeling.classes import decode_class_metadata
 
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_state(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else {}
     for key in ("detector.class_metadata", "class_metadata"):
         if isinstance(sd, dict) and key in sd:

@@ -1,6 +1,7 @@
 """``DINOv2ObjectDetector``: backbone -> neck -> deformable decoder, in plain PyTorch."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -11,6 +12,7 @@ from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD, box_cxcywh_to_xyxy
 from dinov2od.layers.precision import autocast_context
 
 from .backbones import build_backbone, pad_to_multiple, valid_sizes_from_mask
+from .checkpoint_io import exported_info, load_state, plain_state
 from .classes import CLASS_METADATA_BYTES, decode_class_metadata, encode_class_metadata
 from .decoder import DecoderOptions, DeformableDecoder
 from .neck import ConvSpatialPrior, SimpleFeaturePyramid
@@ -43,6 +45,16 @@ def topk_detections(logits: Tensor, boxes: Tensor, image_sizes: Tensor, k: int =
     scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # (B, 1, 4)
     xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)  # inside the image,
     return xyxy, scores, labels  # as Detectron2's detector_postprocess and torchvision's detectors clip
+
+
+def _json_arguments(args: Optional[dict]) -> Optional[dict]:
+    """``args`` as plain JSON values (tuples as lists), or None if any of them is not plain data."""
+    if args is None or args.get("backbone") is None:
+        return None
+    try:
+        return json.loads(json.dumps(plain_state(args)))
+    except (TypeError, ValueError):
+        return None
 
 
 class DINOv2ObjectDetector(nn.Module):
@@ -96,6 +108,7 @@ class DINOv2ObjectDetector(nn.Module):
         if clash:
             raise TypeError(f"DINOv2ObjectDetector sets the decoder's {clash[0]} from {taken[clash[0]]}; "
                             f"do not pass {clash[0]}=")
+        own_parts = neck is None and decoder is None  # else constructor_args cannot describe them
         options = DecoderOptions.from_kwargs("DINOv2ObjectDetector", hidden_dim=hidden_dim,
                                              num_layers=num_decoder_layers, **decoder_options)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
@@ -120,6 +133,15 @@ class DINOv2ObjectDetector(nn.Module):
                 f"{decoder.num_levels} levels of width {decoder.hidden_dim}")
         self.num_classes = decoder.num_classes
         self.num_queries = decoder.num_queries
+        #: the keyword arguments that build this detector again, as plain JSON values (the backbone as
+        #: :func:`build_backbone` arguments), or None when a neck, decoder or backbone was given as a
+        #: module not built by :func:`build_backbone`. Written beside exported weights
+        #: (:func:`~dinov2od.modeling.checkpoint_io.export_for_inference`).
+        self.constructor_args = _json_arguments(
+            None if not own_parts else dict(
+                num_classes=self.num_classes, backbone=getattr(backbone, "build_kwargs", None),
+                hidden_dim=hidden_dim, scale_factors=scale_factors, num_decoder_layers=num_decoder_layers,
+                spatial_prior=spatial_prior, pixel_mean=pixel_mean, pixel_std=pixel_std, **decoder_options))
         # class names and the dataset's category ids, saved with the weights (dinov2od.modeling.classes)
         self.register_buffer("class_metadata", torch.zeros(CLASS_METADATA_BYTES, dtype=torch.uint8))
         total = sum(p.numel() for p in self.parameters())
@@ -264,15 +286,21 @@ class DINOv2ObjectDetector(nn.Module):
         meta = decode_class_metadata(self.class_metadata)
         return None if meta is None else meta[1]
 
-    def load_checkpoint(self, path: str, strict: bool = True) -> "DINOv2ObjectDetector":
+    def load_checkpoint(self, path: str, strict: bool = True, trusted: bool = False) -> "DINOv2ObjectDetector":
         """Load weights saved by this project: a plain ``state_dict`` of this module, or a
         Detectron2 checkpoint of the meta-architecture (``{"model": ...}``, keys ``detector.*``,
-        e.g. ``output/shapes/model_final_ema.pth``).
+        e.g. ``output/shapes/model_final_ema.pth``), as ``.pth`` or ``.safetensors``
+        (``model_final_ema.safetensors``).
+
+        The file is read without running code from it (:func:`~dinov2od.modeling.checkpoint_io.load_state`):
+        a ``.pth`` that needs full unpickling is refused unless ``trusted`` or named in
+        ``DINOV2OD_TRUSTED_CHECKPOINTS``.
 
         Raises:
             ValueError: the checkpoint does not fit this architecture (lists the first differing keys).
+            UnsafeCheckpointError: (a ``ValueError``) the file needs full unpickling and is not trusted.
         """
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_state(path, trusted=trusted)
         sd = obj.get("model", obj) if isinstance(obj, dict) else obj
         if not isinstance(sd, dict):
             raise ValueError(f"{path} holds no state dict (found {type(sd).__name__})")
@@ -290,6 +318,30 @@ class DINOv2ObjectDetector(nn.Module):
                 f"{path} does not fit this detector: missing {missing[:5]}, unexpected "
                 f"{result.unexpected_keys[:5]}. {fix}")
         return self
+
+    @classmethod
+    def from_exported(cls, path: str) -> "DINOv2ObjectDetector":
+        """Build the detector of an exported weights file and load it, in eval mode.
+
+        ``path`` is a ``.safetensors`` file written at the end of training
+        (``model_final_ema.safetensors``) or by ``tools/convert_checkpoint.py``; the detector's
+        constructor arguments come from the JSON beside it (or the copy in the file's header),
+        ``detector_kwargs``: plain values, so reading them runs no code, and nothing is downloaded
+        (the file holds every weight).
+
+        Raises:
+            ValueError: the file carries no constructor arguments (e.g. converted without the model,
+                or a detector built from custom modules): build it with its config and use
+                :meth:`load_checkpoint`.
+        """
+        info, where = exported_info(path)
+        kwargs = (info or {}).get("detector_kwargs")
+        if not kwargs:
+            raise ValueError(
+                f"{path} carries no detector constructor arguments ({where or 'no JSON beside it'}"
+                f"{': ' + info['detector_kwargs_note'] if info and info.get('detector_kwargs_note') else ''}). "
+                "Build DINOv2ObjectDetector with the config it was trained with, then call load_checkpoint(path).")
+        return cls(**kwargs).load_checkpoint(path).eval()
 
     @torch.no_grad()
     def predict(self, images: ImagesLike, topk: int = 100, threshold: float = 0.0,

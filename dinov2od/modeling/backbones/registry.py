@@ -97,10 +97,15 @@ def build_backbone(family: str = "dinov2", **kwargs) -> ViTBackbone:
             DINOv3) are dropped when they hold their defaults and refused otherwise, so one config
             carries the options of every family.
 
+    Returns:
+        the backbone, with ``build_kwargs``: the arguments given here (so a detector built on it
+        can record its constructor arguments, :attr:`DINOv2ObjectDetector.constructor_args`).
+
     Raises:
         ValueError: an unknown family, an option no family takes (naming the family's options), or
             another family's option set to a value other than its default.
     """
+    given = {"family": family, **kwargs}  # recorded on the backbone: how to build it again
     name = str(family).lower()
     if name not in BACKBONES:
         raise ValueError(f"backbone family={family!r} is unknown; choose one of {list(BACKBONES)} "
@@ -122,4 +127,6 @@ def build_backbone(family: str = "dinov2", **kwargs) -> ViTBackbone:
                 f"backbone option {key}= applies to {where} only, not family='{name}'; "
                 f"remove it (or leave it at {defaults})"
             )
-    return cls(**kwargs)
+    backbone = cls(**kwargs)
+    backbone.build_kwargs = given  # DINOv2ObjectDetector.constructor_args reads it
+    return backbone
