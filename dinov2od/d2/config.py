@@ -344,10 +344,10 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
 
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
-        key = (meta.get("json_file", None), meta.get("image_root", None))
-        if not meta.get("dinov2od_check", False) or key in _CHECKED:
+        mode = meta.get("dinov2od_check", False)  # "decode" (or True), "header", False
+        key = (meta.get("json_file", None), meta.get("image_root", None), mode)
+        if not mode or key in _CHECKED:
             continue
-        mode = meta.get("dinov2od_check")
         s = check_coco_dataset(meta.get("dinov2od_source_json", key[0]), key[1], check_files=mode)
         _CHECKED.add(key)
         logger.info(
