@@ -16,7 +16,7 @@ from conftest import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "MODEL_CARD.md"),
         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-TOOLS = ["train_net", "predict", "export_onnx", "benchmark", "pretrain_backbone"]
+TOOLS = ["train_net", "predict", "export_onnx", "benchmark", "pretrain_backbone", "convert_checkpoint"]
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 

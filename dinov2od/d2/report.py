@@ -62,6 +62,7 @@ def outputs_listing(output_dir: str, vis_dir: str = "") -> List[str]:
     for name, what in (
         ("model_final.pth", "final checkpoint (resume / fine-tune from it)"),
         ("model_final_ema.pth", "EMA weights, for DefaultPredictor / tools/predict.py"),
+        ("model_final_ema.safetensors", "the same weights + model_final_ema.json: the format to share (SECURITY.md)"),
         ("metrics.json", "training metrics"),
         ("log.txt", "log"),
         ("inference/coco_instances_results.json", "COCO-format detections"),
