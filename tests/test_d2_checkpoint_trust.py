@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dinov2od.d2.checkpoint import CrashSafeCheckpointer, load_inference_weights
-from dinov2od.modeling.checkpoint_io import TRUSTED_ENV, UnsafeCheckpointError
+from dinov2od.modeling.checkpoint_io import TRUSTED_ENV, UnsafeCheckpointError, export_for_inference
 
 from conftest import ROOT, TINY, TINY_CLASSES, TINY_YACS, YACS_YAML, build_tiny_yacs_model
 from test_modeling_checkpoint_io import assert_refused, write_malicious
@@ -179,10 +179,13 @@ def test_safetensors_export_predicts_as_the_pth(tiny_yacs_checkpoint, tmp_path):
     info = json.load(open(tmp_path / "tiny.json"))
     assert (info["class_names"], info["category_ids"]) == TINY_CLASSES and info["num_classes"] == 3
     assert info["detector_kwargs_note"].startswith("checked") and info["meta_architecture"]["input_format"]
+    # the plain detector's weights (keys without "detector."), as the plain API exports them, load there too
+    plain_st, _ = export_for_inference(tiny_yacs_checkpoint["model"].detector, str(tmp_path / "plain.safetensors"))
     image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
-    outs = [DefaultPredictor(_yacs_cfg(w))(image)["instances"] for w in (pth, st)]
-    assert len(outs[0]) and torch.equal(outs[0].pred_boxes.tensor, outs[1].pred_boxes.tensor)
-    assert torch.equal(outs[0].scores, outs[1].scores) and torch.equal(outs[0].pred_classes, outs[1].pred_classes)
+    outs = [DefaultPredictor(_yacs_cfg(w))(image)["instances"] for w in (pth, st, plain_st)]
+    for out in outs[1:]:
+        assert len(outs[0]) and torch.equal(outs[0].pred_boxes.tensor, out.pred_boxes.tensor)
+        assert torch.equal(outs[0].scores, out.scores) and torch.equal(outs[0].pred_classes, out.pred_classes)
     Image.fromarray(image).save(tmp_path / "a.png")
     results = [predict.main(["--config-file", YACS_YAML, "--weights", w, "--input", str(tmp_path / "a.png"),
                              "--output", str(tmp_path / f"out{i}"), *OPTS]) for i, w in enumerate((pth, st))]
