@@ -775,6 +775,10 @@ def check_config_datasets(cfg, splits: Sequence[str] = ("train", "test")) -> Lis
     names = [n for split in splits for n in dataset_names(cfg)[split]]
     check_datasets(names)
     check_num_classes(cfg.model.num_classes if is_lazy(cfg) else cfg.MODEL.DINOV2OD.NUM_CLASSES, names)
+    if "train" in splits:  # training: object sizes at the input size, a suggested size (main process, once)
+        from .datasets.sizes import advise_input_size
+
+        advise_input_size(cfg, dataset_names(cfg)["train"])
     return names
 
 

@@ -90,6 +90,9 @@ def _read_json(json_file: str) -> dict:
             f"COCO json {json_file!r} has no 'categories': a detector needs the list of classes "
             "(e.g. [{\"id\": 1, \"name\": \"cat\"}, ...])."
         )
+    from .sizes import remember_boxes  # the boxes as arrays for the size advice: the json is not parsed again
+
+    remember_boxes(json_file, data)
     return data
 
 
