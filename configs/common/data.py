@@ -17,7 +17,8 @@ from dinov2od.d2.data_cache import train_dataset
 
 # Your own COCO data (docs/your_data.md): root=None leaves the dataloader's names as they are.
 dataset = dict(
-    root=None,  # a Roboflow / RF-DETR export or COCO's folder layout
+    root=None,  # a Roboflow / RF-DETR export or COCO's folder layout, a YOLO folder or a Pascal VOC folder
+    format="auto",  # root's layout: "auto" (from the folder), "coco", "yolo" or "voc"
     name="custom",  # registered as <name>_train, <name>_val
     train_json=None,  # explicit files instead of (or over) root
     train_images=None,  # default: the json's folder

@@ -173,7 +173,8 @@ KEYS: List[tuple] = [
     ("DATALOADER.CACHE_DIR", "", "dataloader.train.dataset.cache_dir", _or_none),  # "": $DINOV2OD_CACHE/datasets
     ("SOLVER.MAX_EPOCHS", 0, "train.epochs"),  # > 0: MAX_ITER (and STEPS, scaled) from the train set's size
     # --- your own COCO data (dinov2od.d2.datasets.folder), registered by load_config ------------
-    ("DATASETS.ROOT", "", "dataset.root"),  # a Roboflow/RF-DETR export or COCO's folder layout
+    ("DATASETS.ROOT", "", "dataset.root"),  # a Roboflow/RF-DETR export or COCO's folder layout, YOLO or VOC
+    ("DATASETS.FORMAT", "auto", "dataset.format"),  # ROOT's layout: "auto" (from the folder) | coco | yolo | voc
     ("DATASETS.NAME", "custom", "dataset.name"),  # registered as <NAME>_train, <NAME>_val
     ("DATASETS.TRAIN_JSON", "", "dataset.train_json"),  # explicit files instead of (or over) ROOT
     ("DATASETS.TRAIN_IMAGES", "", "dataset.train_images"),
@@ -750,11 +751,12 @@ def _dataset_options(cfg) -> Dict[str, Any]:
         opts = {k: d.get(k, None) for k in ("root", "name", "train_json", "train_images", "val_json", "val_images")}
         opts["check"] = d.get("check", True)
         opts["check_images"] = d.get("check_images", "decode")
+        opts["format"] = d.get("format", "auto")
         return opts
     d = cfg.DATASETS
     return {"root": d.ROOT, "name": d.NAME, "train_json": d.TRAIN_JSON, "train_images": d.TRAIN_IMAGES,
             "val_json": d.TEST_JSON, "val_images": d.TEST_IMAGES, "check": d.CHECK,
-            "check_images": d.get("CHECK_IMAGES", "decode")}
+            "check_images": d.get("CHECK_IMAGES", "decode"), "format": d.get("FORMAT", "auto")}
 
 
 def dataset_names(cfg) -> Dict[str, List[str]]:
@@ -804,6 +806,7 @@ def resolve_dataset(cfg) -> None:
             opts["val_json"] or None, opts["val_images"] or None,
             check=check_mode(opts["check_images"], "dataset.check_images / DATASETS.CHECK_IMAGES")
             if opts["check"] else False,
+            format=opts["format"],
         )
         test = [names["val"]] if "val" in names else []
         if not test:

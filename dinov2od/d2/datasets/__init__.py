@@ -1,5 +1,5 @@
-"""Dataset registration: the built-in "shapes" dataset and your own COCO-format data (a folder in
-Roboflow's or COCO's layout, or a json + image folder), with the start-up check."""
+"""Dataset registration: the built-in "shapes" dataset and your own data (a folder in Roboflow's or
+COCO's layout, a json + image folder, a YOLO or a Pascal VOC folder), with the start-up check."""
 from .builtin import register_shapes, subset_dataset_dicts
 from .folder import (
     DatasetError,
@@ -9,16 +9,21 @@ from .folder import (
     register_coco_dataset,
     register_coco_folder,
 )
+from .formats import detect_format, find_dataset_splits, read_voc, read_yolo
 from .shapes import SHAPES_CLASSES, ensure_shapes_split, generate_shapes_image
 
 __all__ = [
     "DatasetError",
     "SHAPES_CLASSES",
     "check_coco_dataset",
+    "detect_format",
+    "find_dataset_splits",
     "ensure_shapes_split",
     "find_coco_splits",
     "generate_shapes_image",
     "read_coco_categories",
+    "read_voc",
+    "read_yolo",
     "register_coco_dataset",
     "register_coco_folder",
     "register_shapes",

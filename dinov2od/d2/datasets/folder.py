@@ -9,7 +9,9 @@ Layouts :func:`find_coco_splits` recognises under a root folder:
   ``annotations/instances_train2017.json`` + ``train2017/``), ``<split>`` one of train, val, test.
 
 An explicit json + image folder per split needs no layout (:func:`register_coco_folder`'s
-``train_json`` / ``train_images`` / ``val_json`` / ``val_images``).
+``train_json`` / ``train_images`` / ``val_json`` / ``val_images``). YOLO and Pascal VOC folders are
+read into COCO jsons in the dataset cache first (:mod:`dinov2od.d2.datasets.formats`), then
+registered and checked as here.
 
 Registration reads the json's ``categories`` right away and fills the dataset's metadata
 (``thing_classes``, ``thing_dataset_id_to_contiguous_id``, the same values Detectron2's
@@ -21,8 +23,8 @@ classes, and Detectron2 (loader and ``COCOEvaluator``) reads a copy of the json 
 :func:`check_coco_dataset` reads the whole json and decodes every image once (or reads the headers
 only, ``check="header"``): every problem that would stop or silently spoil training or evaluation
 is reported together, naming the files and ids, before training starts; what training and COCO
-evaluation do with boxes that need no fix (zero size, beyond the image, ``iscrowd``) is one warning
-line each. The list is in docs/your_data.md.
+evaluation do with boxes that need no fix (zero size, beyond the image, ``iscrowd``, one object
+annotated twice) is one warning line each. The list is in docs/your_data.md.
 """
 from __future__ import annotations
 
@@ -70,6 +72,13 @@ EDGE_TOLERANCE = 1.0  # px a box may reach beyond its image before the check cou
 
 class DatasetError(ValueError):
     """A dataset's files or annotations cannot be trained on; the message names them and the fix."""
+
+
+def problems_error(source: str, problems: List[str], hint: str = SKIP_CHECK_HINT) -> DatasetError:
+    """One error listing ``problems`` (the first 12, then a count) found in ``source``."""
+    shown = "\n  - ".join(problems[:12])
+    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+    return DatasetError(f"{source}: {len(problems)} problem(s) found before training:\n  - {shown}{more}\n{hint}")
 
 
 def _read_json(json_file: str) -> dict:
@@ -190,23 +199,33 @@ def _json_for_detectron2(data: dict, json_file: str, dropped: Optional[dict]) ->
             "(that box could never be found), so Detectron2 reads a copy with annotation ids 1..%d",
             json_file, len(out["annotations"]),
         )
+    tag = ("-no-category-%s" % dropped["id"] if dropped is not None else "") + ("-ann-ids-from-1" if renumber else "")
+    return write_cache_json(out, f"{stem}-{digest}{tag}.json")
+
+
+def write_cache_json(data: dict, filename: str, text: Optional[str] = None) -> str:
+    """Write ``data`` (or its json ``text``) as ``filename`` in the dataset cache's ``json/`` folder
+    (else a temporary folder) unless that file exists already (the name holds a hash of the
+    content); returns its path."""
     from ..data_cache import default_cache_dir
 
-    tag = ("-no-category-%s" % dropped["id"] if dropped is not None else "") + ("-ann-ids-from-1" if renumber else "")
     for folder in (os.path.join(default_cache_dir(), "json"), os.path.join(tempfile.gettempdir(), "dinov2od-json")):
-        path = os.path.join(folder, f"{stem}-{digest}{tag}.json")
+        path = os.path.join(folder, filename)
         if os.path.isfile(path):
             return path
         try:
             os.makedirs(folder, exist_ok=True)
             tmp = f"{path}.tmp.{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(out, f)
+                if text is None:
+                    json.dump(data, f)
+                else:
+                    f.write(text)
             os.replace(tmp, path)  # atomic: another rank writing the same file is harmless
             return path
         except OSError:
             continue
-    raise DatasetError(f"Cannot write the copy of {json_file} that Detectron2 should read (no writable cache folder).")
+    raise DatasetError(f"Cannot write {filename}, the json Detectron2 should read (no writable cache folder).")
 
 
 def register_coco_dataset(
@@ -306,21 +325,29 @@ def register_coco_folder(
     val_json: Optional[str] = None,
     val_images: Optional[str] = None,
     check: Union[bool, str] = True,
+    format: str = "auto",
 ) -> Dict[str, str]:
     """Register the splits of a dataset folder (or of explicit json + image folder pairs).
 
     Args:
-        root: folder in one of the layouts of :func:`find_coco_splits`.
+        root: folder in one of the layouts of :func:`find_coco_splits`, or a YOLO or Pascal VOC
+            folder (:mod:`dinov2od.d2.datasets.formats`: read into a json in the dataset cache).
         name: prefix of the registered names (``<name>_train``, ``<name>_val``, ``<name>_test``).
         train_json, train_images, val_json, val_images: explicit files; they take precedence over
             what ``root`` holds. ``*_images`` defaults to the json's folder.
         check: see :func:`register_coco_dataset`.
+        format: "auto" (from the folder), "coco", "yolo" or "voc" (dataset.format / DATASETS.FORMAT).
 
     Returns:
         ``{"train": "<name>_train", "val": ...}`` for the splits found; "val" falls back to the
         test split when there is no validation split.
     """
-    splits = find_coco_splits(root) if root else {}
+    from .formats import check_format, find_dataset_splits
+
+    format = check_format(format)
+    if format not in ("auto", "coco") and not root:
+        raise ValueError(f"dataset.format={format} reads a folder: give dataset.root / DATASETS.ROOT.")
+    splits = find_dataset_splits(root, format) if root else {}
     for split, json_file, images in (("train", train_json, train_images), ("val", val_json, val_images)):
         if json_file:
             splits[split] = (json_file, images or os.path.dirname(os.path.abspath(json_file)))
@@ -392,7 +419,8 @@ def _check_image(image_root: str, img: dict, decode: bool) -> Optional[str]:
         return f"{file_name}: cannot be decoded as an image ({type(e).__name__}: {e})"
     jw, jh = img.get("width"), img.get("height")
     if jw is not None and jh is not None and (int(jw), int(jh)) != (w, h):
-        return f"{file_name}: the json says {jw}x{jh} (width x height), the file is {w}x{h}"
+        says = img.get("dinov2od_source") or "the json"  # a VOC XML's <size>
+        return f"{file_name}: {says} says {jw}x{jh} (width x height), the file is {w}x{h}"
     if min(w, h) < 14:
         return f"{file_name}: {w}x{h} px is smaller than one ViT patch (14-16 px)"
     return None
@@ -452,7 +480,7 @@ def _check_json(data: dict, json_file: str, summary: CocoSummary) -> None:
     known_cats = set(cat_ids)
     ann_ids = Counter()
     with_boxes, crowd_images, beyond_images = set(), set(), set()
-    degenerate, crowd, beyond = [], [], []
+    degenerate, crowd, beyond, usable = [], [], [], []
     for ann in data.get("annotations") or []:
         if not isinstance(ann, dict):
             problems.append(f"annotations entry {str(ann)[:80]} is not an object")
@@ -464,7 +492,8 @@ def _check_json(data: dict, json_file: str, summary: CocoSummary) -> None:
             problems.append(f"{where}): no image has this id")
             continue
         width, height, file_name = size_of[iid]
-        where += f", {file_name})"
+        src = ann.get("dinov2od_source")  # the label file and line / XML object of a converted dataset
+        where += f", {file_name}" + (f", {src})" if src else ")")
         if ann.get("category_id") not in known_cats:
             problems.append(f"{where}: category_id {ann.get('category_id')} is not in 'categories' {sorted(known_cats)}")
             continue
@@ -499,6 +528,7 @@ def _check_json(data: dict, json_file: str, summary: CocoSummary) -> None:
             continue
         summary.num_boxes += 1
         with_boxes.add(iid)
+        usable.append((iid, ann.get("category_id"), x0, y0, x1, y1, where))
     repeated = [f"{i} ({n}x)" for i, n in ann_ids.items() if n > 1]
     if repeated:
         problems.append(
@@ -524,6 +554,45 @@ def _check_json(data: dict, json_file: str, summary: CocoSummary) -> None:
             "ignores them (Detectron2's mapper drops crowd boxes; an image with only crowd boxes is left out); COCO "
             "evaluation treats them as ignore regions: a detection on one is neither a hit nor a false positive."
         )
+    twice = near_duplicates(usable)
+    if twice:
+        warnings.append(
+            f"{len(twice)} pair(s) of boxes of one class in one image overlap with IoU >= {DUPLICATE_IOU:g} (first: "
+            f"{twice[0]}): most likely one object annotated twice. Training learns it twice; COCO evaluation expects "
+            "two detections there, so one box counts as missed and the AP is lower than the detector's. Delete one "
+            "box of each pair."
+        )
+
+
+DUPLICATE_IOU = 0.9  # two boxes of one class in one image overlapping this much are one object twice
+_NEIGHBOURS = 8  # boxes compared with each box: its next ones by (image, class, x0)
+
+
+def near_duplicates(rows: List[tuple], iou: float = DUPLICATE_IOU) -> List[str]:
+    """Pairs of ``rows`` ``(image_id, category_id, x0, y0, x1, y1, where)`` of one image and class
+    whose IoU is at least ``iou``, as "where + where" lines. Each box is compared with its next
+    :data:`_NEIGHBOURS` boxes in (image, class, x0) order: a vectorised pass, linear in the number of
+    boxes (a near duplicate has nearly the same x0; in a crowd of more boxes between them, it can be
+    missed)."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return []
+    groups: Dict[tuple, int] = {}
+    g = np.array([groups.setdefault((str(r[0]), str(r[1])), len(groups)) for r in rows])
+    b = np.array([r[2:6] for r in rows], dtype=np.float64)
+    order = np.lexsort((b[:, 0], g))
+    g, b = g[order], b[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    found = []
+    for k in range(1, min(_NEIGHBOURS, len(rows) - 1) + 1):
+        i, j = np.arange(len(rows) - k), np.arange(k, len(rows))
+        w = np.clip(np.minimum(b[i, 2], b[j, 2]) - np.maximum(b[i, 0], b[j, 0]), 0, None)
+        h = np.clip(np.minimum(b[i, 3], b[j, 3]) - np.maximum(b[i, 1], b[j, 1]), 0, None)
+        inter = w * h
+        same = (g[i] == g[j]) & (inter >= iou * (area[i] + area[j] - inter))
+        found += [tuple(sorted((int(order[a]), int(order[c])))) for a, c in zip(i[same], j[same])]
+    return [f"{rows[a][6]} and {rows[c][6]}" for a, c in sorted(found)]
 
 
 def check_coco_dataset(
@@ -560,17 +629,15 @@ def check_coco_dataset(
         decode = mode == "decode"
         with ThreadPoolExecutor(threads or min(32, (os.cpu_count() or 1) + 4)) as pool:
             problems.extend(p for p in pool.map(lambda im: _check_image(image_root, im, decode), images) if p)
+    # a YOLO / VOC folder read into a json (dinov2od.d2.datasets.formats): messages name the folder too
+    source = (data.get("info") or {}).get("dinov2od_converted_from") if isinstance(data.get("info"), dict) else None
+    label = f"{source}, read as {json_file}" if source else json_file
     if problems:
-        shown = "\n  - ".join(problems[:12])
-        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise DatasetError(
-            f"{json_file}: {len(problems)} problem(s) found before training:\n  - {shown}{more}\n"
-            f"Fix the files or the json, {SKIP_CHECK_HINT}"
-        )
+        raise problems_error(label, problems, f"Fix the files or the json, {SKIP_CHECK_HINT}")
     for line in summary.warnings:
         if (json_file, line) not in _WARNED:  # once per process (the epochs count reads the json too)
             _WARNED.add((json_file, line))
-            logger.warning("%s: %s", json_file, line)
+            logger.warning("%s: %s", label, line)
     return summary
 
 
