@@ -5,21 +5,21 @@ Every number the advice prints is recomputed here by another route: the resize b
 percentiles by sorting and interpolating in a loop (numpy's "linear" definition written out), the
 shares and the token counts by counting in loops, all in float64 Python floats.
 
-Negative controls, each run by breaking the module and seeing the named test fail, then restoring it:
-* ``object_sizes`` ignoring the resize (``return np.sqrt(table.width * table.height)``):
-  test_percentiles_and_shares_match_an_independent_computation and
-  test_the_size_used_is_the_configs_test_resize fail (the medians are 480/224 = 2.1x too large).
-* ``resized_shapes`` without Detectron2's rounding (no ``np.floor(... + 0.5)``): the 1e-9 comparison
-  with the transform fails in test_percentiles_and_shares_match_an_independent_computation.
-* the rule at ``>=`` instead of ``>`` SHARE_LIMIT: test_warning_only_above_20_percent fails (exactly 20%
-  warns); SHARE_LIMIT = 0.3: it fails (30% no longer warns).
-* the per-class judgement removed (``_groups`` returning the "all" row only):
-  test_a_small_class_among_large_ones_is_named fails.
-* the suggestion without the step-up loop and rounding down (``math.floor`` in ``_round_up``):
-  test_the_suggestion_brings_the_10th_percentile_to_two_patches fails (p10 < 2 at the suggestion).
-* the cap removed (``cap = 10**6``): test_the_suggestion_is_capped fails (1024 / 288 exceeded).
-* ``remember_boxes`` not called by folder._read_json: test_the_advice_reuses_the_parsed_json fails
-  (json.load is called again by the advice).
+Negative controls, each run on 2026-12-07 by breaking the module and running this file (restored after):
+* ``object_sizes`` ignoring the resize (the images' own size): 10 of 15 fail, among them
+  test_percentiles_and_shares_match_an_independent_computation and both
+  test_the_size_used_is_the_configs_test_resize (the sizes are 480/224 = 2.1x too large).
+* ``resized_shapes`` without Detectron2's rounding (no ``np.floor(... + 0.5)``): the 1e-9 comparisons fail
+  (test_percentiles_and_shares_match_an_independent_computation, test_the_size_used_is_the_configs_test_resize).
+* the rule at ``>=`` instead of ``>`` SHARE_LIMIT: test_warning_only_above_20_percent[2-False] fails (exactly
+  20% warns); SHARE_LIMIT = 0.3: its [3-True] and [21-True] fail.
+* no per-class rows (``_groups`` returning the "all" row only): test_a_small_class_among_large_ones_is_named,
+  test_more_than_20_classes_are_one_row and the percentile test fail.
+* the suggestion rounded down from the linear estimate, without the step-up loop:
+  test_the_suggestion_brings_the_10th_percentile_to_two_patches fails (p10 < 2 at the suggestion), and the cap
+  and printed-overrides tests with it.
+* the cap removed (``cap = 10**6``): both test_the_suggestion_is_capped fail.
+* ``remember_boxes`` doing nothing: test_the_advice_reuses_the_parsed_json fails (the advice reads the json).
 """
 import json
 import logging
