@@ -25,6 +25,7 @@ from user_data import write_roboflow_dataset, write_split
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
+CUSTOM_TINY = os.path.join(ROOT, "configs/custom_tiny.py")  # the offline model: builds without the hub
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_training_start_runs_the_check_before_building(toys, tmp_path, train_net
     os.remove(os.path.join(root, "train", data["images"][4]["file_name"]))
     name = _unique("broken")
     with pytest.raises(DatasetError, match=rf"{data['images'][4]['file_name']}: file not found"):
-        train_net.run(CUSTOM_PY, f"dataset.root={root}", f"dataset.name={name}", f"train.output_dir={tmp_path}/o")
+        train_net.run(CUSTOM_TINY, f"dataset.root={root}", f"dataset.name={name}", f"train.output_dir={tmp_path}/o")
     assert not os.path.exists(f"{tmp_path}/o/model_final.pth")
     # the documented skip: dataset.check=False registers the data without the check
     from dinov2od.d2.config import check_datasets

@@ -36,7 +36,8 @@ from user_data import write_roboflow_dataset
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
-LAZY_CONFIGS = ("coco.py", "coco_dinov3.py", "custom.py", "debug_overfit.py", "shapes.py", "shapes_efficient.py")
+LAZY_CONFIGS = ("coco.py", "coco_dinov3.py", "custom.py", "custom_tiny.py", "debug_overfit.py", "shapes.py",
+                "shapes_efficient.py")
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,13 @@ def test_typed_max_iter_beats_the_files_epochs(toys, style, caplog):
 @pytest.mark.parametrize("style", ["lazy", "yacs"])
 def test_typed_epochs_beat_the_files_max_iter(toys, with_boxes, style, caplog):
     caplog.set_level(logging.INFO, logger="dinov2od")
-    if style == "lazy":  # custom.py: max_iter 400 (from shapes.py), batch 8
+    if style == "lazy":  # custom.py: max_iter 400, batch 8
         cfg = load_config(CUSTOM_PY, [*_data(style, toys), "train.epochs=4"])
         n = math.ceil(4 * with_boxes / 8)
         assert cfg.train.max_iter == n
         expected = f"schedule: train.epochs=4 from the command line sets train.max_iter={n} " \
                    f"(train.max_iter=400 from {CUSTOM_PY} not used)"
-    else:  # custom.yaml: MAX_ITER 400, STEPS (320,) (from shapes.yaml), IMS_PER_BATCH 8
+    else:  # custom.yaml: MAX_ITER 400, STEPS (320,), IMS_PER_BATCH 8
         cfg = load_config(CUSTOM_YAML, [*_data(style, toys), "SOLVER.MAX_EPOCHS", "4"])
         n = math.ceil(4 * with_boxes / 8)
         assert cfg.SOLVER.MAX_ITER == n and cfg.SOLVER.STEPS == (max(1, round(0.8 * n)),)

@@ -1,4 +1,6 @@
-"""A new user's trial, from the commands of docs/your_data.md alone, on a dataset this project did not
+"""A new user's trial, from the offline commands of docs/your_data.md alone (configs/custom_tiny.py,
+configs/yaml/custom_tiny.yaml: the project's own tiny backbone, which learns in a test's few epochs;
+the default configs/custom.py, DINOv2 ViT-S, has test_d2_custom_dinov2.py), on a dataset this project did not
 generate (tests/user_data.py: a Roboflow-style export with category ids 1/5/9, nested folders,
 grayscale, RGBA and 16-bit PNGs, images without boxes): train -> evaluate -> predict -> export ->
 predict with the graph, through both config styles. Every AP is re-scored here with pycocotools
@@ -17,8 +19,8 @@ import torch
 from conftest import ROOT
 from user_data import write_roboflow_dataset
 
-CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
-CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
+CUSTOM_PY = os.path.join(ROOT, "configs/custom_tiny.py")
+CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom_tiny.yaml")
 NAMES = {1: "apple", 5: "brick", 9: "kite"}
 FAST = ["train.epochs=8", "dataloader.train.mapper.augmentations.min_size_train=[128,144,160]",
         "dataloader.test.mapper.augmentations.min_size_test=144", "dataloader.train.num_workers=0",
@@ -49,7 +51,7 @@ def by_image_id(predictions, image_root: str, gt_json: str):
 
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory, train_net):
-    """The lazy route: `train_net.py --config-file configs/custom.py dataset.root=DATA`."""
+    """The lazy route: `train_net.py --config-file configs/custom_tiny.py dataset.root=DATA`."""
     tmp = tmp_path_factory.mktemp("trial")
     data = write_roboflow_dataset(str(tmp / "my_dataset"), num_train=24, num_valid=8)
     out = str(tmp / "output")

@@ -1,6 +1,6 @@
 """tools/predict.py with lazy configs, on a real 2-iteration lazy run of the tiny model: the run's
 saved ``config.yaml`` predicts as the config it was made from, with the training data's ids and
-names from the checkpoint (the config's datasets need not be registered), and ``configs/custom.py``
+names from the checkpoint (the config's datasets need not be registered), and ``configs/custom_tiny.py``
 (``model.num_classes=None``: from the data) takes the class count from the checkpoint."""
 import json
 import logging
@@ -68,7 +68,7 @@ def test_a_lazy_runs_saved_config_yaml_predicts_as_its_source_config(lazy_run, t
 def test_lazy_config_leaving_num_classes_to_the_data_takes_it_from_the_checkpoint(lazy_run, tmp_path, caplog):
     out, images = lazy_run
     weights = os.path.join(out, "model_final_ema.pth")
-    custom = os.path.join(ROOT, "configs/custom.py")
+    custom = os.path.join(ROOT, "configs/custom_tiny.py")  # the tiny model that TINY shrinks
     reference = _predict(os.path.join(out, "config.yaml"), weights, images, str(tmp_path / "ref"))
     with caplog.at_level(logging.INFO):
         results = _predict(custom, weights, images, str(tmp_path / "custom"), *TINY)

@@ -119,7 +119,8 @@ def setup(args, hold=None):
     logger.addHandler(early)                                     # logger is set up below
     logger.setLevel(logging.DEBUG)
     try:
-        cfg = load_config(args.config_file, args.opts, batch=not args.eval_only)  # batch: per GPU x GPUs
+        cfg = load_config(args.config_file, args.opts, batch=not args.eval_only,  # batch: per GPU x GPUs
+                          check_weights=True)  # a hub id that cannot be had here: stop first
     finally:
         logger.removeHandler(early)
     if is_lazy(cfg):

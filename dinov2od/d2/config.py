@@ -54,6 +54,8 @@ __all__ = [
     "load_config",
     "check_lazy_overrides",
     "UnknownKeyError",
+    "WeightsUnavailableError",
+    "check_backbone_weights",
     "build_backbone_from_cfg",
     "build_criterion_from_cfg",
     "build_detector_from_cfg",
@@ -496,7 +498,7 @@ def config_style(path: str) -> str:
 
 
 def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = True, batch: bool = True,
-                world_size: Optional[int] = None):
+                world_size: Optional[int] = None, check_weights: bool = False):
     """Load a lazy (``.py``, or a lazy run's saved ``config.yaml``) or yacs (``.yaml``) config, apply
     the command line's overrides, derive the batch from the batch per GPU (:func:`resolve_batch`),
     then register the config's own data (``dataset.root`` / ``DATASETS.ROOT``, see
@@ -510,6 +512,9 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
             resolved with the data.
         batch: resolve the batch per GPU (``--eval-only`` passes False: no training batch).
         world_size: the job's process count for the batch (default: the current process group's).
+        check_weights: first make sure that the backbone's pretrained weights can be had
+            (:func:`check_backbone_weights`: a hub id that is not cached while the hub is off or
+            does not answer stops here, before the data); ``tools/train_net.py`` passes True.
 
     Returns:
         an OmegaConf ``DictConfig`` (lazy) or an unfrozen yacs ``CfgNode``.
@@ -534,6 +539,8 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
             raise UnknownKeyError(_unknown_keys_message([bad], _yacs_keys(cfg), path, lazy=False)) from None
         typed = [str(k) for k in overrides[0::2]]
     schedule = _schedule_origin(cfg, typed, path)
+    if check_weights:
+        check_backbone_weights(cfg, path)
     if resolve_data:
         if batch:
             resolve_batch(cfg, world_size)
@@ -541,6 +548,66 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
         if schedule is not None:
             logger.info(schedule())
     return cfg
+
+
+# ---------------------------------------------------------------------------- the backbone's weights
+class WeightsUnavailableError(OSError):
+    """The backbone's pretrained weights name a hub id that cannot be had here (offline, not cached)."""
+
+
+def _official_dinov2_file(repo_id: str) -> str:
+    """Meta's file name of a DINOv2 hub id's weights (``dinov2_vits14_pretrain.pth``), else ``""``."""
+    from dinov2od.modeling.backbones.dinov2 import HUB_IDS
+
+    if repo_id not in HUB_IDS:
+        return ""
+    arch, registers = HUB_IDS[repo_id]
+    return f"dinov2_vit{arch[0]}14{'_reg4' if registers else ''}_pretrain.pth"
+
+
+def check_backbone_weights(cfg, path: str = "the config", timeout: Optional[float] = None) -> None:
+    """Stop at once when the backbone's ``pretrained`` is a Hugging Face hub id that cannot be loaded
+    here: not in the local cache, and ``HF_HUB_OFFLINE=1`` or the hub does not answer within
+    ``timeout`` seconds (:func:`dinov2od.modeling.backbones.loading.hub_weights_problem`). Local
+    folders and files, cached ids and no weights pass without a look-up.
+
+    Raises:
+        WeightsUnavailableError: naming the id, the reason, and the three ways on: a
+            ``save_pretrained`` folder or Meta's ``.pth`` for the config key, or the offline config
+            ``configs/custom_tiny.py`` (yacs: ``configs/yaml/custom_tiny.yaml``).
+    """
+    from dinov2od.modeling.backbones.loading import HUB_PROBE_TIMEOUT, hub_id, hub_weights_problem
+
+    lazy = is_lazy(cfg)
+    if lazy:
+        from omegaconf import OmegaConf
+
+        pretrained = OmegaConf.select(cfg, "model.detector.backbone.pretrained", default=None)
+    else:
+        pretrained = cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED
+    repo_id = hub_id(pretrained)
+    if repo_id is None:
+        return
+    problem = hub_weights_problem(repo_id, HUB_PROBE_TIMEOUT if timeout is None else timeout)
+    if problem is None:
+        return
+    key = "model.detector.backbone.pretrained" if lazy else "MODEL.DINOV2OD.BACKBONE.PRETRAINED"
+    sep = "=" if lazy else " "
+    tiny, other = ("configs/custom_tiny.py", "configs/yaml/custom_tiny.yaml") if lazy else (
+        "configs/yaml/custom_tiny.yaml", "configs/custom_tiny.py")
+    folder = repo_id.rsplit("/", 1)[-1]
+    official = _official_dinov2_file(repo_id)
+    pth = f"/path/to/{official}" if official else "/path/to/meta_checkpoint.pth"
+    raise WeightsUnavailableError(
+        f"The backbone's weights {repo_id!r} ({key} in {path}) cannot be loaded here: {problem}. "
+        "Stopped before reading the data or training. Either\n"
+        f"  - fetch them once where the hub is reachable, `huggingface-cli download {repo_id} --local-dir "
+        f"{folder}` (or `hf download`; a folder as transformers' save_pretrained writes it: config.json + "
+        f"model.safetensors), bring the folder here and add {key}{sep}/path/to/{folder};\n"
+        f"  - or use Meta's official checkpoint of the same ViT: {key}{sep}{pth};\n"
+        f"  - or train offline with the project's own tiny backbone (nothing to download; made for the CPU "
+        f"demo, far less accurate on photographs): --config-file {tiny} (the other config style: {other})."
+    )
 
 
 # ---------------------------------------------------------------------------- command-line overrides

@@ -11,7 +11,9 @@
   reachable (never when ``HF_HUB_OFFLINE=1``).
 
 A relative path that does not exist from the working directory but does from the project's root
-is taken from there (:func:`resolve_local_path`). Config fields that leave the weights as they are
+is taken from there (:func:`resolve_local_path`). :func:`hub_weights_problem` says, without
+loading anything, whether a hub id can be had here (cached, or the hub answers within a few
+seconds); ``tools/train_net.py`` asks it at start-up. Config fields that leave the weights as they are
 (:data:`RUNTIME_FIELDS`: ``drop_path_rate``) are applied on top of whatever a checkpoint says, for
 every source and family.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -28,10 +31,14 @@ from torch import Tensor, nn
 logger = logging.getLogger("dinov2od")
 
 __all__ = [
+    "HUB_PROBE_TIMEOUT",
     "PROJECT_ROOT",
     "RUNTIME_FIELDS",
     "PretrainedWeightsUnavailable",
+    "cached_hub_folder",
     "hf_folder",
+    "hub_id",
+    "hub_weights_problem",
     "is_official_checkpoint",
     "is_random_init",
     "load_converted",
@@ -89,9 +96,12 @@ def runtime_overrides(overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- Hugging Face ids and folders
+def _truthy(value: str) -> bool:
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _is_offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    if env.upper() in ("1", "ON", "YES", "TRUE"):
+    if _truthy(os.environ.get("HF_HUB_OFFLINE", "")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE", "")):
         return True
     try:
         from huggingface_hub import constants
@@ -99,6 +109,101 @@ def _is_offline() -> bool:
         return bool(constants.HF_HUB_OFFLINE)
     except ImportError:  # pragma: no cover
         return False
+
+
+#: seconds a start-up look-up waits for the hub's answer (:func:`hub_weights_problem`)
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def hub_id(pretrained) -> Optional[str]:
+    """The Hugging Face hub id that ``pretrained`` names, or None: no weights, or a local path (one that
+    exists, an official checkpoint's name, or a path starting with ``.``, ``/`` or ``~``).
+
+    The same reading as the loaders': whatever is not one of those is fetched as a hub id.
+    """
+    path = resolve_pretrained(pretrained)
+    if path is None or os.path.exists(path) or is_official_checkpoint(path) or os.path.isabs(path):
+        return None
+    if path.startswith((".", os.sep, "~")):
+        return None
+    return path
+
+
+def cached_hub_folder(repo_id: str) -> Optional[str]:
+    """The folder of ``repo_id`` in the local Hugging Face cache when it holds a ``config.json`` and
+    ``.safetensors`` weights (what the loaders read), else None. Never asks the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=True)
+    except Exception:  # noqa: BLE001  (not cached, an invalid id, no huggingface_hub)
+        return None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+        return None
+    return folder
+
+
+def _ask_hub(repo_id: str, timeout: float) -> Optional[str]:
+    """None when the hub answers that it has ``repo_id``, else why not. The question runs in a daemon
+    thread that is waited for ``timeout`` + 1 s at most, so a DNS look-up that hangs (which requests'
+    timeout does not cover) cannot hold the caller longer."""
+    answer: Dict[str, Optional[str]] = {}
+
+    def ask() -> None:
+        try:
+            from huggingface_hub import HfApi
+
+            HfApi().model_info(repo_id, timeout=timeout)
+            answer["reason"] = None
+        except Exception as e:  # noqa: BLE001
+            name = type(e).__name__
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first if len(first) <= 160 else first[:157] + "..."
+            if name in ("RepositoryNotFoundError", "GatedRepoError"):
+                answer["reason"] = (f"the Hugging Face hub has no model {repo_id!r} that it lets this machine "
+                                    f"read ({name}: {first})")
+            else:
+                answer["reason"] = f"the Hugging Face hub did not answer ({name}: {first})"
+
+    thread = threading.Thread(target=ask, name="dinov2od-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if thread.is_alive():
+        return f"the Hugging Face hub did not answer within {timeout:g} s"
+    return answer.get("reason", "the Hugging Face hub look-up failed")
+
+
+def hub_weights_problem(pretrained, timeout: float = HUB_PROBE_TIMEOUT) -> Optional[str]:
+    """Why the hub id that ``pretrained`` names cannot be loaded here, found before anything is loaded;
+    None when it can (or when ``pretrained`` names no weights or a local path: those are read from disk).
+
+    An id in the local cache (:func:`cached_hub_folder`) can. Else, with ``HF_HUB_OFFLINE=1`` (or
+    ``TRANSFORMERS_OFFLINE=1``) it cannot; otherwise the hub is asked whether it has the model, once,
+    waiting ``timeout`` seconds at most (an answer: the loader downloads it; no answer, an error or
+    an unknown id: the reason).
+
+    Returns:
+        None, or a sentence such as ``"HF_HUB_OFFLINE=1 is set and 'facebook/dinov2-small' is not in
+        the Hugging Face cache (/root/.cache/huggingface/hub)"``.
+    """
+    repo_id = hub_id(pretrained)
+    if repo_id is None or cached_hub_folder(repo_id) is not None:
+        return None
+    try:
+        from huggingface_hub import constants
+
+        cache = f" ({constants.HF_HUB_CACHE})"
+    except ImportError:  # pragma: no cover
+        cache = ""
+    not_cached = f"{repo_id!r} is not in the Hugging Face cache{cache}"
+    if _is_offline():
+        flag = next((k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(k, ""))),
+                    "HF_HUB_OFFLINE")
+        return f"{flag}=1 is set and {not_cached}"
+    reason = _ask_hub(repo_id, timeout)
+    return None if reason is None else f"{reason}, and {not_cached}"
 
 
 def _download_hub(repo_id: str, family: str, known: Iterable[str]) -> str:
