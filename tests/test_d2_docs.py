@@ -16,7 +16,8 @@ from conftest import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "MODEL_CARD.md"),
         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-TOOLS = ["train_net", "predict", "export_onnx", "benchmark", "pretrain_backbone", "convert_checkpoint"]
+TOOLS = ["train_net", "predict", "export_onnx", "benchmark", "pretrain_backbone", "convert_checkpoint",
+         "convert_dataset"]
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
