@@ -13,8 +13,8 @@ iterations from the number of training images with boxes.
 The backbone is Meta's DINOv2 ViT-S/14 (``facebook/dinov2-small``), frozen, with LoRA on its
 attention's query/value as in configs/coco.py; a 3-layer deformable decoder (256 wide, 300 queries,
 with denoising and one-to-many queries in training) on a 3-level pyramid; images of 224-256 px
-(short side). Sized so that one iteration of 8 images takes a few seconds on a 2-core CPU
-(README.md, "Train on your data"); ``train.device=cuda`` trains on a GPU.
+(short side). Sized so that one iteration of 8 images takes a few seconds on a 2-core CPU (5.6 s
+measured; docs/your_data.md, "The model, and training offline"); ``train.device=cuda`` trains on a GPU.
 
 The weights come from the Hugging Face hub the first time (then from its cache). Without the hub,
 ``tools/train_net.py`` stops before anything else and says what to do: point

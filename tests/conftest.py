@@ -23,6 +23,11 @@ import pytest
 # 3-4 s passive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Nothing in a test downloads: a hub id (configs/custom.py's facebook/dinov2-small) that a test forgot
+# to replace with a local folder stops at once with the project's offline message instead of asking the
+# network. Tests of the look-up itself (test_d2_custom_dinov2.py) clear it and stand in for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # Training runs in tests cache their parsed datasets (dinov2od.d2.data_cache) in a folder of this run,
 # not in the user's ~/.cache; subprocesses (DDP, torchrun) inherit it.
 os.environ["DINOV2OD_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="dinov2od-test-cache-")

@@ -606,7 +606,8 @@ def check_backbone_weights(cfg, path: str = "the config", timeout: Optional[floa
         f"model.safetensors), bring the folder here and add {key}{sep}/path/to/{folder};\n"
         f"  - or use Meta's official checkpoint of the same ViT: {key}{sep}{pth};\n"
         f"  - or train offline with the project's own tiny backbone (nothing to download; made for the CPU "
-        f"demo, far less accurate on photographs): --config-file {tiny} (the other config style: {other})."
+        f"demo, pretrained on generated glyphs, not photographs): --config-file {tiny} (the other config "
+        f"style: {other})."
     )
 
 
