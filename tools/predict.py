@@ -26,7 +26,6 @@ predict.py run's drawings and predictions from it. predict.py marks its folders 
 ``.dinov2od-predict.json``; ``--overwrite`` clears only a folder that has it, and removes only what
 predict.py writes (``predictions.json``, ``predictions.jsonl`` and drawings, ``*.<image ext>.jpg``).
 
-
 * one drawing per image (Detectron2's ``Visualizer``, detections scoring >= ``--score-threshold``),
   named by the image's path relative to the input root (the folder given; with several inputs, the
   folder holding them all) with its own extension kept and ``.jpg`` appended:
