@@ -182,6 +182,20 @@ def test_plus_adds_a_key_on_purpose():
     assert cfg.train.my_note == 7 and cfg.model.detector.backbone.arch_overrides.layer_norm_eps == 1e-5
 
 
+def test_typed_none_is_none_as_in_the_config_files(toys):
+    """``model.num_classes=None`` (how configs/custom*.py write it, and what check_num_classes' message
+    offers) is None, so the class count comes from the data; Hydra alone reads it as the string
+    "None" and the run failed with an AttributeError (negative control: without ``_python_none``
+    this test fails on ``'None' is not None``). ``null`` keeps working; a quoted word stays a string."""
+    cfg = load_config(CUSTOM_PY, ["model.num_classes=None", "train.output_dir=None"], resolve_data=False)
+    assert cfg.model.num_classes is None and cfg.train.output_dir is None
+    assert load_config(CUSTOM_PY, ["model.num_classes=null"], resolve_data=False).model.num_classes is None
+    assert load_config(CUSTOM_PY, ["dataset.name=Nonesuch"], resolve_data=False).dataset.name == "Nonesuch"
+    cfg = load_config(CUSTOM_PY, _data("lazy", toys) + ["model.num_classes=None"])
+    classes = json.load(open(os.path.join(toys, "train/_annotations.coco.json")))["categories"]
+    assert cfg.model.num_classes == len(classes) == 3
+
+
 def test_a_runs_saved_config_yaml_loads_with_overrides(tmp_path, toys):
     saved = str(tmp_path / "config.yaml")
     LazyConfig.save(load_config(CUSTOM_PY, _data("lazy", toys)), saved)  # as a run saves it: resolved

@@ -524,7 +524,7 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
         overrides = [str(o).strip() for o in overrides]
         check_lazy_overrides(cfg, overrides, path)  # an unknown key: an error before anything is built
         typed = [_override_key(o).lstrip("+") for o in overrides]
-        cfg = LazyConfig.apply_overrides(cfg, [o.lstrip("+") for o in overrides])
+        cfg = LazyConfig.apply_overrides(cfg, [_python_none(o.lstrip("+")) for o in overrides])
     else:
         cfg = get_cfg()
         add_dinov2od_config(cfg)
@@ -617,6 +617,13 @@ class UnknownKeyError(KeyError):
 
     def __str__(self) -> str:  # KeyError's own would quote the message and escape its newlines
         return str(self.args[0]) if self.args else ""
+
+
+def _python_none(item: str) -> str:
+    """``key=None`` as the config files write it means None; Hydra's override grammar would read it
+    as the string "None" (its None is ``null``), which then fails far from the command line."""
+    key, sep, value = item.partition("=")
+    return f"{key}=null" if sep and value.strip() == "None" else item
 
 
 def _override_key(item: str) -> str:
