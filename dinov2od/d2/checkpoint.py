@@ -31,7 +31,6 @@ import os
 import random
 import re
 import sys
-import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs
 
@@ -48,12 +47,13 @@ from detectron2.utils import comm
 from dinov2od.modeling.checkpoint_io import (
     UnreadableCheckpointError,
     UnsafeCheckpointError,
+    atomic_write,
     load_state,
     not_weights_only,
     plain_state,
 )
 
-from .run_folder import checkpoint_to_resume
+from .run_folder import checkpoint_to_resume, complete_archive
 
 __all__ = [
     "CrashSafeCheckpointer",
@@ -72,46 +72,6 @@ logger = logging.getLogger(__name__)
 
 # what atomic_write leaves when killed: <name>.pth.tmp.<pid> / last_checkpoint.tmp.<pid> (".tmp" alone: earlier versions)
 _TEMPORARY = re.compile(r"^(.+\.pth|last_checkpoint)\.tmp(\.\d+)?$")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb"):
-    """Open a temporary file that replaces ``path`` only once it is completely written.
-
-    On leaving the block the file is flushed and fsynced, renamed to ``path`` and the folder is
-    fsynced (so the rename itself survives a power cut). If the block raises, ``path`` is left
-    as it was and the temporary file is removed. The temporary file, ``<path>.tmp.<pid>``, is
-    the writer's own: processes writing the same name at once never share one.
-
-    Args:
-        path: the final file name.
-        mode: "wb" or "w".
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            # fsync cannot be observed by a test: its effect shows only after a power cut or kernel
-            # crash. Without it, os.replace can give the final name to a file whose bytes are still
-            # only in the page cache, and such a crash leaves an empty or truncated checkpoint under
-            # that name. Keep it, and the folder fsync below (it makes the rename durable).
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_save(obj, path: str) -> None:
@@ -416,16 +376,6 @@ def _with_detector_prefix(model, state):
     return {f"detector.{k}": v for k, v in state.items()}
 
 
-def _complete(path: str) -> bool:
-    """Whether ``path`` is a complete ``torch.save`` archive (zip format, every member's CRC checks).
-    Nothing is unpickled."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
-        return False
-
-
 def _is_dinov2od_model(model) -> bool:
     from dinov2od.modeling import DINOv2ObjectDetector
 
@@ -449,12 +399,12 @@ if not hasattr(DetectionCheckpointer._load_file, "original"):  # once, also if t
 
 def _unreadable_message(path: str, error: Exception) -> str:
     """The error for a checkpoint that cannot be read, naming the newest complete one beside it
-    (checked without unpickling anything: :func:`_complete`)."""
+    (checked without unpickling anything: :func:`~dinov2od.d2.run_folder.complete_archive`)."""
     folder = os.path.dirname(os.path.abspath(path))
     others = [p for p in glob.glob(os.path.join(glob.escape(folder), "model_*.pth"))
               if os.path.abspath(p) != os.path.abspath(path) and not p.endswith("_ema.pth")]  # weights only
     others.sort(key=lambda p: os.path.getmtime(p), reverse=True)
-    good = next((other for other in others if _complete(other)), None)
+    good = next((other for other in others if complete_archive(other)), None)
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     msg = f"Cannot read the checkpoint {path}: it is truncated or corrupt ({type(error).__name__}: {detail})."
     if good is None:

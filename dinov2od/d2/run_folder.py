@@ -47,6 +47,7 @@ __all__ = [
     "RunFolderError",
     "checkpoint_to_resume",
     "claim_output_folder",
+    "complete_archive",
     "describe_training",
     "training_signs",
 ]
@@ -336,7 +337,7 @@ def claim_output_folder(folder: str, *, resume: bool = False, eval_only: bool = 
 
 
 # ---------------------------------------------------------------------------- the checkpoint to resume
-def _complete(path: str) -> bool:
+def complete_archive(path: str) -> bool:
     """Whether ``path`` is a complete checkpoint archive (torch's zip format, every member's CRC checks).
     Nothing is unpickled."""
     try:
@@ -375,7 +376,7 @@ def checkpoint_to_resume(folder: str, tagged: Optional[str] = None) -> Optional[
                   if os.path.basename(p) != EMA_WEIGHTS and os.path.isfile(p)]
     candidates.sort(key=lambda p: (os.path.getmtime(p), _iteration_of(os.path.basename(p)) or 0), reverse=True)
     for path in candidates:
-        if _complete(path):
+        if complete_archive(path):
             logger.warning(
                 "%s names %s, which does not exist; resuming from %s, the newest complete checkpoint in %s.",
                 os.path.join(folder, TAG), os.path.basename(tagged), os.path.basename(path), folder)

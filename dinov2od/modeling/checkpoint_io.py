@@ -37,6 +37,7 @@ __all__ = [
     "TRUSTED_ENV",
     "UnreadableCheckpointError",
     "UnsafeCheckpointError",
+    "atomic_write",
     "detector_arguments",
     "export_for_inference",
     "exported_info",
@@ -89,6 +90,46 @@ class UnreadableCheckpointError(ValueError):
         self.path, self.error = path, error
         self.reason = _first_line(error)
         super().__init__(f"Cannot read {path}: it is truncated or corrupt ({type(error).__name__}: {self.reason}).")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Open a temporary file that replaces ``path`` only once it is completely written.
+
+    On leaving the block the file is flushed and fsynced, renamed to ``path`` and the folder is
+    fsynced (so the rename itself survives a power cut). If the block raises, ``path`` is left
+    as it was and the temporary file is removed. The temporary file, ``<path>.tmp.<pid>``, is
+    the writer's own: processes writing the same name at once never share one.
+
+    Args:
+        path: the final file name.
+        mode: "wb" or "w".
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            # fsync cannot be observed by a test: its effect shows only after a power cut or kernel
+            # crash. Without it, os.replace can give the final name to a file whose bytes are still
+            # only in the page cache, and such a crash leaves an empty or truncated checkpoint under
+            # that name. Keep it, and the folder fsync below (it makes the rename durable).
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _first_line(error: BaseException) -> str:
@@ -244,7 +285,7 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
     Returns:
         the path written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out, seen = {}, set()
     for k, v in tensors.items():
@@ -254,16 +295,8 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Opti
         if t.numel():
             seen.add(t.untyped_storage().data_ptr())
         out[k] = t
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(out, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        f.write(save(out, metadata=metadata))
     return path
 
 
@@ -409,16 +442,7 @@ def export_for_inference(model, path: str, weights: Optional[Dict[str, torch.Ten
     save_safetensors(weights, path, {"format": "pt", "dinov2od": json.dumps(info)})
     info["sha256"] = _sha256(path)
     json_path = os.path.splitext(path)[0] + ".json"
-    tmp = f"{json_path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, json_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with atomic_write(json_path, "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
     return path, json_path
