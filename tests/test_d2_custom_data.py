@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 from detectron2.data.datasets import register_coco_instances
 
@@ -21,7 +21,7 @@ from conftest import ROOT
 from dinov2od.d2.config import check_num_classes, config_style, load_config
 from dinov2od.d2.dataset_mapper import read_image
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset, find_coco_splits
-from user_data import write_roboflow_dataset, write_split
+from user_data import write_roboflow_dataset, write_split, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
@@ -31,13 +31,6 @@ CUSTOM_TINY = os.path.join(ROOT, "configs/custom_tiny.py")  # the offline model:
 @pytest.fixture(scope="module")
 def toys(tmp_path_factory):
     return write_roboflow_dataset(str(tmp_path_factory.mktemp("toys")), num_train=12, num_valid=4)
-
-
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -62,7 +55,7 @@ def test_find_coco_splits_reads_roboflow_and_coco_layouts(tmp_path, toys):
 
 # ---------------------------------------------------------------------------- both config styles
 def test_yacs_config_trains_on_a_folder_with_classes_from_the_json(toys):
-    name = _unique("yfold")
+    name = unique_dataset_name("yfold")
     cfg = load_config(CUSTOM_YAML, ["DATASETS.ROOT", toys, "DATASETS.NAME", name])
     assert cfg.DATASETS.TRAIN == (f"{name}_train",) and cfg.DATASETS.TEST == (f"{name}_val",)
     assert cfg.MODEL.DINOV2OD.NUM_CLASSES == 3
@@ -88,16 +81,16 @@ def test_class_count_that_disagrees_with_the_data_fails_at_config_time(toys, sty
     path = CUSTOM_PY if style == "lazy" else CUSTOM_YAML
     with pytest.raises(ValueError, match=r"has 3 classes \(\['apple', 'brick', 'kite'\]\) but the model has "
                                          r"num_classes=2\. Set num_classes=3"):
-        load_config(path, opts(_unique(f"cnt{style}"), 2))
+        load_config(path, opts(unique_dataset_name(f"cnt{style}"), 2))
     # negative control: the matching count loads (the error is about the number, not the route)
-    cfg = load_config(path, opts(_unique(f"cnt{style}"), 3))
+    cfg = load_config(path, opts(unique_dataset_name(f"cnt{style}"), 3))
     assert (cfg.model.num_classes if style == "lazy" else cfg.MODEL.DINOV2OD.NUM_CLASSES) == 3
 
 
 def test_class_count_check_runs_for_detectron2s_own_registration(toys):
     """register_coco_instances fills thing_classes only when the json is loaded, after the model is
     built; the check reads the json's categories itself."""
-    name = _unique("d2reg")
+    name = unique_dataset_name("d2reg")
     register_coco_instances(name + "_train", {}, os.path.join(toys, "train/_annotations.coco.json"),
                             os.path.join(toys, "train"))
     assert MetadataCatalog.get(name + "_train").get("thing_classes", None) is None
@@ -111,7 +104,7 @@ def test_epochs_become_iterations_from_the_training_images_with_boxes(toys, styl
     data = json.load(open(os.path.join(toys, "train/_annotations.coco.json")))
     with_boxes = len({a["image_id"] for a in data["annotations"]})  # counted here from the json itself
     assert 0 < with_boxes < len(data["images"])  # the generator made images without boxes
-    name = _unique(f"ep{style}")
+    name = unique_dataset_name(f"ep{style}")
     if style == "lazy":
         cfg = load_config(CUSTOM_PY, [f"dataset.root={toys}", f"dataset.name={name}", "train.epochs=7",
                                       "dataloader.train.total_batch_size=4", "train.accumulate_steps=2"])
@@ -172,7 +165,7 @@ def test_training_start_runs_the_check_before_building(toys, tmp_path, train_net
     shutil.copytree(toys, root)
     data = json.load(open(os.path.join(root, "train/_annotations.coco.json")))
     os.remove(os.path.join(root, "train", data["images"][4]["file_name"]))
-    name = _unique("broken")
+    name = unique_dataset_name("broken")
     with pytest.raises(DatasetError, match=rf"{data['images'][4]['file_name']}: file not found"):
         train_net.run(CUSTOM_TINY, f"dataset.root={root}", f"dataset.name={name}", f"train.output_dir={tmp_path}/o")
     assert not os.path.exists(f"{tmp_path}/o/model_final.pth")

@@ -29,14 +29,13 @@ import pytest
 import torch
 
 from detectron2.config import LazyConfig, get_cfg
-from detectron2.data import DatasetCatalog
 from omegaconf import OmegaConf
 
 from conftest import ROOT
 from dinov2od.d2.config import (WeightsUnavailableError, add_dinov2od_config, check_backbone_weights, load_config,
                                 model_arguments)
 from dinov2od.modeling.backbones import loading
-from user_data import write_roboflow_dataset
+from user_data import write_roboflow_dataset, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
@@ -113,13 +112,6 @@ def online(monkeypatch, tmp_path):
     return Hub
 
 
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
-
-
 def _leaves(tree, prefix=""):
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -182,7 +174,7 @@ def test_custom_py_loads_a_local_vits_folder_and_trains_an_iteration(vits_folder
     monkeypatch.setattr(loading, "_ask_hub", no_hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing else may try either
     out = tmp_path / "out"
-    train_net.run(CUSTOM_PY, f"dataset.root={toys}", f"dataset.name={_unique('vits')}", f"{PRETRAINED}={vits_folder}",
+    train_net.run(CUSTOM_PY, f"dataset.root={toys}", f"dataset.name={unique_dataset_name('vits')}", f"{PRETRAINED}={vits_folder}",
                   "train.max_iter=1", "train.eval_after_train=False", "train.visualize.num_images=0",
                   f"train.output_dir={out}", *SMALL_IMAGES)
     sd = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]

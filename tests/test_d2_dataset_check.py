@@ -29,17 +29,10 @@ from conftest import ROOT
 from dinov2od.d2.config import check_config_datasets, load_config
 from dinov2od.d2.dataset_mapper import DetrDatasetMapper
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset
-from user_data import write_roboflow_dataset
+from user_data import write_roboflow_dataset, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
-
-
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
 
 
 def _write_images(folder, sizes, colour=(90, 120, 60)):
@@ -80,11 +73,11 @@ def test_truncated_jpeg_is_found_before_training(tmp_path, split):
     data = json.load(open(os.path.join(root, split, "_annotations.coco.json")))
     jpeg = next(im["file_name"] for im in data["images"] if im["file_name"].endswith(".jpg"))
     _truncate(os.path.join(root, split, jpeg))
-    cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={_unique('trunc')}"])
+    cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={unique_dataset_name('trunc')}"])
     with pytest.raises(DatasetError, match=rf"{jpeg}: cannot be decoded as an image \(OSError: image file is truncated"):
         check_config_datasets(cfg)
     # negative control: the header-only mode (the old check) does not see it ...
-    cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={_unique('trunch')}",
+    cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={unique_dataset_name('trunch')}",
                                   "dataset.check_images=header"])
     check_config_datasets(cfg)
     # ... and it is what the mapper (training; evaluation reads images the same way) fails on
@@ -97,15 +90,15 @@ def test_truncated_jpeg_is_found_before_training(tmp_path, split):
 def test_check_modes_in_both_config_styles(tmp_path):
     root = write_roboflow_dataset(str(tmp_path / "data"), num_train=2, num_valid=2)
     for opts, mode in (([], "decode"), (["dataset.check_images=header"], "header"), (["dataset.check=False"], False)):
-        name = _unique("mode")
+        name = unique_dataset_name("mode")
         load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={name}", *opts])
         assert MetadataCatalog.get(f"{name}_train").dinov2od_check == mode
     for opts, mode in (([], "decode"), (["DATASETS.CHECK_IMAGES", "header"], "header"), (["DATASETS.CHECK", "False"], False)):
-        name = _unique("ymode")
+        name = unique_dataset_name("ymode")
         load_config(CUSTOM_YAML, ["DATASETS.ROOT", root, "DATASETS.NAME", name, *opts])
         assert MetadataCatalog.get(f"{name}_train").dinov2od_check == mode
     with pytest.raises(ValueError, match=r"dataset\.check_images / DATASETS\.CHECK_IMAGES must be one of \['decode', 'header'\]"):
-        load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={_unique('mode')}", "dataset.check_images=full"])
+        load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={unique_dataset_name('mode')}", "dataset.check_images=full"])
 
 
 # ---------------------------------------------------------------------------- 2. Roboflow's dataset category
@@ -139,7 +132,7 @@ def test_roboflow_dataset_category_is_no_class_and_evaluation_keeps_the_ids(tmp_
     root = str(tmp_path / "rf")
     _roboflow_split(os.path.join(root, "train"), 3)
     val = _roboflow_split(os.path.join(root, "valid"), 2)
-    name = _unique("rf")
+    name = unique_dataset_name("rf")
     caplog.set_level(logging.INFO, logger="dinov2od")
     cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", f"dataset.name={name}",
                                   f"train.output_dir={tmp_path}/out"])
@@ -254,7 +247,7 @@ def test_duplicate_category_names_and_annotation_ids_are_errors(tmp_path):
     assert "2 problem(s)" in msg and "category name 'cat' is used by ids [1, 4]" in msg
     assert "annotation ids listed more than once: 7 (2x)" in msg
     # negative control: Detectron2 takes the two names as two classes
-    name = _unique("dupname")
+    name = unique_dataset_name("dupname")
     data["annotations"][1]["id"] = 8
     path = _dump(folder, data, "ok_ids.json")
     register_coco_instances(name, {}, path, folder)

@@ -35,6 +35,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 
 from conftest import ROOT
+from user_data import unique_dataset_name
 from dinov2od.d2.config import load_config
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset, register_coco_folder
 from dinov2od.d2.datasets.folder import near_duplicates
@@ -45,13 +46,6 @@ SIZES = {"a": (64, 48), "b": (80, 60), "c": (48, 64)}
 LAZY = next(p for p in (os.path.join(ROOT, "configs", n) for n in ("custom_tiny.py", "custom.py")) if os.path.isfile(p))
 YACS = next(p for p in (os.path.join(ROOT, "configs/yaml", n) for n in ("custom_tiny.yaml", "custom.yaml"))
             if os.path.isfile(p))
-
-
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
 
 
 def _image(path, size):
@@ -188,7 +182,7 @@ def test_yolo_layouts_read_alike(tmp_path):
 
 
 def test_yolo_registration_predicts_yolo_indices(tmp_path):
-    name = _unique("yolo")
+    name = unique_dataset_name("yolo")
     names = register_coco_folder(_yolo(tmp_path / "y"), name=name)
     assert names == {"train": f"{name}_train", "val": f"{name}_val"}
     meta = MetadataCatalog.get(names["train"])
@@ -218,7 +212,7 @@ def test_voc_difficult_objects_are_ignore_regions(tmp_path, caplog):
     root = _voc(tmp_path / "v")
     data, image_root = read_voc(root)["train"]
     assert [(a["category_id"], a["iscrowd"]) for a in data["annotations"]] == [(1, 0), (0, 0), (0, 1)]
-    name = _unique("vocd")
+    name = unique_dataset_name("vocd")
     names = register_coco_folder(root, name=name)
     with caplog.at_level(logging.WARNING, logger="dinov2od"):
         meta = MetadataCatalog.get(names["train"])
@@ -281,12 +275,12 @@ def test_auto_detection_and_forced_format(tmp_path):
     both = _voc(_yolo(tmp_path / "both"))  # data.yaml and Annotations/ in one folder: YOLO first
     assert detect_format(both) == "yolo"
     assert detect_format(_yolo(coco)) == "coco"  # a COCO json first
-    name = _unique("fmt")
+    name = unique_dataset_name("fmt")
     cfg = load_config(LAZY,
                       [f"dataset.root={both}", "dataset.format=voc", f"dataset.name={name}"])
     assert cfg.model.num_classes == 2
     assert MetadataCatalog.get(f"{name}_train").thing_classes == ["ant", "zebra"]  # VOC's, not data.yaml's
-    yname = _unique("yfmt")
+    yname = unique_dataset_name("yfmt")
     cfg = load_config(YACS,
                       ["DATASETS.ROOT", both, "DATASETS.FORMAT", "yolo", "DATASETS.NAME", yname])
     assert cfg.DATASETS.TRAIN == (f"{yname}_train",) and MetadataCatalog.get(f"{yname}_train").thing_classes == ["cat", "dog"]
@@ -339,7 +333,7 @@ def test_convert_dataset_writes_coco_that_registers_alike(tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(out)) == ["train", "valid"] and sorted(os.listdir(out / "train")) == [
         "_annotations.coco.json", "a.jpg", "b.jpg"]
-    a, b = _unique("cv"), _unique("cc")
+    a, b = unique_dataset_name("cv"), unique_dataset_name("cc")
     register_coco_folder(voc, name=a)
     register_coco_folder(str(out), name=b)
     for split in ("train", "val"):

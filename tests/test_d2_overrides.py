@@ -32,7 +32,7 @@ from detectron2.data import DatasetCatalog
 
 from conftest import ROOT, TINY
 from dinov2od.d2.config import UnknownKeyError, check_lazy_overrides, load_config
-from user_data import write_roboflow_dataset
+from user_data import write_roboflow_dataset, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
@@ -51,15 +51,8 @@ def with_boxes(toys):
     return len({a["image_id"] for a in data["annotations"]})  # counted here, from the json itself
 
 
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
-
-
 def _data(style, toys):
-    name = _unique(f"ov{style}")
+    name = unique_dataset_name(f"ov{style}")
     return [f"dataset.root={toys}", f"dataset.name={name}"] if style == "lazy" else \
         ["DATASETS.ROOT", toys, "DATASETS.NAME", name]
 
@@ -137,7 +130,7 @@ def test_misspelt_lazy_key_is_an_error_naming_the_nearest(toys):
 
 
 def test_unknown_key_fails_before_anything_is_registered(tmp_path):
-    name = _unique("never")
+    name = unique_dataset_name("never")
     with pytest.raises(UnknownKeyError, match=r"model\.detector\.num_querys: did you mean model\.detector\.num_queries"):
         load_config(CUSTOM_PY, [f"dataset.root={tmp_path / 'missing'}", f"dataset.name={name}",
                                 "model.detector.num_querys=10"])

@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 
 from conftest import ROOT
+from user_data import unique_dataset_name
 from dinov2od.d2.config import check_config_datasets, load_config
 from dinov2od.d2.datasets import sizes as S
 
@@ -151,20 +151,13 @@ def _write_dataset(root, data_by_split):
     return root
 
 
-def _unique(prefix):
-    i = 0
-    while f"{prefix}{i}_train" in DatasetCatalog.list():
-        i += 1
-    return f"{prefix}{i}"
-
-
 def _lazy_cfg(root, *overrides):
-    return load_config(SHAPES_PY, [f"dataset.root={root}", f"dataset.name={_unique('sz')}", "dataset.check_images=header",
+    return load_config(SHAPES_PY, [f"dataset.root={root}", f"dataset.name={unique_dataset_name('sz')}", "dataset.check_images=header",
                                    "model.num_classes=2", "train.epochs=null", *overrides])
 
 
 def _yacs_cfg(root, *overrides):
-    return load_config(SHAPES_YAML, ["DATASETS.ROOT", root, "DATASETS.NAME", _unique("szy"), "DATASETS.CHECK_IMAGES",
+    return load_config(SHAPES_YAML, ["DATASETS.ROOT", root, "DATASETS.NAME", unique_dataset_name("szy"), "DATASETS.CHECK_IMAGES",
                                      "header", "MODEL.DINOV2OD.NUM_CLASSES", "0", *overrides])
 
 

@@ -79,3 +79,14 @@ def write_roboflow_dataset(root: str, num_train: int = 24, num_valid: int = 8) -
     write_split(os.path.join(root, "train"), num_train, seed=1)
     write_split(os.path.join(root, "valid"), num_valid, seed=2)
     return root
+
+
+def unique_dataset_name(prefix: str) -> str:
+    """``prefix`` + the first number whose ``<name>_train`` is not registered yet (tests register
+    datasets in one process, and Detectron2's catalog refuses a name twice)."""
+    from detectron2.data import DatasetCatalog
+
+    i = 0
+    while f"{prefix}{i}_train" in DatasetCatalog.list():
+        i += 1
+    return f"{prefix}{i}"
