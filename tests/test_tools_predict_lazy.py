@@ -82,3 +82,20 @@ def test_lazy_config_leaving_num_classes_to_the_data_takes_it_from_the_checkpoin
         _predict(custom, str(tmp_path / "old.pth"), images, str(tmp_path / "old"), *TINY)
     assert len(_predict(custom, str(tmp_path / "old.pth"), images, str(tmp_path / "old3"), *TINY,
                         "model.num_classes=3")) == len(reference)
+
+
+def test_a_hub_backbone_that_is_not_cached_is_not_needed_to_predict(lazy_run, tmp_path, caplog):
+    """A DINOv2 run's config names its backbone by hub id (configs/custom.py: facebook/dinov2-small);
+    predicting with its checkpoint offline (conftest sets HF_HUB_OFFLINE=1, and the id is not cached)
+    builds the backbone without those weights, since the checkpoint holds every backbone tensor, and
+    predicts as with the local weights. Negative control: without ``_backbone_from_weights`` the
+    backbone's hub load fails offline (an error naming facebook/dinov2-small)."""
+    out, images = lazy_run
+    saved, weights = os.path.join(out, "config.yaml"), os.path.join(out, "model_final_ema.pth")
+    local = _predict(saved, weights, images, str(tmp_path / "local"))
+    with caplog.at_level(logging.INFO, logger="dinov2od"):
+        hub = _predict(saved, weights, images, str(tmp_path / "hub"),
+                       "model.detector.backbone.pretrained=facebook/dinov2-small")
+    assert hub == local and len(hub) > 0
+    assert any("'facebook/dinov2-small' are not in the Hugging Face cache and not needed" in r.getMessage()
+               for r in caplog.records)

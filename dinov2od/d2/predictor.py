@@ -31,6 +31,8 @@ def load_inference_config(config_file: str, overrides: Sequence[str] = (), weigh
     """
     cfg = load_config(config_file, overrides, resolve_data=False)
     lazy = is_lazy(cfg)
+    if weights:
+        _backbone_from_weights(cfg, weights)
     key, example = ("model.num_classes", "model.num_classes=3") if lazy else (
         "MODEL.DINOV2OD.NUM_CLASSES", "MODEL.DINOV2OD.NUM_CLASSES 3")
     if (cfg.model.get("num_classes", None) if lazy else cfg.MODEL.DINOV2OD.NUM_CLASSES):
@@ -46,6 +48,32 @@ def load_inference_config(config_file: str, overrides: Sequence[str] = (), weigh
         cfg.MODEL.DINOV2OD.NUM_CLASSES = len(classes[0])
     logger.info("%s=%d from %s: %s", key, len(classes[0]), weights, classes[0])
     return cfg
+
+
+def _backbone_from_weights(cfg, weights: str) -> None:
+    """Build the backbone without its pretrained weights when they are a Hugging Face hub id that is not
+    in the local cache and the architecture is named: ``weights`` holds every backbone tensor (the load
+    refuses a file that does not fit the model exactly), so downloading them to overwrite them is not
+    needed, and an offline machine predicts with a DINOv2 run's own config (``configs/custom.py``)."""
+    from omegaconf import OmegaConf
+
+    from dinov2od.modeling.backbones.loading import cached_hub_folder, hub_id
+
+    lazy = is_lazy(cfg)
+    if lazy:
+        pretrained = OmegaConf.select(cfg, "model.detector.backbone.pretrained", default=None)
+        arch = OmegaConf.select(cfg, "model.detector.backbone.arch", default=None)
+    else:
+        pretrained, arch = cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED, cfg.MODEL.DINOV2OD.BACKBONE.ARCH
+    repo_id = hub_id(pretrained)
+    if repo_id is None or not arch or cached_hub_folder(repo_id) is not None:
+        return
+    if lazy:
+        cfg.model.detector.backbone.pretrained = None
+    else:
+        cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED = ""
+    logger.info("The backbone's pretrained weights %r are not in the Hugging Face cache and not needed: "
+                "every backbone tensor comes from %s.", repo_id, weights)
 
 
 class LazyPredictor:
