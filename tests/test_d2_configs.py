@@ -42,12 +42,9 @@ def test_coco_model_builds_with_random_init_backbone():
 
 
 def test_benchmarks_plain_presets_build_the_lazy_presets():
-    """tools/benchmark_model.py builds the presets without Detectron2 from PLAIN_PRESETS: the same
+    """dinov2od.benchmark.models builds the presets without Detectron2 from PLAIN_PRESETS: the same
     modules and options as the lazy configs (negative control: the default differs from efficient)."""
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from benchmark_model import PLAIN_PRESETS, PRESETS
+    from dinov2od.benchmark.models import PLAIN_PRESETS, PRESETS
 
     from dinov2od.modeling import DINOv2ObjectDetector
 

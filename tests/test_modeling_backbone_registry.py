@@ -1,9 +1,8 @@
 """dinov2od.modeling.backbones: each module imports alone and none imports one that imports it back;
 families are registered by name and built through build_backbone, the detector and the yacs keys;
-bad families and options give clear errors; the old module paths warn and give the same objects;
+bad families and options give clear errors;
 drop_path_rate means the same for every family and every weight source."""
 import ast
-import importlib
 import json
 import os
 import subprocess
@@ -28,7 +27,6 @@ from dinov2od.modeling import backbones
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELING = os.path.join(ROOT, "dinov2od", "modeling")
 NEW_MODULES = ["base", "registry", "loading", "dinov2", "dinov3"]
-OLD_MODULES = ["backbone", "dinov3", "weights"]  # the deprecated aliases
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
 SMALL = dict(arch="tiny", arch_overrides=TINY, num_taps=2, lora_rank=0)
 
@@ -131,8 +129,8 @@ for name in sys.argv[1:]:
 
 
 def test_each_module_imports_alone():
-    """A fresh interpreter imports each module by itself, without the deprecated aliases (one forked
-    child per module, from a process that has loaded torch and the other third-party packages only)."""
+    """A fresh interpreter imports each module by itself (one forked child per module, from a process
+    that has loaded torch and the other third-party packages only)."""
     names = ["dinov2od.modeling.backbones" + (f".{m}" if m else "") for m in NEW_MODULES + [""]]
     proc = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, *names], cwd=ROOT, text=True, capture_output=True,
                           timeout=300)
@@ -142,31 +140,7 @@ def test_each_module_imports_alone():
     for name, result in zip(names, results):
         assert "error" not in result, f"{name}: {result.get('error', '')[-2000:]}"
         assert name in result["modules"]
-        assert not [m for m in result["modules"] if m in {f"dinov2od.modeling.{o}" for o in OLD_MODULES}], name
         assert result["warnings"] == [], name
-
-
-@pytest.mark.parametrize("old, moved", [
-    ("backbone", dict(ViTBackbone="base", pad_to_multiple="base", valid_sizes_from_mask="base", apply_rope="base",
-                      DINOv2Backbone="dinov2", ARCHS="dinov2", build_dinov2_config="dinov2",
-                      sincos_pos_embed_2d="dinov2", build_backbone="registry")),
-    ("dinov3", dict(DINOv3Backbone="dinov3", DINOV3_ARCHS="dinov3", build_dinov3_config="dinov3",
-                    rope_sincos="dinov3", rope_periods="dinov3")),
-    ("weights", dict(HUB_IDS="dinov2", load_vit="dinov2", official_to_hf_state_dict="dinov2",
-                     hf_to_official_state_dict="dinov2", load_official_checkpoint="dinov2",
-                     DINOV3_HUB_IDS="dinov3", load_dinov3_vit="dinov3", dinov3_official_to_hf_state_dict="dinov3",
-                     load_official_dinov3_checkpoint="dinov3", PretrainedWeightsUnavailable="loading",
-                     resolve_local_path="loading", is_random_init="loading")),
-])
-def test_old_module_paths_warn_and_give_the_same_objects(old, moved, monkeypatch):
-    name = f"dinov2od.modeling.{old}"
-    monkeypatch.delitem(sys.modules, name, raising=False)  # import it afresh (restored afterwards)
-    with pytest.warns(DeprecationWarning, match=f"{name} is deprecated"):
-        module = importlib.import_module(name)
-    for attr, new in moved.items():
-        target = importlib.import_module(f"dinov2od.modeling.backbones.{new}")
-        assert getattr(module, attr) is getattr(target, attr), attr
-    assert set(module.__all__) <= set(dir(module))
 
 
 def test_public_names_stay_in_dinov2od_modeling():

@@ -1,10 +1,8 @@
 """tools/benchmark.py --section model runs and prints its Markdown rows (a smoke test: no timing is
 asserted; speed targets are read from the benchmark's own output, never from unit tests). The
-library is dinov2od.benchmark; tools/benchmark.py is its command line, tools/benchmark_model.py a
-deprecated alias."""
+library is dinov2od.benchmark; tools/benchmark.py is its command line."""
 import os
 import sys
-import warnings
 
 import torch
 
@@ -155,14 +153,3 @@ def test_the_plain_rows_turn_the_cpu_path_off_through_the_options(monkeypatch):
     monkeypatch.setattr(backbone_mod, "fused_linear_enabled", lambda x: True)
     monkeypatch.setattr(backbone_mod, "current_options", lambda: InferenceOptions())
     assert run(True)[0]["blocks"] > 0
-
-
-def test_the_old_module_still_imports_with_a_warning():
-    sys.modules.pop("benchmark_model", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import benchmark_model
-    assert any("deprecated" in str(w.message) for w in caught)
-    from dinov2od.benchmark import models, targets
-
-    assert benchmark_model.PLAIN_PRESETS is models.PLAIN_PRESETS and benchmark_model.floor_lines is targets.floor_lines

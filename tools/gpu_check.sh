@@ -9,7 +9,7 @@
 #    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
 #    dinov2od/d2/amp.py, imports only torch, so it runs here without Detectron2);
 # 3. runs tools/benchmark.py on cuda: the op (PyTorch path vs CUDA kernel, float32 and bfloat16),
-#    then the whole detector (tools/benchmark_model.py; the default preset, built without Detectron2).
+#    then the whole detector (dinov2od.benchmark; the default preset, built without Detectron2).
 # Prints everything; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
