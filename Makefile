@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 CORE_TESTS := tests/test_layers_*.py $(wildcard tests/test_msda_*.py) $(wildcard tests/test_modeling_*.py) \
 	tests/test_export_onnx.py
 
-.PHONY: env env-modern env-peers demo test test-modern ci benchmark benchmark-peers clean
+.PHONY: env env-modern env-peers demo lint test test-modern ci benchmark benchmark-peers clean
 
 env:
 	@VENV=$(VENV) tools/setup_env.sh reference
@@ -37,6 +37,11 @@ demo: env
 	DINOV2OD_MODEL_CARD_CHECKPOINT=output/shapes/model_final_ema.pth \
 	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_d2_model_card.py
 
+# Syntax errors, undefined names, unused imports and variables, redefinitions, mutable defaults
+# (ruff.toml); takes about a second.
+lint: env
+	$(VENV)/bin/ruff check .
+
 # DINOV2OD_EXPECT_DETECTRON2=1: a Detectron2 that fails to import fails the suite (tests/conftest.py)
 test: env
 	DINOV2OD_EXPECT_DETECTRON2=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
@@ -44,7 +49,7 @@ test: env
 test-modern: env-modern
 	DINOV2OD_EXPECT_DETECTRON2=0 $(MODERN_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
-ci: test test-modern
+ci: lint test test-modern
 
 benchmark: env
 	$(VENV)/bin/python tools/benchmark.py

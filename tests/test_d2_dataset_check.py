@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -214,7 +214,6 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
             measure_onnx(args, model, name, size, batch, results)
     if args.train_batch and meta is not None:
         measure_train(args, model, meta, name, size, device, results)
-    del model, meta, quantized
 
 
 def measure_onnx(args, model, name, size, batch, results):

@@ -18,7 +18,6 @@ kernels.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
