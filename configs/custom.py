@@ -1,14 +1,10 @@
-"""Train on your own COCO-format data with Meta's DINOv2 ViT-S/14, in one command:
+"""Train on your own data (COCO, YOLO or Pascal VOC) with Meta's DINOv2 ViT-S/14, in one command:
 
     python tools/train_net.py --config-file configs/custom.py dataset.root=/path/to/my_dataset
 
-``dataset.root`` is a Roboflow / RF-DETR COCO export (``train/``, ``valid/``, ``test/`` with
-``_annotations.coco.json``) or COCO's layout (``annotations/instances_train*.json`` + ``train*/``);
-``dataset.train_json=... dataset.train_images=... dataset.val_json=... dataset.val_images=...``
-name the files instead. The class count, names and the dataset's category ids come from the json
-(``model.num_classes=N`` that disagrees is an error before training), every image is checked
-before training starts (``dataset.check=False`` skips that), and ``train.epochs`` becomes
-iterations from the number of training images with boxes.
+``dataset.*`` (configs/common/data.py) reads the folder as COCO (Roboflow / RF-DETR export or
+COCO's layout), YOLO or Pascal VOC; docs/your_data.md has the layouts, the start-up check, the
+classes and ids, and how ``train.epochs`` becomes iterations.
 
 The backbone is Meta's DINOv2 ViT-S/14 (``facebook/dinov2-small``), frozen, with LoRA on its
 attention's query/value as in configs/coco.py; a 3-layer deformable decoder (256 wide, 300 queries,

@@ -1,17 +1,13 @@
-"""Train on your own COCO-format data offline, on the CPU, with the project's own tiny backbone:
+"""Train on your own data (COCO, YOLO or Pascal VOC) offline, on the CPU, with the project's own tiny backbone:
 
     python tools/train_net.py --config-file configs/custom_tiny.py dataset.root=/path/to/my_dataset
 
 Needs nothing from outside this repository (no model hub): configs/custom.py, the default for
 your data, trains Meta's DINOv2 ViT-S/14 instead, which it downloads once (or reads from a folder).
 
-``dataset.root`` is a Roboflow / RF-DETR COCO export (``train/``, ``valid/``, ``test/`` with
-``_annotations.coco.json``) or COCO's layout (``annotations/instances_train*.json`` + ``train*/``);
-``dataset.train_json=... dataset.train_images=... dataset.val_json=... dataset.val_images=...``
-name the files instead. The class count, names and the dataset's category ids come from the json
-(``model.num_classes=N`` that disagrees is an error before training), every image is checked
-before training starts (``dataset.check=False`` skips that), and ``train.epochs`` becomes
-iterations from the number of training images with boxes.
+``dataset.*`` (configs/common/data.py) reads the folder as COCO (Roboflow / RF-DETR export or
+COCO's layout), YOLO or Pascal VOC; docs/your_data.md has the layouts, the start-up check, the
+classes and ids, and how ``train.epochs`` becomes iterations.
 
 The model is the demo's (configs/shapes.py): the project's own pretrained tiny DINOv2-architecture
 ViT (``weights/dinov2od_tiny_glyphs.pth``, pretrained on generated glyphs by this project, NOT
