@@ -65,8 +65,9 @@ def inference_weights(obj, use_ema: bool):
     return {k: torch.as_tensor(v) for k, v in weights.items()}
 
 
-def _model_for(args, weights_file: str):
-    """The model of ``--config-file`` with ``weights_file`` loaded (refused unless it fits)."""
+def _model_for(args, weights_file: str, use_ema: bool):
+    """The model of ``--config-file`` with ``weights_file`` loaded (its EMA weights with ``use_ema``;
+    refused unless it fits)."""
     import dinov2od.d2  # noqa: F401  (registers the meta-architecture)
     from dinov2od.d2.checkpoint import load_inference_weights
     from dinov2od.d2.config import is_lazy
@@ -83,7 +84,7 @@ def _model_for(args, weights_file: str):
         cfg.MODEL.DEVICE = "cpu"
         model = build_model(cfg)
     model.to("cpu").eval()
-    load_inference_weights(model, weights_file, use_ema=False)  # weights_file holds the chosen weights
+    load_inference_weights(model, weights_file, use_ema=use_ema)
     return model
 
 
@@ -102,17 +103,11 @@ def convert(args) -> str:
     if out.endswith(".safetensors"):
         if src.endswith(".safetensors"):
             obj = {"model": obj}
-        weights = inference_weights(obj, use_ema=not args.no_ema)
-        model = None
-        if args.config_file:
-            from dinov2od.d2.checkpoint import atomic_save
-
-            staged = f"{out}.weights.tmp.{os.getpid()}.pth"  # the chosen weights, for the fit check
-            atomic_save({"model": weights}, staged)
-            try:
-                model = _model_for(args, staged)
-            finally:
-                os.remove(staged)
+        if args.config_file:  # the model checks the fit and picks the EMA weights as prediction does
+            model = _model_for(args, src, use_ema=not args.no_ema)
+            weights = model.state_dict()
+        else:
+            model, weights = None, inference_weights(obj, use_ema=not args.no_ema)
         path, json_path = export_for_inference(model, out, weights, converted_from=os.path.basename(src))
         logger.info("Wrote %s (%d tensors) and %s", path, len(weights), json_path)
         return path

@@ -234,9 +234,13 @@ def clear_earlier_run(output: str) -> List[str]:
     ours, others = _earlier_outputs(output)
     for rel in ours:
         os.remove(os.path.join(output, rel))
-    parents = {os.path.dirname(rel) for rel in ours} - {""}
-    for rel in sorted({os.path.join(*p.split(os.sep)[:i + 1]) for p in parents for i in range(len(p.split(os.sep)))},
-                      key=lambda d: -d.count(os.sep)):  # the drawings' sub-folders, deepest first, once empty
+    folders = set()  # the drawings' sub-folders and their parents: removed deepest first, once empty
+    for rel in ours:
+        rel = os.path.dirname(rel)
+        while rel:
+            folders.add(rel)
+            rel = os.path.dirname(rel)
+    for rel in sorted(folders, key=lambda d: d.count(os.sep), reverse=True):
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(output, rel))
     if ours:

@@ -55,6 +55,7 @@ __all__ = [
     "check_lazy_overrides",
     "UnknownKeyError",
     "WeightsUnavailableError",
+    "backbone_option",
     "check_backbone_weights",
     "build_backbone_from_cfg",
     "build_criterion_from_cfg",
@@ -565,6 +566,16 @@ def _official_dinov2_file(repo_id: str) -> str:
     return f"dinov2_vit{arch[0]}14{'_reg4' if registers else ''}_pretrain.pth"
 
 
+def backbone_option(cfg, name: str):
+    """The backbone's option ``name`` (e.g. ``"pretrained"``, ``"arch"``) in a lazy config
+    (``model.detector.backbone.<name>``, None when unset) or a yacs one (``MODEL.DINOV2OD.BACKBONE.<NAME>``)."""
+    if is_lazy(cfg):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(cfg, f"model.detector.backbone.{name}", default=None)
+    return cfg.MODEL.DINOV2OD.BACKBONE.get(name.upper(), None)
+
+
 def check_backbone_weights(cfg, path: str = "the config", timeout: Optional[float] = None) -> None:
     """Stop at once when the backbone's ``pretrained`` is a Hugging Face hub id that cannot be loaded
     here: not in the local cache, and ``HF_HUB_OFFLINE=1`` or the hub does not answer within
@@ -579,13 +590,7 @@ def check_backbone_weights(cfg, path: str = "the config", timeout: Optional[floa
     from dinov2od.modeling.backbones.loading import HUB_PROBE_TIMEOUT, hub_id, hub_weights_problem
 
     lazy = is_lazy(cfg)
-    if lazy:
-        from omegaconf import OmegaConf
-
-        pretrained = OmegaConf.select(cfg, "model.detector.backbone.pretrained", default=None)
-    else:
-        pretrained = cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED
-    repo_id = hub_id(pretrained)
+    repo_id = hub_id(backbone_option(cfg, "pretrained"))
     if repo_id is None:
         return
     problem = hub_weights_problem(repo_id, HUB_PROBE_TIMEOUT if timeout is None else timeout)

@@ -321,13 +321,12 @@ def plot_pr_curves(recall: np.ndarray, at50: np.ndarray, averaged: np.ndarray, n
 
 # ---------------------------------------------------------------------------- confusion matrix
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of XYXY boxes."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    """(N, M) IoU of XYXY boxes (torchvision's, in float64; 0 where both boxes have no area)."""
+    import torch
+    from torchvision.ops import box_iou as tv_box_iou
+
+    a, b = (torch.from_numpy(np.asarray(x, np.float64).reshape(-1, 4)) for x in (a, b))
+    return tv_box_iou(a, b).nan_to_num(0.0).numpy()
 
 
 def confusion_matrix(images: Iterable[dict], num_classes: int, iou_threshold: float = 0.5,
@@ -488,9 +487,10 @@ def _figure(rows: int, cols: int, size: Tuple[float, float], layout: Optional[st
 
 
 def _save_figure(fig, path: str, **kwargs) -> None:
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    from dinov2od.modeling.checkpoint_io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".").lower(), **kwargs)
 
 
 # ---------------------------------------------------------------------------- the entry

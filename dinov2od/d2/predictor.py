@@ -12,7 +12,7 @@ import detectron2.data.transforms as T
 from detectron2.config import instantiate
 
 from .checkpoint import load_inference_weights
-from .config import is_lazy, load_config
+from .config import backbone_option, is_lazy, load_config
 from .metadata import classes_in_checkpoint
 
 __all__ = ["LazyPredictor", "load_inference_config"]
@@ -55,20 +55,12 @@ def _backbone_from_weights(cfg, weights: str) -> None:
     in the local cache and the architecture is named: ``weights`` holds every backbone tensor (the load
     refuses a file that does not fit the model exactly), so downloading them to overwrite them is not
     needed, and an offline machine predicts with a DINOv2 run's own config (``configs/custom.py``)."""
-    from omegaconf import OmegaConf
-
     from dinov2od.modeling.backbones.loading import cached_hub_folder, hub_id
 
-    lazy = is_lazy(cfg)
-    if lazy:
-        pretrained = OmegaConf.select(cfg, "model.detector.backbone.pretrained", default=None)
-        arch = OmegaConf.select(cfg, "model.detector.backbone.arch", default=None)
-    else:
-        pretrained, arch = cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED, cfg.MODEL.DINOV2OD.BACKBONE.ARCH
-    repo_id = hub_id(pretrained)
-    if repo_id is None or not arch or cached_hub_folder(repo_id) is not None:
+    repo_id = hub_id(backbone_option(cfg, "pretrained"))
+    if repo_id is None or not backbone_option(cfg, "arch") or cached_hub_folder(repo_id) is not None:
         return
-    if lazy:
+    if is_lazy(cfg):
         cfg.model.detector.backbone.pretrained = None
     else:
         cfg.MODEL.DINOV2OD.BACKBONE.PRETRAINED = ""

@@ -165,8 +165,8 @@ def check_weights_to_evaluate(settings: TrainSettings, resume: bool) -> None:
 
 
 def _evaluate_weights(model, settings: TrainSettings, evaluate: Callable, resume: bool) -> dict:
-    """Load the last checkpoint (``resume``) or ``settings.init_checkpoint``, then evaluate."""
-    check_weights_to_evaluate(settings, resume)
+    """Load the last checkpoint (``resume``) or ``settings.init_checkpoint``, then evaluate (the callers
+    have run :func:`check_weights_to_evaluate` before building the model)."""
     ema = ModelEMA(model, settings.ema_decay) if settings.ema_enabled else None
     checkpointer = CrashSafeCheckpointer(model, settings.output_dir, **({"ema": ema} if ema else {}))
     path = settings.init_checkpoint

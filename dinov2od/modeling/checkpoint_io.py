@@ -349,13 +349,10 @@ def detector_arguments(detector) -> Tuple[Optional[dict], str]:
                       "build_backbone): rebuild it with the config it was trained with")
     candidate = json.loads(json.dumps(args))
     backbone = candidate.get("backbone") or {}
-    if backbone.get("pretrained") in (None, "", "None"):
-        backbone["pretrained"] = None
-        how = "checked: DINOv2ObjectDetector(**detector_kwargs) has this file's keys and shapes"
-    else:
-        backbone["pretrained"] = None
-        how = ("checked: DINOv2ObjectDetector(**detector_kwargs) has this file's keys and shapes; "
-               f"backbone.pretrained ({args['backbone']['pretrained']}) was dropped: the file holds every weight")
+    how = "checked: DINOv2ObjectDetector(**detector_kwargs) has this file's keys and shapes"
+    if backbone.get("pretrained") not in (None, "", "None"):
+        how += f"; backbone.pretrained ({backbone['pretrained']}) was dropped: the file holds every weight"
+    backbone["pretrained"] = None
     try:
         quiet = logging.getLogger("dinov2od")
         level = quiet.level

@@ -37,11 +37,13 @@ import re
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+
+from dinov2od.modeling.checkpoint_io import atomic_write
 
 __all__ = [
     "CHECK_MODES",
@@ -215,13 +217,11 @@ def write_cache_json(data: dict, filename: str, text: Optional[str] = None) -> s
             return path
         try:
             os.makedirs(folder, exist_ok=True)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_write(path, "w") as f:  # another rank writing the same file is harmless
                 if text is None:
                     json.dump(data, f)
                 else:
                     f.write(text)
-            os.replace(tmp, path)  # atomic: another rank writing the same file is harmless
             return path
         except OSError:
             continue
@@ -620,9 +620,16 @@ def check_coco_dataset(
         DatasetError: naming the json, the first problems (with their count) and the fix.
     """
     mode = check_mode(check_files, "check_files")
+    version = json_version(json_file)
     data = _read_json(json_file)
-    summary = CocoSummary(json_file=json_file, num_images=len(data["images"]), images=mode)
-    _check_json(data, json_file, summary)
+    passed = _JSON_PASSED.get(version)
+    if passed is None:
+        summary = CocoSummary(json_file=json_file, num_images=len(data["images"]), images=mode)
+        _check_json(data, json_file, summary)
+        if not summary.problems and version is not None:
+            _JSON_PASSED[version] = replace(summary, problems=[], warnings=list(summary.warnings))
+    else:  # the json passed once in this process (the epochs count reads it before the check)
+        summary = replace(passed, problems=[], warnings=list(passed.warnings), images=mode)
     problems = summary.problems
     if mode:
         images = [im for im in data["images"] if isinstance(im, dict)]
@@ -642,3 +649,13 @@ def check_coco_dataset(
 
 
 _WARNED: set = set()
+_JSON_PASSED: Dict[tuple, CocoSummary] = {}  # json_version -> the json-level part of a check it passed
+
+
+def json_version(json_file: str) -> Optional[tuple]:
+    """``(real path, mtime, size)`` of a file: a key that changes when the file does (None: missing)."""
+    try:
+        st = os.stat(json_file)
+    except OSError:
+        return None
+    return os.path.realpath(json_file), st.st_mtime_ns, st.st_size

@@ -177,14 +177,6 @@ _TABLES: "OrderedDict[tuple, BoxTable]" = OrderedDict()
 _KEEP = 8  # tables kept (train and val of a few datasets)
 
 
-def _file_key(json_file: str) -> Optional[tuple]:
-    try:
-        st = os.stat(json_file)
-    except OSError:
-        return None
-    return os.path.realpath(json_file), st.st_mtime_ns, st.st_size
-
-
 def remember_boxes(json_file: str, data: dict) -> None:
     """Keep the boxes of a json just parsed (called by the dataset reader), so that the size advice
     does not parse it again. Main process only; once per file version; never raises."""
@@ -193,7 +185,9 @@ def remember_boxes(json_file: str, data: dict) -> None:
 
         if comm.get_rank() != 0:
             return
-        key = _file_key(json_file)
+        from .folder import json_version
+
+        key = json_version(json_file)
         if key is None or key in _TABLES:
             return
         _TABLES[key] = boxes_from_coco(data, json_file)
@@ -206,7 +200,9 @@ def remember_boxes(json_file: str, data: dict) -> None:
 def box_table(json_file: str, max_bytes: int = MAX_JSON_BYTES) -> Optional[BoxTable]:
     """The boxes of ``json_file``: those kept when it was read, else read now if it is at most
     ``max_bytes`` (None when it is larger or missing)."""
-    key = _file_key(json_file)
+    from .folder import json_version
+
+    key = json_version(json_file)
     if key is None:
         return None
     if key in _TABLES:
