@@ -2,7 +2,8 @@
 
 Presets are the lazy model configs (``configs/common/models/dinov2_detr.py``, ``..._efficient.py``
 and the demo's ``configs/shapes.py``), random-initialized; without Detectron2 the default and
-efficient presets are built from :data:`PLAIN_PRESETS` (the same models; tests/test_d2_configs.py).
+efficient presets are built from :data:`PLAIN_PRESETS` (``dinov2od.modeling.PRESETS``: the same
+models; tests/test_d2_configs.py).
 Backbones are named in :data:`BACKBONES` (one line each).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from dinov2od.layers.inference_options import inference_options
 from dinov2od.modeling import BACKBONES as FAMILIES
+from dinov2od.modeling import PRESETS as MODEL_PRESETS
 from dinov2od.modeling import DINOv2ObjectDetector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -46,13 +48,10 @@ BACKBONES: Dict[str, Tuple[dict, int]] = {
 }
 
 
-# Without Detectron2 (the modern stack, the GPU machine) the lazy configs cannot be read; these
-# keyword overrides of DINOv2ObjectDetector's defaults (= configs/common/models/dinov2_detr.py) give
-# the efficient preset instead (tests/test_d2_configs.py checks they build the same models).
-PLAIN_PRESETS = {
-    "default": {},
-    "efficient": dict(backbone=dict(window_size=16), scale_factors=(1.0, 0.5), num_decoder_layers=3),
-}
+# Without Detectron2 (the modern stack, the GPU machine) the lazy configs cannot be read; the presets'
+# keyword overrides of DINOv2ObjectDetector's defaults (dinov2od.modeling.PRESETS, which the lazy
+# preset configs apply too) give the same models (tests/test_d2_configs.py checks it).
+PLAIN_PRESETS = MODEL_PRESETS
 
 
 def build_model(backbone: str, preset: str, device: str) -> Tuple[DINOv2ObjectDetector, Optional[torch.nn.Module]]:

@@ -9,8 +9,10 @@ from several blocks, behind one interface, :class:`ViTBackbone`; :func:`build_ba
 composing them. Constructing never downloads; weights load only when asked for::
 
     from dinov2od.modeling import DINOv2ObjectDetector, DINOv2Backbone
-    model = DINOv2ObjectDetector(num_classes=80)                 # ViT-S/14 arch, random init
-    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))
+    model = DINOv2ObjectDetector(num_classes=80)    # ViT-S/14 arch (arch=None, no weights), random init
+    model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="facebook/dinov2-base"))  # the
+    # configs' model (configs/common/models/dinov2_detr.py, configs/yaml/*.yaml name ViT-B/14, arch="base")
+    model = DINOv2ObjectDetector(num_classes=80, **PRESETS["efficient"])  # a preset (.presets)
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(pretrained="dinov2_vitb14_pretrain.pth"))
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(family="dinov3", arch="small"))  # S/16
     model = DINOv2ObjectDetector(num_classes=80, backbone=dict(
@@ -40,10 +42,16 @@ two_stage=...)``; ``losses = criterion(out, targets)`` (unweighted) and
 ``sum(losses[k] * criterion.weight_dict[k] for k in losses)``. In training, pass the targets to
 the model too (``model(images, targets=targets)``): the denoising queries (``dn_groups``) are
 built from them. Layer-wise LR decay of a fine-tuned ViT: :func:`backbone_lr_decay`.
+
+Options and their defaults are written once, in dataclasses: :class:`DecoderOptions`,
+:class:`BackboneOptions` (shared by every backbone family), :class:`CriterionOptions`,
+:class:`MatcherOptions`; the constructors read their defaults from them, and the lazy configs and
+yacs keys (:mod:`dinov2od.d2.config`) are derived from them. Named presets: :data:`PRESETS`.
 """
 from .backbones import (
     ARCHS,
     BACKBONE_FAMILIES,
+    BackboneOptions,
     BACKBONES,
     DINOV3_ARCHS,
     DINOV3_HUB_IDS,
@@ -62,18 +70,21 @@ from .backbones import (
     register_backbone,
     valid_sizes_from_mask,
 )
-from .criterion import SetCriterion
+from .criterion import CriterionOptions, SetCriterion
 from .decoder import DecoderLayer, DecoderOptions, DeformableDecoder, EncoderLayer, inverse_sigmoid
 from .detector import DINOv2ObjectDetector, topk_detections
 from .lr_decay import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
-from .matcher import HungarianMatcher, focal_class_cost
+from .matcher import HungarianMatcher, MatcherOptions, focal_class_cost
 from .neck import LayerNorm2d, SimpleFeaturePyramid
+from .presets import PRESETS
 from .train_queries import DenoisingQueries, make_denoising_queries
 
 __all__ = [
     "ARCHS",
     "BACKBONES",
     "BACKBONE_FAMILIES",
+    "BackboneOptions",
+    "CriterionOptions",
     "DINOV3_ARCHS",
     "DINOV3_HUB_IDS",
     "HUB_IDS",
@@ -87,6 +98,8 @@ __all__ = [
     "EncoderLayer",
     "HungarianMatcher",
     "LayerNorm2d",
+    "MatcherOptions",
+    "PRESETS",
     "PretrainedWeightsUnavailable",
     "SetCriterion",
     "SimpleFeaturePyramid",

@@ -40,6 +40,7 @@ losses on its last layer and, with ``_{i}``, on each auxiliary layer:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -52,14 +53,45 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_los
 
 from dinov2od.layers import box_cxcywh_to_xyxy, generalized_box_iou
 
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, MatcherOptions
 from .train_queries import check_targets
 
 logger = logging.getLogger("dinov2od")
 
-__all__ = ["SetCriterion"]
+__all__ = ["CriterionOptions", "SetCriterion"]
 
 BASE_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
+
+
+@dataclasses.dataclass(frozen=True)
+class CriterionOptions:
+    """The options of :class:`SetCriterion`, with their defaults: the one place they are written
+    (the signature, the lazy config and the yacs keys read them; the focal parameters are the
+    matcher's, :class:`~dinov2od.modeling.matcher.MatcherOptions`).
+
+    Attributes:
+        loss_class, loss_bbox, loss_giou: the base weights of the three losses (``weight_dict``).
+        focal_alpha, focal_gamma, class_loss, enc_loss, dense_topk, dense_alpha, dense_beta,
+        o2m_repeats, o2m_weight: as :class:`SetCriterion`'s arguments.
+    """
+
+    loss_class: float = 2.0
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    focal_alpha: float = MatcherOptions.focal_alpha
+    focal_gamma: float = MatcherOptions.focal_gamma
+    class_loss: str = "focal"
+    enc_loss: str = "hungarian"
+    dense_topk: int = 9
+    dense_alpha: float = 1.0
+    dense_beta: float = 6.0
+    o2m_repeats: int = 6
+    o2m_weight: float = 1.0
+
+    @classmethod
+    def base_weights(cls) -> Dict[str, float]:
+        """The default ``weight_dict``: ``{"loss_class": ..., "loss_bbox": ..., "loss_giou": ...}`` of the fields above."""
+        return {k: getattr(cls, k) for k in BASE_LOSSES}
 
 
 class SetCriterion(nn.Module):
@@ -68,7 +100,7 @@ class SetCriterion(nn.Module):
     Args:
         num_classes: K, the width of ``pred_logits``.
         matcher: a :class:`HungarianMatcher` (default one if None).
-        weight_dict: weights of ``loss_class``/``loss_bbox``/``loss_giou`` (defaults 2, 5, 2);
+        weight_dict: weights of ``loss_class``/``loss_bbox``/``loss_giou`` (:meth:`CriterionOptions.base_weights`);
             keys with an ``_{i}``/``_enc`` suffix set those outputs' weights, the others get
             the base weights.
         focal_alpha, focal_gamma: focal loss parameters.
@@ -91,17 +123,17 @@ class SetCriterion(nn.Module):
         num_classes: int,
         matcher: Optional[HungarianMatcher] = None,
         weight_dict: Optional[Dict[str, float]] = None,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
+        focal_alpha: float = CriterionOptions.focal_alpha,
+        focal_gamma: float = CriterionOptions.focal_gamma,
         num_aux_layers: Optional[int] = 5,
         two_stage: bool = True,
-        class_loss: str = "focal",
-        enc_loss: str = "hungarian",
-        dense_topk: int = 9,
-        dense_alpha: float = 1.0,
-        dense_beta: float = 6.0,
-        o2m_repeats: int = 6,
-        o2m_weight: float = 1.0,
+        class_loss: str = CriterionOptions.class_loss,
+        enc_loss: str = CriterionOptions.enc_loss,
+        dense_topk: int = CriterionOptions.dense_topk,
+        dense_alpha: float = CriterionOptions.dense_alpha,
+        dense_beta: float = CriterionOptions.dense_beta,
+        o2m_repeats: int = CriterionOptions.o2m_repeats,
+        o2m_weight: float = CriterionOptions.o2m_weight,
     ):
         super().__init__()
         if class_loss not in ("focal", "quality_focal"):
@@ -116,7 +148,7 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.base_weights = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+        self.base_weights = CriterionOptions.base_weights()
         user = dict(weight_dict or {})
         self.base_weights.update({k: float(v) for k, v in user.items() if k in BASE_LOSSES})
         self._user_weights = {k: float(v) for k, v in user.items()}

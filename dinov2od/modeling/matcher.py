@@ -4,6 +4,7 @@ The assignment itself is ``scipy.optimize.linear_sum_assignment``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Tuple
 
 import torch
@@ -12,7 +13,27 @@ from torch import Tensor, nn
 
 from dinov2od.layers import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "focal_class_cost"]
+__all__ = ["HungarianMatcher", "MatcherOptions", "focal_class_cost"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MatcherOptions:
+    """The options of :class:`HungarianMatcher`, with their defaults: the one place they are written
+    (the matcher's signature, the criterion's focal parameters, the lazy config and the yacs keys
+    read them).
+
+    Attributes:
+        cost_class: weight of the focal class cost.
+        cost_bbox: weight of the L1 distance between normalized ``cxcywh`` boxes.
+        cost_giou: weight of the negative generalized IoU.
+        focal_alpha, focal_gamma: focal cost parameters (also the focal loss's, :class:`SetCriterion`).
+    """
+
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -41,8 +62,9 @@ class HungarianMatcher(nn.Module):
         focal_alpha, focal_gamma: focal cost parameters.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(self, cost_class: float = MatcherOptions.cost_class, cost_bbox: float = MatcherOptions.cost_bbox,
+                 cost_giou: float = MatcherOptions.cost_giou, focal_alpha: float = MatcherOptions.focal_alpha,
+                 focal_gamma: float = MatcherOptions.focal_gamma):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("at least one of cost_class, cost_bbox, cost_giou must be non-zero")

@@ -1,5 +1,6 @@
 """ViT backbones behind one interface, by family.
 
+* :mod:`.options` — :class:`BackboneOptions`, the options every family takes and their defaults;
 * :mod:`.base` — :class:`ViTBackbone`, the generic ViT every family is (padding helpers, the block
   loop, windowed attention, RoPE, taps, LoRA, freezing);
 * :mod:`.registry` — ``@register_backbone(name)``, :data:`BACKBONES`, :func:`build_backbone`;
@@ -8,7 +9,7 @@
 * :mod:`.dinov2`, :mod:`.dinov3` — one module per family: architecture table, config, backbone,
   checkpoint conversion and loader.
 
-Each module imports only the ones listed before it (``base`` < ``registry``; ``loading`` alone;
+Each module imports only the ones listed before it (``options`` < ``base`` < ``registry``; ``loading`` alone;
 the families import ``base``, ``loading`` and ``registry``), so none imports one that imports it
 back. Importing this package registers the built-in families.
 """
@@ -31,6 +32,7 @@ from .dinov3 import (
     rope_sincos,
 )
 from .loading import PretrainedWeightsUnavailable, resolve_local_path
+from .options import BackboneOptions
 from .registry import BACKBONES, build_backbone, family_options, register_backbone
 
 #: the built-in families (every registered one: :data:`BACKBONES`)
@@ -38,6 +40,7 @@ BACKBONE_FAMILIES = tuple(BACKBONES)
 
 __all__ = [
     "ARCHS",
+    "BackboneOptions",
     "BACKBONES",
     "BACKBONE_FAMILIES",
     "DINOV3_ARCHS",

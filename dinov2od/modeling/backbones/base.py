@@ -15,6 +15,7 @@ CPU inference block reads its parts from :mod:`dinov2od.modeling.inference`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +29,8 @@ from dinov2od.layers.fused_linear import bf16_linear, bf16_linear_enabled, fused
 from dinov2od.layers.inference_options import current_options
 from dinov2od.modeling.inference import InferenceBlockParts, cached_block_parts, inference_block_parts
 
+from .options import BackboneOptions
+
 logger = logging.getLogger("dinov2od")
 
 __all__ = ["LORA_TARGETS", "SHARED_OPTIONS", "ViTBackbone", "apply_rope", "pad_to_multiple", "valid_sizes_from_mask"]
@@ -37,10 +40,9 @@ LORA_TARGETS = ("query", "key", "value", "output", "fc1", "fc2")
 _TARGET_ALIASES = {"q": "query", "q_proj": "query", "k": "key", "k_proj": "key", "v": "value",
                    "v_proj": "value", "o_proj": "output", "dense": "output", "proj": "output"}
 
-# The keyword options every family's constructor takes (each family adds its own, with defaults).
-SHARED_OPTIONS = ("arch", "arch_overrides", "pretrained", "out_indices", "num_taps", "lora_rank", "lora_alpha",
-                  "lora_dropout", "lora_targets", "lora_blocks", "freeze", "drop_path_rate", "apply_layernorm",
-                  "window_size", "window_blocks")
+# The keyword options every family's constructor takes (each family adds its own, with defaults):
+# the fields of BackboneOptions, where their defaults are declared.
+SHARED_OPTIONS = tuple(f.name for f in dataclasses.fields(BackboneOptions))
 
 def apply_rope(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> Tuple[Tensor, Tensor]:
     """Rotate the last N tokens of queries and keys (rotary position embedding, "rotate half").

@@ -54,6 +54,7 @@ from .loading import (
     read_official_state_dict,
     resolve_pretrained,
 )
+from .options import BackboneOptions
 from .registry import register_backbone
 
 logger = logging.getLogger("dinov2od")
@@ -188,21 +189,21 @@ class DINOv3Backbone(ViTBackbone):
 
     def __init__(
         self,
-        arch: Optional[str] = None,
-        arch_overrides: Optional[dict] = None,
-        pretrained: Optional[str] = None,
-        out_indices: Optional[Sequence[int]] = None,
-        num_taps: int = 4,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        lora_targets: Sequence[str] = ("query", "value"),
-        lora_blocks: Optional[Sequence[int]] = None,
-        freeze: bool = True,
-        drop_path_rate: float = 0.0,
-        apply_layernorm: bool = True,
-        window_size: Optional[int] = None,
-        window_blocks: Optional[Sequence[int]] = None,
+        arch: Optional[str] = BackboneOptions.arch,
+        arch_overrides: Optional[dict] = BackboneOptions.arch_overrides,
+        pretrained: Optional[str] = BackboneOptions.pretrained,
+        out_indices: Optional[Sequence[int]] = BackboneOptions.out_indices,
+        num_taps: int = BackboneOptions.num_taps,
+        lora_rank: int = BackboneOptions.lora_rank,
+        lora_alpha: float = BackboneOptions.lora_alpha,
+        lora_dropout: float = BackboneOptions.lora_dropout,
+        lora_targets: Sequence[str] = BackboneOptions.lora_targets,
+        lora_blocks: Optional[Sequence[int]] = BackboneOptions.lora_blocks,
+        freeze: bool = BackboneOptions.freeze,
+        drop_path_rate: float = BackboneOptions.drop_path_rate,
+        apply_layernorm: bool = BackboneOptions.apply_layernorm,
+        window_size: Optional[int] = BackboneOptions.window_size,
+        window_blocks: Optional[Sequence[int]] = BackboneOptions.window_blocks,
         rope_train_augment: bool = True,
     ):
         super().__init__()
