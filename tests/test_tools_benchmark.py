@@ -21,11 +21,16 @@ def test_model_section_prints_rows_with_flops_parts_and_memory(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "linear yardstick in the rounds of demo" in out
+    header = out[:out.index("### model section")]  # the CPU kind, before any number
+    assert "CPU: " in header and "avx512_bf16=" in header and "amx_tile=" in header and "AMX: " in header
+    assert "native bf16: " in header and "cpu capability" in header and "FlopCounterMode" in out
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| demo |")]
     infer = [r for r in rows if r[3].startswith("torch")]
     dtypes = [r[4] for r in infer]
     assert dtypes == ["fp32", "bf16", "int8"] or ("refused" in out and dtypes == ["fp32", "int8"])  # bf16: CPU may lack it
     assert float(infer[-1][5]) > 0 and float(infer[-1][13]) > 0  # int8: time, GFLOP/s (of the fp32 count)
+    # the distance to the physical limit: GFLOP/s over the matmul rate in the row's dtype (int8: none)
+    assert [r[16] != "-" for r in infer] == [True] * (len(infer) - 1) + [False]
     fp32 = infer[0]
     e2e, parts = float(fp32[5]), [float(v) for v in fp32[6:11]]
     assert float(fp32[12]) > 0 and float(fp32[13]) > 0  # GFLOP (attention included) and GFLOP/s
@@ -51,6 +56,10 @@ def test_targets_are_measured_in_shared_rounds(capsys):
                     "vits14-efficient fp32:", "vits14-efficient int8:"):
         assert variant in summary
     assert "yardstick in these rounds: F.linear" in summary
+    assert "matmul rate in these rounds (matmul fp32 torch.mm 1536^3" in summary and "native bf16:" in summary
+    for variant in ("vits14-default fp32:", "vits14-efficient fp32:", "vits14-default fp32-plain:"):
+        assert f"distance to the physical limit, {variant[:-1]}: " in summary
+    assert "distance to the physical limit, vits14-default int8" not in summary
     for target in ("end-to-end / backbone alone", "efficient preset vs default", "windowed attention",
                    "the CPU inference path", "int8 dynamic quantization vs fp32", "after the backbone (neck, decoder, heads)",
                    "the attention kernel it runs, alone", "attention 1x6x170x64"):
@@ -150,6 +159,38 @@ def test_the_plain_rows_turn_the_cpu_path_off_through_the_options(monkeypatch):
         assert not current_options().fused_linear and model.decoder.stack_value_proj is False
     assert "stack_value_proj" not in vars(model.decoder) and DeformableDecoder.stack_value_proj is True
     # negative control: a backbone that ignores the option runs its fused blocks in the plain rows
-    monkeypatch.setattr(backbone_mod, "fused_linear_enabled", lambda x: True)
-    monkeypatch.setattr(backbone_mod, "current_options", lambda: InferenceOptions())
+    monkeypatch.setattr(backbone_mod, "block_kernel", lambda x, training: None if training else torch.float32)
     assert run(True)[0]["blocks"] > 0
+
+
+def test_isa_report_and_json(tmp_path, capsys):
+    """--isa prints the CPU kind alone (no timing); --json writes it."""
+    import json
+
+    import benchmark
+
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--isa", "--threads", "1", "--json", str(tmp_path / "kind.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "AMX: " in out and "native bf16: " in out and "section" not in out
+    kind = json.loads((tmp_path / "kind.json").read_text())["cpu"]
+    assert set(kind["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+    assert kind["amx"] == (kind["flags"]["amx_bf16"] and kind["flags"]["amx_tile"])
+    assert isinstance(kind["native_bf16"], bool) and "oneDNN version" in kind["torch"]
+
+
+def test_onednn_implementation_names_are_read_from_both_verbose_formats():
+    """oneDNN 3.3 (torch 2.3) and 3.12 (torch 2.14) verbose lines; an AMX machine's kernel name."""
+    from dinov2od.benchmark.cpu_kind import _implementation
+
+    old = "onednn_verbose,primitive,exec,cpu,matmul,brg:avx512_core_bf16,undef,src_bf16::blocked:ab::f0,,64x64,2.1"
+    new = ("onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_amx,undef,src:bf16::blocked:ab::f0 "
+           "wei:bf16::blocked:ab::f0,attr-scratchpad:user,,1536x1536:1536x1536,15.2")
+    conv = "onednn_verbose,v1,primitive,exec,cpu,convolution,jit_bf16:avx512_core_bf16,forward_training,src:bf16"
+    assert _implementation(old, "matmul") == "brg:avx512_core_bf16"
+    assert _implementation(new, "matmul") == "brg_matmul:avx512_core_amx"
+    assert _implementation(old + "\n" + conv, "convolution") == "jit_bf16:avx512_core_bf16"
+    assert _implementation(conv, "matmul") == "none"

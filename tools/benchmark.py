@@ -4,6 +4,13 @@
     python tools/benchmark.py                       # every section, CPU (+ CUDA if visible), 2 threads
     python tools/benchmark.py --section msda --device cpu --threads 2 --repeats 20
     python tools/benchmark.py --section model --threads 2 --profile   # the whole model (see below)
+    python tools/benchmark.py --isa                 # the CPU kind alone: ISA flags, AMX, native bf16, oneDNN
+
+Every run first prints the CPU kind (``dinov2od/benchmark/cpu_kind.py``): the CPU model, the ISA flags
+that decide bf16 speed (avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8, from /proc/cpuinfo), AMX
+yes/no, native bf16 yes/no, what torch reports (oneDNN version and state, torch's kernel ISA, its AMX
+probe where it has one) and the kernels oneDNN picks for a bf16 linear, matmul and convolution; every
+ratio line carries the short tag of it. ``--json PATH`` writes the same, with the sections' rows.
 
 Section ``msda`` (``dinov2od/benchmark/msda.py``) times multi-scale deformable attention, forward
 (no grad) and forward+backward, for every available path (the PyTorch path, the compiled CPU kernel,
@@ -56,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="msda cases (repeatable; default: both)")
     parser.add_argument("--stat", default="median", choices=["median", "min"],
                         help="statistic of the repeats (min: best-of, steadier on a shared machine)")
+    parser.add_argument("--isa", action="store_true",
+                        help="print the CPU kind (ISA flags, AMX, native bf16, oneDNN's kernels) and exit")
+    parser.add_argument("--json", metavar="PATH", help="also write the CPU kind and the sections' rows as JSON")
     parser.add_argument("--cpu-isa", default="auto", choices=["auto", "default", "avx2", "all"],
                         help="CPU kernel inner loops to time (auto: the one dispatch picks)")
     model = parser.add_argument_group("section model (dinov2od/benchmark/model.py)")

@@ -10,6 +10,7 @@ module                 what
 :mod:`.targets`        the speed targets (data) and the summary lines that judge them
 :mod:`.startup`        section ``startup``: process start to first batch, peak RSS per rank
 :mod:`.peers`          section ``peers``: RF-DETR and dinov2od side by side (needs ``rfdetr``)
+:mod:`.cpu_kind`       the CPU kind every ratio is printed with: ISA flags, AMX, native bf16, oneDNN
 =====================  ================================================================
 
 Add a section by writing ``def section_NAME(args) -> list`` and registering it in :data:`SECTIONS`;
@@ -18,11 +19,13 @@ Add a section by writing ``def section_NAME(args) -> list`` and registering it i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Callable, Dict, List
 
 import torch
 
+from dinov2od.benchmark.cpu_kind import cpu_kind, header_lines
 from dinov2od.benchmark.msda import section_msda
 from dinov2od.layers import _ext
 
@@ -61,9 +64,16 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], List]] = {
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the setup (torch, threads, the compiled op, load, GPU), then run ``args.section`` (all
-    sections when None) with ``args.threads`` intra-op threads. Returns the exit status."""
+    """Print the setup (torch, threads, the compiled op, load, the CPU kind, GPU), then run
+    ``args.section`` (all sections when None) with ``args.threads`` intra-op threads; with ``args.json``
+    write the CPU kind and what the sections return there. ``args.isa``: the CPU kind only. Returns
+    the exit status."""
     torch.set_num_threads(args.threads)
+    kind = cpu_kind()  # (oneDNN's probe at the run's threads)
+    if getattr(args, "isa", False):
+        print("\n".join(header_lines(kind)))
+        _write_json(args, kind, {})
+        return 0
     ext = _ext.load_extension()
     print(
         f"torch {torch.__version__}, {args.threads} CPU threads, "
@@ -71,11 +81,26 @@ def run(args: argparse.Namespace) -> int:
         + (f", cuda kernels: {ext.with_cuda()}" if ext else "")
         + (f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else "")
     )
+    for line in header_lines(kind):
+        print(line)
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"times are {'medians' if args.stat == 'median' else 'best-of'} of {args.repeats} calls "
           f"({args.model_repeats} in the model section); 'vs pt' = PyTorch path time / this path's time "
           "(same device, dtype, run)")
+    results = {}
     for name in args.section or list(SECTIONS):
-        SECTIONS[name](args)
+        results[name] = SECTIONS[name](args)
+    _write_json(args, kind, results)
     return 0
+
+
+def _write_json(args: argparse.Namespace, kind, results: dict) -> None:
+    """``--json PATH``: the CPU kind, torch, threads and each section's returned rows."""
+    path = getattr(args, "json", None)
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump({"cpu": kind.as_dict(), "torch": torch.__version__, "threads": args.threads,
+                   "sections": results}, f, indent=1, default=str)
+    print(f"wrote {path}")

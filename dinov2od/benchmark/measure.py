@@ -160,6 +160,38 @@ def yardstick_kernels(device: str) -> Dict[str, Tuple[Callable[[], object], int]
     return out
 
 
+MATMUL_N = 1536  # the square products of the matmul rate (:func:`matmul_kernels`)
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode (matrix products, convolutions, attention; with "
+                "entries added for torch's CPU flash attention and oneDNN's linear; element-wise ops, "
+                "sampling and norms not counted)")
+
+
+def matmul_kernels(dtype: str, device: str = "cpu") -> Dict[str, Tuple[Callable[[], object], int]]:
+    """The machine's matmul rate in ``dtype`` ("fp32" or "bf16"), ``{name: (call, FLOPs)}``: a square
+    ``torch.mm`` at :data:`MATMUL_N`^3 on ``dtype`` tensors and, on the CPU, oneDNN's linear
+    (``torch.ops.mkldnn._linear_pointwise``: the op of the project's CPU inference path) at the same
+    size. Names ``"matmul <dtype> ..."``; :func:`matmul_rate` takes the best. Timed at the run's threads
+    (``torch.set_num_threads``); run them in the same rounds as what is compared with them."""
+    from dinov2od.layers.fused_linear import _OP_AVAILABLE
+
+    n, dt = MATMUL_N, MATMUL_DTYPES[dtype]
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    out = {f"matmul {dtype} torch.mm {n}^3": ((lambda: torch.mm(a, b)), 2 * n ** 3)}
+    if device == "cpu" and _OP_AVAILABLE:
+        out[f"matmul {dtype} oneDNN linear {n}^3"] = (
+            (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")), 2 * n ** 3)
+    return out
+
+
+def matmul_rate(rates: Dict[str, float], dtype: str) -> Optional[float]:
+    """The best GFLOP/s of :func:`matmul_kernels`' ``dtype`` kernels in ``{kernel name: GFLOP/s}``
+    (None when they were not run)."""
+    found = [v for k, v in rates.items() if k.startswith(f"matmul {dtype} ")]
+    return max(found) if found else None
+
+
 def yardstick_rates(yard: Dict[str, float]) -> Tuple[float, Optional[float]]:
     """(best ``F.linear`` GFLOP/s, best oneDNN GFLOP/s or None) of ``{kernel name: GFLOP/s}``."""
     flin = max(v for k, v in yard.items() if k.startswith("F.linear"))

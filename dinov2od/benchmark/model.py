@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +42,19 @@ from dinov2od.benchmark.measure import (
     STAT,
     PeakMemory,
     Stopwatch,
+    FLOP_COUNTER,
     count_flops,
     count_flops_split,
     grads_off,
+    matmul_kernels,
+    matmul_rate,
     median_of,
     median_stages,
     profile_top_ops,
     run_rounds,
     yardstick_rates,
 )
+from dinov2od.benchmark.cpu_kind import cpu_tag
 from dinov2od.benchmark.models import (DEMO_OVERRIDES, PLAIN_PRESETS, build_model, is_demo, plain_path, random_targets,
                                        token_size, variant)
 from dinov2od.benchmark.targets import targets_summary
@@ -138,17 +142,24 @@ def _fmt(v, spec=".1f") -> str:
 
 
 INFER_HEADER = ("| model | px | batch | runtime | dtype | e2e ms | pre | backbone | neck | decoder | post | "
-                "e2e / backbone | GFLOP | GFLOP/s | % of F.linear | % of oneDNN | peak MB |")
+                "e2e / backbone | GFLOP | GFLOP/s | % of F.linear | % of oneDNN | % of matmul, same dtype | peak MB |")
 TRAIN_HEADER = ("| model | px | batch | iteration ms | backbone | neck | decoder | loss | backward | step | "
                 "GFLOP | GFLOP/s | peak MB |")
 
 
-def infer_row(name, px, batch, runtime, dtype, e2e, parts, flops, linear, peak) -> str:
-    """One inference row; ``linear``: (F.linear rate, oneDNN rate or None) measured next to it."""
+def row_dtype(dtype: str) -> Optional[str]:
+    """The matmul dtype of a ``--dtypes`` entry (``fp32-plain`` -> fp32, ``bf16-plain`` -> bf16; int8: None)."""
+    base = dtype.split("-")[0]
+    return base if base in ("fp32", "bf16") else None
+
+
+def infer_row(name, px, batch, runtime, dtype, e2e, parts, flops, linear, peak, mm_rate=None) -> str:
+    """One inference row; ``linear``: (F.linear rate, oneDNN rate or None) measured next to it;
+    ``mm_rate``: the best matmul rate in the row's dtype (:func:`~dinov2od.benchmark.measure.matmul_kernels`)."""
     parts = parts or {}
     bb = parts.get("backbone")
     gfs = flops / (e2e * 1e-3) / 1e9 if flops and e2e else None
-    pct = [_fmt(100 * gfs / rate if gfs and rate else None, ".0f") for rate in linear]
+    pct = [_fmt(100 * gfs / rate if gfs and rate else None, ".0f") for rate in (*linear, mm_rate)]
     cells = [name, str(px), str(batch), runtime, dtype, _fmt(e2e)] + [_fmt(parts.get(s)) for s in STAGES] + [
         _fmt(e2e / bb if bb else None, ".2f"), _fmt(flops / 1e9 if flops else None), _fmt(gfs)] + pct + [
         _fmt(peak, ".0f")]
@@ -188,9 +199,12 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
             with PeakMemory(device) as mem:
                 e2e()
             # the yardstick in the same rounds as the model: the machine's rate drifts on a shared host
-            yard, e2e_ms, stage_ms = run_rounds({0: (e2e, staged)}, args.model_repeats, device)
+            mm_dtype = row_dtype(dtype)
+            yard, e2e_ms, stage_ms = run_rounds({0: (e2e, staged)}, args.model_repeats, device,
+                                                matmul_kernels(mm_dtype, device) if mm_dtype else None)
             ms, parts = e2e_ms[0], stage_ms[0]
             linear = yardstick_rates(yard)
+            mm_rate = matmul_rate(yard, mm_dtype) if mm_dtype else None
             results[(name, size, batch, dtype, "yardstick")] = linear
             print("<!-- linear yardstick in the rounds of %s %d px b%d %s: %s -->" % (
                 name, size, batch, dtype, ", ".join(f"{k} {v:.1f}" for k, v in yard.items())), flush=True)
@@ -206,7 +220,8 @@ def measure_model(args, backbone: str, preset: str, px: int, device: str, result
                 with torch.no_grad(), grads_off(model):
                     x, _, valid_hw = model.pad(model.normalize(images), None)
                     results[(name, size, "backbone_flops")] = count_flops(lambda: model.backbone.forward_padded(x, valid_hw))
-            print(infer_row(name, size, batch, "torch-" + device, dtype, ms, parts, flops, linear, mem.peak_mb), flush=True)
+            print(infer_row(name, size, batch, "torch-" + device, dtype, ms, parts, flops, linear, mem.peak_mb, mm_rate),
+                  flush=True)
             results[(name, size, batch, "torch", dtype)] = dict(e2e=ms, flops=flops, **parts)
             if args.profile and batch == args.batches[0]:
                 results.setdefault("profiles", []).append((f"{name} {size}px b{batch} {dtype}", profile_top_ops(e2e)))
@@ -284,7 +299,7 @@ def shared_rounds(args, backbone: str, px: int, device: str, table: dict) -> dic
     cannot. FLOP counts are the table's. Returns results keyed as :func:`targets_summary` reads them."""
     size = token_size(px, backbone)
     images = torch.rand(1, 3, size, size, device=device)
-    calls, extra = {}, {}
+    calls, extra, mm = {}, {}, {}
     for preset in ("default", "efficient"):
         model, _ = build_model(backbone, preset, device)
         model.eval()
@@ -296,9 +311,12 @@ def shared_rounds(args, backbone: str, px: int, device: str, table: dict) -> dic
             if v is not None and (name, size, 1, "torch", dtype) in table:  # (bf16 refused: not in the table)
                 net, amp, plain = v
                 calls[(name, dtype)] = inference_calls(net, images, device, amp, plain)
-    yard, e2e_ms, stage_ms = run_rounds(calls, args.model_repeats, device, extra)
+                if row_dtype(dtype):  # the matmul rate of each dtype measured, in the same rounds
+                    mm.update(matmul_kernels(row_dtype(dtype), device))
+    yard, e2e_ms, stage_ms = run_rounds(calls, args.model_repeats, device, {**extra, **mm})
     linear = yardstick_rates(yard)
-    results: dict = {("attention kernel", size): [(name, yard[name]) for name in extra]}
+    results: dict = {("attention kernel", size): [(name, yard[name]) for name in extra],
+                     "matmul rates": {k: yard[k] for k in mm}}
     for name, dtype in calls:
         flops = table[(name, size, 1, "torch", dtype)]["flops"]
         results[(name, size, 1, "torch", dtype)] = dict(e2e=e2e_ms[(name, dtype)], flops=flops, **stage_ms[(name, dtype)])
@@ -307,6 +325,27 @@ def shared_rounds(args, backbone: str, px: int, device: str, table: dict) -> dic
             if (name, size, what) in table:
                 results[(name, size, what)] = table[(name, size, what)]
     return results
+
+
+def limit_lines(rounds: dict, backbone: str, size: int) -> List[str]:
+    """The distance to the physical limit, from :func:`shared_rounds`' results: each preset's end-to-end
+    GFLOP/s in each dtype over the machine's best matmul rate in that dtype, measured in the same rounds
+    (:func:`~dinov2od.benchmark.measure.matmul_kernels`), and the bf16 / fp32 matmul rate ratio."""
+    rates = rounds.get("matmul rates") or {}
+    if not rates:
+        return []
+    best = {dt: matmul_rate(rates, dt) for dt in ("fp32", "bf16")}
+    lines = ["- matmul rate in these rounds (" + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + " GFLOP/s)"
+             + (f": bf16 / fp32 = {best['bf16'] / best['fp32']:.2f}x" if best["fp32"] and best["bf16"] else "")
+             + f" {cpu_tag()}"]
+    for key in sorted(k for k in rounds if isinstance(k, tuple) and len(k) == 5 and k[0].startswith(backbone)
+                      and k[1] == size and k[3] == "torch"):
+        dt, r = row_dtype(key[4]), rounds[key]
+        if dt and best.get(dt) and r.get("flops"):
+            gfs = r["flops"] / (r["e2e"] * 1e-3) / 1e9
+            lines.append(f"- distance to the physical limit, {key[0]} {key[4]}: {gfs:.1f} GFLOP/s end to end = "
+                         f"{100 * gfs / best[dt]:.0f}% of the {dt} matmul rate {best[dt]:.1f}")
+    return lines
 
 
 def attention_kernel(backbone, size: int, device: str) -> Dict[str, Tuple[Callable[[], object], int]]:
@@ -347,10 +386,14 @@ def section_model(args) -> list:
     if args.device == "cuda":
         devices = ["cuda"]
     for device in devices:
-        print(f"\n### model section, {device}: '% of F.linear' / '% of oneDNN': achieved GFLOP/s over the best fp32 "
+        print(f"\n### model section, {device}{', ' + cpu_tag() if device == 'cpu' else ''}: '% of F.linear' / "
+              "'% of oneDNN': achieved GFLOP/s over the best fp32 "
               "rate of F.linear (nn.Linear) / oneDNN's matmul at 1024x384x1536 and 1536^3, measured in the same "
-              "rounds as each row's model (the lines in <!-- -->; onnxruntime rows: the fp32 row's); int8 rows "
-              f"use the fp32 FLOP count; {STAT['name']} of {args.model_repeats} rounds\n", flush=True)
+              "rounds as each row's model (the lines in <!-- -->; onnxruntime rows: the fp32 row's); '% of matmul, "
+              "same dtype': over the best of torch.mm and oneDNN's linear at 1536^3 in the row's dtype (fp32 or "
+              "bf16; same rounds), the distance to the physical limit; int8 rows "
+              f"use the fp32 FLOP count; FLOPs: {FLOP_COUNTER}; {STAT['name']} of {args.model_repeats} rounds\n",
+              flush=True)
         results: dict = {}
         print(INFER_HEADER)
         print("|" + "---|" * (INFER_HEADER.count("|") - 1), flush=True)
@@ -380,7 +423,7 @@ def section_model(args) -> list:
                     onnx = results.get((f"{backbone}-default", size, 1, "onnx", "fp32"))
                     if onnx:  # not in the rounds: the table's
                         rounds[(f"{backbone}-default", size, 1, "onnx", "fp32")] = onnx
-                    lines = targets_summary(rounds, backbone, size)
+                    lines = targets_summary(rounds, backbone, size) + limit_lines(rounds, backbone, size)
                     yard = rounds[(f"{backbone}-default", size, 1, "fp32", "yardstick")]
                     lines.insert(1, f"- yardstick in these rounds: F.linear {yard[0]:.1f} GFLOP/s"
                                  + (f", oneDNN {yard[1]:.1f}" if yard[1] else ""))

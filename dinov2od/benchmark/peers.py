@@ -27,7 +27,13 @@ What is compared (docs/speed.md, "Against RF-DETR"):
   (like for like with RF-DETR's recipe). Images/s and peak memory.
 
 Every call of a table is made once per round, round after round (``--peer-repeats`` rounds), so
-that a shared machine's load falls on all alike; the reduction is ``--stat``.
+that a shared machine's load falls on all alike; the reduction is ``--stat``. Each inference table's
+rounds also time the machine's matmul rate in the table's dtype (a square ``torch.mm`` and oneDNN's
+linear at 1536^3, :func:`dinov2od.benchmark.measure.matmul_kernels`, same threads): every row prints its
+GFLOP/s (FLOPs: :data:`dinov2od.benchmark.measure.FLOP_COUNTER`, counted once in fp32) as a fraction
+of that rate, the distance to the physical limit. Every table title and target line carries the CPU
+kind (:func:`dinov2od.benchmark.cpu_kind.cpu_tag`: AMX, native bf16), and the targets are
+:data:`dinov2od.benchmark.targets.PEER_TARGETS` (bf16 ones only where the CPU has native bf16).
 """
 from __future__ import annotations
 
@@ -44,7 +50,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from dinov2od.benchmark import measure
+from dinov2od.benchmark.cpu_kind import cpu_tag
 from dinov2od.benchmark.models import random_targets
+from dinov2od.benchmark.targets import PEER_TARGETS, TRAIN_TARGET
 from dinov2od.layers.precision import autocast_context, native_cpu_bf16
 
 __all__ = ["PEERS", "Peer", "equal_grid_px", "section_peers", "shared_rounds", "speed_ratio"]
@@ -249,6 +257,8 @@ def _inference_table(args, device: str, peers: List[str]) -> List[dict]:
         flops = {}
         for key, fn in calls.items():
             flops[key] = _count_gflop(fn, module if key.startswith("RF") else ours[key.split()[-1]])
+        if flops[f"{name} export"] is None:  # (the counter fails on the export graph: the same computation)
+            flops[f"{name} export"] = flops[f"{name} eager"]
         for dt in _dtypes(args, device):
             def wrap(dt=dt):
                 stack = contextlib.ExitStack()
@@ -256,24 +266,37 @@ def _inference_table(args, device: str, peers: List[str]) -> List[dict]:
                 stack.enter_context(autocast_context(device, dt))
                 return stack
 
-            ms = shared_rounds(calls, args.peer_repeats, args.warmup, device, wrap)
+            # the machine's matmul rate in this dtype, in the same rounds (dtype tensors: autocast casts nothing)
+            kernels = measure.matmul_kernels(dt, device)
+            ms = shared_rounds({**calls, **{k: fn for k, (fn, _) in kernels.items()}}, args.peer_repeats,
+                               args.warmup, device, wrap)
+            rates = {k: kernels[k][1] / (ms.pop(k) * 1e-3) / 1e9 for k in kernels}
+            rate = measure.matmul_rate(rates, dt)
             ref = min(ms[f"{name} eager"], ms[f"{name} export"])
             for key, t in ms.items():
                 px = peer.px if key.startswith("RF") else our_px
+                gfs = flops[key] / (t * 1e-3) if flops[key] else None
                 rows.append(dict(grid=peer.grid, dtype=dt, model=key, px=px, ms=t, gflop=flops[key],
+                                 gflops_s=gfs, matmul_rate=rate, of_matmul=gfs / rate if gfs and rate else None,
                                  speed=speed_ratio(ref, t), peer=name))
-            _print_inference(rows[-len(ms):])
+            _print_inference(rows[-len(ms):], rates)
     return rows
 
 
-def _print_inference(rows: List[dict]) -> None:
+def _print_inference(rows: List[dict], rates: Optional[Dict[str, float]] = None) -> None:
     r0 = rows[0]
-    print(f"\n{r0['grid']}x{r0['grid']} tokens, batch 1, {r0['dtype']}: speed = {r0['peer']}'s faster time / this row's")
-    print("| model | px | ms | GFLOP | speed vs " + r0["peer"] + " |")
-    print("|---|---|---|---|---|")
+    dt = r0["dtype"]
+    print(f"\n{r0['grid']}x{r0['grid']} tokens, batch 1, {dt}, {cpu_tag()}: speed = {r0['peer']}'s faster time / "
+          f"this row's; % of {dt} matmul = GFLOP/s over the best {dt} matmul rate of the same rounds")
+    if rates:
+        print("matmul rate, same rounds and threads: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()))
+    print(f"| model | px | ms | GFLOP | GFLOP/s | % of {dt} matmul | speed vs {r0['peer']} |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         g = f"{r['gflop']:.1f}" if r["gflop"] else "-"
-        print(f"| {r['model']} | {r['px']} | {r['ms']:.1f} | {g} | {r['speed']:.2f}x |", flush=True)
+        gfs = f"{r['gflops_s']:.1f}" if r.get("gflops_s") else "-"
+        of = f"{100 * r['of_matmul']:.0f}%" if r.get("of_matmul") else "-"
+        print(f"| {r['model']} | {r['px']} | {r['ms']:.1f} | {g} | {gfs} | {of} | {r['speed']:.2f}x |", flush=True)
 
 
 def _train_table(args, device: str, peer_name: str) -> List[dict]:
@@ -305,7 +328,9 @@ def _train_table(args, device: str, peer_name: str) -> List[dict]:
             px = grid * (peer.patch if key == peer_name else OUR_PATCH)
             block.append(dict(grid=grid, model=key, px=px, ms=t, images_s=batch / t * 1e3, peak_mb=mem[key],
                               speed=speed_ratio(ref, t)))
-        print(f"\ntraining iteration, batch {batch}, {grid}x{grid} tokens, fp32: speed = {peer_name}'s time / this row's")
+        where = cpu_tag() if device == "cpu" else device
+        print(f"\ntraining iteration, batch {batch}, {grid}x{grid} tokens, fp32, {where}: speed = {peer_name}'s time / "
+              "this row's")
         print("| model | px | ms / iteration | images/s | peak memory MiB | speed |")
         print("|---|---|---|---|---|---|")
         for r in block:
@@ -315,22 +340,28 @@ def _train_table(args, device: str, peer_name: str) -> List[dict]:
     return rows
 
 
-TARGET_LINES = (  # (our preset, dtype, threshold): the issue's targets against RF-DETR-S
-    ("efficient", "fp32", 1.25), ("efficient", "bf16", 1.25), ("default", "fp32", 1.0), ("default", "bf16", 1.0))
-
-
-def targets_lines(rows: List[dict], train_rows: List[dict], peer: str = "RF-DETR-S") -> List[str]:
-    """``met`` / ``NOT met`` per target, from the rows of this run."""
+def targets_lines(rows: List[dict], train_rows: List[dict], peer: str = "RF-DETR-S", device: str = "cpu",
+                  native_bf16: Optional[bool] = None, tag: Optional[str] = None) -> List[str]:
+    """The verdict of each of :data:`dinov2od.benchmark.targets.PEER_TARGETS` (and the training
+    iteration's) from the rows of this run, each with the CPU kind (``tag``, default :func:`cpu_tag`)
+    and, where measured, the preset's share of the matmul rate in that dtype. A bf16 target on a CPU
+    without native bf16 reads ``n/a: no native bf16``; a dtype not run reads ``not measured``."""
+    if device == "cpu" and native_bf16 is None:
+        native_bf16 = native_cpu_bf16()
+    native = True if device != "cpu" else bool(native_bf16)
+    tag = tag if tag is not None else (cpu_tag() if device == "cpu" else f"[{device}]")
     lines = []
-    for preset, dt, bound in TARGET_LINES:
-        r = [x for x in rows if x["peer"] == peer and x["dtype"] == dt and x["model"] == f"dinov2od {preset}"]
-        if r:
-            s = r[0]["speed"]
-            lines.append(f"{preset} vs {peer}, {dt}: {s:.2f}x (target >= {bound:.2f}x: {'met' if s >= bound else 'NOT met'})")
+    for t in PEER_TARGETS:
+        r = [x for x in rows if x["peer"] == peer and x["dtype"] == t.dtype and x["model"] == f"dinov2od {t.preset}"]
+        if not r and (not t.native_bf16 or native):
+            continue  # (that dtype was not asked for)
+        limit = (f"; {100 * r[0]['of_matmul']:.0f}% of the {t.dtype} matmul rate {r[0]['matmul_rate']:.1f} GFLOP/s"
+                 if r and r[0].get("of_matmul") else "")
+        lines.append(f"{t.preset} vs {peer}, {t.dtype}: {t.verdict(r[0]['speed'] if r else None, native)}{limit} {tag}")
     for r in train_rows:
         if r["model"].startswith("dinov2od"):
             lines.append(f"training, {r['model']} vs {peer}, {r['grid']}x{r['grid']} tokens: {r['speed']:.2f}x "
-                         f"(target >= 1.00x: {'met' if r['speed'] >= 1.0 else 'NOT met'})")
+                         f"(target >= {TRAIN_TARGET:.2f}x: {'met' if r['speed'] >= TRAIN_TARGET else 'NOT met'}) {tag}")
     return lines
 
 
@@ -346,13 +377,14 @@ def section_peers(args: argparse.Namespace) -> list:
     if args.clock == "process":  # this process's CPU time (with --threads 1 on a busy machine)
         measure.CLOCK["now"] = time.process_time
     print(f"\nsection peers: rfdetr {version('rfdetr')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, {args.stat} of {args.peer_repeats} shared rounds")
+          f"{args.clock} clock, {args.stat} of {args.peer_repeats} shared rounds, {cpu_tag()}; FLOPs: "
+          f"{measure.FLOP_COUNTER}, counted once in fp32")
     out = []
     for device in args.devices:
         rows = _inference_table(args, device, args.peers)
         train_rows = _train_table(args, device, "RF-DETR-S") if args.peer_train_batch > 0 else []
         print(f"\ntargets ({device}):")
-        for line in targets_lines(rows, train_rows):
+        for line in targets_lines(rows, train_rows, device=device):
             print("  " + line)
         out += rows + train_rows
     return out
