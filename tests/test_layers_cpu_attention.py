@@ -20,7 +20,6 @@ from dinov2od.layers import _ext
 from dinov2od.layers import cpu_attention as ca
 from dinov2od.layers import fused_linear
 from dinov2od.modeling import DINOv2Backbone
-from dinov2od.modeling.backbones import base as backbone_mod
 from dinov2od.modeling import DINOv3Backbone
 
 KERNEL_FLAGS = {"avx512f", "avx512dq", "fma"}
@@ -127,13 +126,13 @@ def test_kernel_refuses_what_it_was_not_built_for():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     calls = []
-    original = backbone_mod.cpu_attention
+    original = ca.cpu_attention
 
     def counted(q, k, v):
         calls.append(tuple(q.shape))
         return original(q, k, v)
 
-    monkeypatch.setattr(backbone_mod, "cpu_attention", counted)
+    monkeypatch.setattr(ca, "cpu_attention", counted)
     return calls
 
 
@@ -192,7 +191,8 @@ def test_a_wrong_kernel_would_be_caught(family, kernel_calls, monkeypatch):
     bb = make(family)
     images = torch.randn(1, 3, 112, 112)
     plain = run(bb, images, None, monkeypatch, on=False)
-    monkeypatch.setattr(backbone_mod, "cpu_attention", lambda q, k, v: ca.cpu_attention(q * 1.01, k, v))
+    kernel = ca.cpu_attention
+    monkeypatch.setattr(ca, "cpu_attention", lambda q, k, v: kernel(q * 1.01, k, v))
     wrong = run(bb, images, None, monkeypatch, on=True)
     assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 3 * BLOCK_ATOL
 
@@ -212,14 +212,14 @@ def test_kernel_output_inside_the_blocks_equals_float64_attention(family, monkey
     (a 1% temperature error moves these outputs by ~2e-3)."""
     bb = make(family)
     seen = []
-    original = backbone_mod.cpu_attention
+    original = ca.cpu_attention
 
     def recording(q, k, v):
         out = original(q, k, v)
         seen.append((q.clone(), k.clone(), v.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(backbone_mod, "cpu_attention", recording)
+    monkeypatch.setattr(ca, "cpu_attention", recording)
     run(bb, torch.randn(1, 3, 112, 112), None, monkeypatch, on=True)
     assert len(seen) == bb.out_indices[-1] + 1  # every block that runs
     for q, k, v, out in seen:

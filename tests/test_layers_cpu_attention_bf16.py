@@ -14,7 +14,7 @@ from dinov2od.layers import _ext
 from dinov2od.layers import cpu_attention as ca
 from dinov2od.layers.inference_options import inference_options
 from dinov2od.modeling import inference as inference_mod
-from dinov2od.modeling.backbones import base as backbone_mod
+from dinov2od.layers import fused_linear
 
 from test_layers_cpu_attention import _cpu_flags, attention_float64, kernel_expected, make, qkv_views
 
@@ -96,8 +96,8 @@ def test_decoder_self_attention_takes_the_kernel_and_computes_the_module(monkeyp
         mha.out_proj.bias.normal_(0, 0.1)
     tgt, pos = torch.randn(2, 300, 256), torch.randn(2, 300, 256)
     calls = []
-    kernel = decoder_mod.cpu_attention_bf16
-    monkeypatch.setattr(decoder_mod, "cpu_attention_bf16", lambda q, k, v: calls.append(q.shape) or kernel(q, k, v))
+    kernel = ca.cpu_attention_bf16
+    monkeypatch.setattr(ca, "cpu_attention_bf16", lambda q, k, v: calls.append(q.shape) or kernel(q, k, v))
 
     def run(**options):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), inference_options(**options):
@@ -123,7 +123,7 @@ def test_decoder_self_attention_takes_the_kernel_and_computes_the_module(monkeyp
         decoder_mod.decoder_self_attention(mha, tgt + pos, tgt)
     assert len(calls) == 1
     # negative control: the head-dim-64 scale inside the path is seen by the tolerance
-    monkeypatch.setattr(decoder_mod, "cpu_attention_bf16",
+    monkeypatch.setattr(ca, "cpu_attention_bf16",
                         lambda q, k, v: kernel((q.float() * 2 ** -0.5).bfloat16(), k, v))
     wrong = run()
     assert (wrong.double() - ref).abs().max().item() > 1.5 * plain_err + 1e-3
@@ -150,7 +150,7 @@ def test_bf16_kernel_refuses_what_it_was_not_built_for():
 def bf16_calls(monkeypatch):
     """Calls of the bfloat16 kernel and of the bfloat16 linears from the ViT blocks."""
     calls = {"attention": 0, "linear": 0}
-    attention, linear = backbone_mod.cpu_attention_bf16, backbone_mod.bf16_linear
+    attention, linear = ca.cpu_attention_bf16, fused_linear.bf16_linear
 
     def counted_attention(q, k, v):
         calls["attention"] += 1
@@ -160,8 +160,8 @@ def bf16_calls(monkeypatch):
         calls["linear"] += 1
         return linear(*args, **kwargs)
 
-    monkeypatch.setattr(backbone_mod, "cpu_attention_bf16", counted_attention)
-    monkeypatch.setattr(backbone_mod, "bf16_linear", counted_linear)
+    monkeypatch.setattr(ca, "cpu_attention_bf16", counted_attention)
+    monkeypatch.setattr(fused_linear, "bf16_linear", counted_linear)
     return calls
 
 
@@ -209,14 +209,14 @@ def test_bf16_kernel_inside_the_blocks_equals_float64_attention(family, monkeypa
     features' bfloat16 noise)."""
     bb = make(family)
     seen = []
-    original = backbone_mod.cpu_attention_bf16
+    original = ca.cpu_attention_bf16
 
     def recording(q, k, v):
         out = original(q, k, v)
         seen.append((q.clone(), k.clone(), v.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(backbone_mod, "cpu_attention_bf16", recording)
+    monkeypatch.setattr(ca, "cpu_attention_bf16", recording)
     features(bb, torch.randn(1, 3, 112, 112))
     assert len(seen) == bb.out_indices[-1] + 1
     for q, k, v, out in seen:

@@ -21,7 +21,7 @@ from dinov2od.layers import fused_linear
 from dinov2od.layers import inference_options as io
 from dinov2od.layers.inference_options import InferenceOptions, current_options, inference_options
 from dinov2od.modeling import DINOv2Backbone, ViTBackbone
-from dinov2od.modeling.backbones import base as backbone_mod
+from dinov2od.layers import kernels
 
 msda = importlib.import_module("dinov2od.layers.ms_deform_attn")  # (the package's ms_deform_attn is the function)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ class OpNames(TorchDispatchMode):
 def onednn_linears() -> int:
     x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
     with torch.no_grad(), OpNames() as ops:
-        fused_linear.linear(x, w, b, "gelu")
+        kernels.linear(x, w, b, "gelu")
     return sum("mkldnn._linear_pointwise" in n for n in ops.names)
 
 
@@ -85,8 +85,8 @@ def attention_kernels() -> int:
         pytest.skip("dinov2od._C's attention kernel is not available here (tests/test_layers_cpu_attention.py "
                     "says whether it must be)")
     q, k, v = torch.randn(3, 1, 2, 9, 64).unbind(0)
-    with torch.no_grad(), counting(backbone_mod, "cpu_attention") as calls:
-        backbone_mod._sdpa(q, k, v, None, 0.0)
+    with torch.no_grad(), counting(ca, "cpu_attention") as calls:
+        kernels.attention(q, k, v, None, 0.0)
     return len(calls)
 
 
@@ -103,9 +103,9 @@ def compiled_msda() -> int:
 # option -> (the count of its path's calls in one run, the variable's value that turns it off)
 PATHS = {
     "fused_linear": (onednn_linears, "0"),
-    "fused_blocks": (fused_blocks, None),
+    "fused_blocks": (fused_blocks, "off"),
     "cpu_attention": (attention_kernels, "false"),
-    "compiled_msda": (compiled_msda, "1"),
+    "compiled_msda": (compiled_msda, "0"),
 }
 
 
@@ -131,7 +131,7 @@ def test_each_option_turns_its_path_on_and_off(option):
 
 
 @pytest.mark.parametrize("option", sorted(o for o, (_, value) in PATHS.items() if value is not None))
-def test_each_variable_turns_its_path_off_as_it_always_did(option, monkeypatch):
+def test_each_variable_turns_its_path_off(option, monkeypatch):
     count, value = PATHS[option]
     monkeypatch.setenv(io.ENV_VARIABLES[option], value)
     assert getattr(current_options(), option) is False
@@ -145,7 +145,7 @@ def test_negative_control_an_ignored_option_gives_an_identical_ab(option, monkey
     """Where the path's reader ignores the options (always the defaults), the A/B above sees the
     same calls on and off: the check of test_each_option_turns_its_path_on_and_off would fail."""
     defaults = InferenceOptions()
-    reader = {"fused_linear": fused_linear, "cpu_attention": ca, "fused_blocks": backbone_mod,
+    reader = {"fused_linear": fused_linear, "cpu_attention": ca, "fused_blocks": kernels,
               "compiled_msda": msda}[option]
     monkeypatch.setattr(reader, "current_options", lambda: defaults)
     on, off = ab(option)
@@ -163,10 +163,11 @@ def test_fused_linear_off_takes_the_blocks_and_the_attention_kernel_with_it():
     ("fused_linear", "0", False), ("fused_linear", "false", False), ("fused_linear", "False", False),
     ("fused_linear", "1", True), ("fused_linear", "", True), ("fused_linear", "no", True),
     ("cpu_attention", "0", False), ("cpu_attention", "1", True),
-    ("compiled_msda", "1", False), ("compiled_msda", "yes", False), ("compiled_msda", "0", True),
-    ("compiled_msda", "", True), ("compiled_msda", "false", True),
+    ("fused_blocks", "off", False), ("fused_blocks", "1", True),
+    ("compiled_msda", "0", False), ("compiled_msda", "false", False), ("compiled_msda", "1", True),
+    ("compiled_msda", "", True), ("compiled_msda", "yes", True),
 ])
-def test_the_variables_keep_their_meanings(option, raw, expected, monkeypatch):
+def test_every_variable_reads_the_same_way(option, raw, expected, monkeypatch):
     monkeypatch.setenv(io.ENV_VARIABLES[option], raw)
     assert getattr(current_options(), option) is expected
     assert all(getattr(current_options(), other) for other in io._FIELDS if other != option)
@@ -208,8 +209,16 @@ def test_the_table_lists_every_option_and_variable():
     for var in io.ENV_VARIABLES.values():
         assert f"``{var}=" in doc
     # the modules' own names for the variables are the table's
-    assert (fused_linear.ENV, ca.ENV, msda.FORCE_PYTORCH_ENV) == (
-        "DINOV2OD_FUSED_LINEAR", "DINOV2OD_CPU_ATTENTION", "DINOV2OD_FORCE_PYTORCH_MSDA")
+    assert (fused_linear.ENV, ca.ENV, msda.ENV) == (
+        "DINOV2OD_FUSED_LINEAR", "DINOV2OD_CPU_ATTENTION", "DINOV2OD_COMPILED_MSDA")
+
+
+def test_the_retired_variable_is_refused_with_its_replacement(monkeypatch):
+    monkeypatch.setenv("DINOV2OD_FORCE_PYTORCH_MSDA", "1")
+    with pytest.raises(RuntimeError, match="DINOV2OD_COMPILED_MSDA=0"):
+        current_options()
+    monkeypatch.delenv("DINOV2OD_FORCE_PYTORCH_MSDA")
+    assert current_options() == InferenceOptions()
 
 
 def environment_reads(source: str):
@@ -226,7 +235,7 @@ def test_the_variables_are_read_in_one_place():
     """No module of dinov2od but inference_options reads the environment where it names one of the
     table's variables (or the modules' constants for them)."""
     names = re.compile(r"\b(%s)\b" % "|".join(sorted(set(io.ENV_VARIABLES.values())
-                                                      | {"ENV", "FORCE_PYTORCH_ENV", "ENV_VARIABLES"})))
+                                                      | {"ENV", "ENV_VARIABLES"})))
     readers = []
     for folder, _, files in os.walk(os.path.join(ROOT, "dinov2od")):
         for f in files:

@@ -111,7 +111,7 @@ def test_forced_pytorch_path_matches_dispatch(monkeypatch):
     value, shapes, starts, loc, w = random_inputs()
     ref = ms_deform_attn_pytorch(value, shapes, starts, loc, w)
     torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, w, force_pytorch=True), ref)
-    monkeypatch.setenv("DINOV2OD_FORCE_PYTORCH_MSDA", "1")
+    monkeypatch.setenv("DINOV2OD_COMPILED_MSDA", "0")
     torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, w), ref)
 
 

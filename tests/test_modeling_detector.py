@@ -377,7 +377,6 @@ def test_one_value_projection_under_cpu_bfloat16_autocast(monkeypatch):
     the rounding of bfloat16 products, no further from it than the layer's own projection as
     autocast runs it, padded tokens zero."""
     from dinov2od.layers.precision import native_cpu_bf16
-    from dinov2od.modeling import decoder as decoder_mod
 
     if not native_cpu_bf16():
         pytest.skip("this CPU has no native bfloat16: the bfloat16 inference path is not taken here")
@@ -391,8 +390,10 @@ def test_one_value_projection_under_cpu_bfloat16_autocast(monkeypatch):
     mask = torch.zeros(2, 50, dtype=torch.bool)
     mask[1, 40:] = True
     calls = []
-    bf16_linear = decoder_mod.bf16_linear
-    monkeypatch.setattr(decoder_mod, "bf16_linear", lambda *a: calls.append(a[1].shape) or bf16_linear(*a))
+    from dinov2od.layers import fused_linear
+
+    bf16_linear = fused_linear.bf16_linear
+    monkeypatch.setattr(fused_linear, "bf16_linear", lambda *a: calls.append(a[1].shape) or bf16_linear(*a))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         values = decoder._project_values(memory, mask)
         own = [layer.cross_attn.value_proj(memory).masked_fill(mask[..., None], 0) for layer in decoder.layers]

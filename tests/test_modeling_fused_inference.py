@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov2od.layers import fused_linear
-from dinov2od.layers.fused_linear import linear
+from dinov2od.layers.kernels import linear
 from dinov2od.modeling import DINOv2Backbone
 from dinov2od.modeling import inference as inference_mod
 from dinov2od.modeling import DINOv3Backbone
@@ -97,12 +97,17 @@ def test_fused_path_only_at_cpu_fp32_no_grad_inference(count_fused, monkeypatch)
         bb.double()(images.double())
         bb.float()
         torch.jit.trace(FirstTap(bb), images, check_trace=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bb(images)
     assert not count_fused
     with torch.no_grad():
         bb(images)
     assert count_fused
+    # under CPU bfloat16 autocast the same block runs with bfloat16 weights, where the CPU has native bfloat16
+    from dinov2od.layers.precision import native_cpu_bf16
+
+    count_fused.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bb(images)
+    assert bool(count_fused) == native_cpu_bf16()
 
 
 def test_dora_and_unknown_layers_fall_back_to_the_plain_block(count_fused, monkeypatch):

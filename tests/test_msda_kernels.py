@@ -262,7 +262,7 @@ def spy_compiled(monkeypatch):
 
 def test_dispatch_uses_cpu_kernel_when_built(monkeypatch):
     require_ext()
-    monkeypatch.delenv(msda_module.FORCE_PYTORCH_ENV, raising=False)
+    monkeypatch.delenv(msda_module.ENV, raising=False)
     calls = spy_compiled(monkeypatch)
     inputs = make_inputs([(3, 3)], d=4)
     torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_pytorch(*inputs), rtol=1e-10, atol=1e-10)
@@ -272,9 +272,9 @@ def test_dispatch_uses_cpu_kernel_when_built(monkeypatch):
 def test_force_pytorch_argument_and_env(monkeypatch):
     calls = spy_compiled(monkeypatch)
     inputs = make_inputs([(3, 3)], d=4)
-    monkeypatch.delenv(msda_module.FORCE_PYTORCH_ENV, raising=False)
+    monkeypatch.delenv(msda_module.ENV, raising=False)
     ms_deform_attn(*inputs, force_pytorch=True)
-    monkeypatch.setenv(msda_module.FORCE_PYTORCH_ENV, "1")
+    monkeypatch.setenv(msda_module.ENV, "0")
     ms_deform_attn(*inputs)
     assert calls == []
 
@@ -284,7 +284,7 @@ def test_broken_build_falls_back_with_one_warning(monkeypatch, fresh_loader):
         raise ImportError("dinov2od/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
 
     monkeypatch.setattr(_ext, "_import_C", broken)
-    monkeypatch.delenv(msda_module.FORCE_PYTORCH_ENV, raising=False)
+    monkeypatch.delenv(msda_module.ENV, raising=False)
     inputs = make_inputs([(3, 4)], d=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -293,7 +293,7 @@ def test_broken_build_falls_back_with_one_warning(monkeypatch, fresh_loader):
     assert len(messages) == 1, messages
     assert "undefined symbol" in messages[0]
     assert "pip install -e . --no-build-isolation" in messages[0]
-    assert "DINOV2OD_FORCE_PYTORCH_MSDA=1" in messages[0]
+    assert "DINOV2OD_COMPILED_MSDA=0" in messages[0]
     for out in outs:
         torch.testing.assert_close(out, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
 
@@ -303,7 +303,7 @@ def test_force_pytorch_env_silences_a_broken_build(monkeypatch, fresh_loader):
         raise AssertionError("the loader must not run when the PyTorch path is forced")
 
     monkeypatch.setattr(_ext, "_import_C", broken)
-    monkeypatch.setenv(msda_module.FORCE_PYTORCH_ENV, "1")
+    monkeypatch.setenv(msda_module.ENV, "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ms_deform_attn(*make_inputs([(3, 4)], d=4))
@@ -321,7 +321,7 @@ def test_missing_build_never_crashes_at_import():
         "    for _ in range(2): L.ms_deform_attn(v, s, i, loc, w)\n"
         "print(len(c)); print(c[0].message)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != msda_module.FORCE_PYTORCH_ENV}
+    env = {k: v for k, v in os.environ.items() if k != msda_module.ENV}
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     count, message = res.stdout.split("\n", 1)

@@ -23,7 +23,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FIX = (
     "rebuild it against the installed torch with `pip install -e . --no-build-isolation` "
     "(from the dinov2od repository root; FORCE_CUDA=1 for the CUDA kernels), or set "
-    "DINOV2OD_FORCE_PYTORCH_MSDA=1 to use the PyTorch path without this warning"
+    "DINOV2OD_COMPILED_MSDA=0 to use the PyTorch path without this warning"
 )
 
 

@@ -1,13 +1,14 @@
-"""ViT softmax attention at CPU fp32 inference through ``dinov2od._C``'s AVX-512 kernel.
+"""ViT softmax attention at CPU inference through ``dinov2od._C``'s AVX-512 kernels (chosen by
+:func:`dinov2od.layers.kernels.attention`, the entry the model calls).
 
 ``softmax(q k^T / sqrt(64)) v`` for (B, H, T, 64) q, k, v without a mask or dropout, the shape of
 every DINOv2 and DINOv3 ViT's attention but DINOv3-7B's. The kernel (``layers/csrc/cpu/
 attention_cpu.cpp``) packs each head's keys and values once, computes a block of query rows'
 scores against all keys with an 8 x 32 AVX-512 register tile, an exact softmax per row (no online
 rescaling) and the weighted values with another 8 x 32 tile, and writes the (B, T, H, 64) layout the
-output projection reads (no transpose copy after). Against torch's own CPU kernel
-(``F.scaled_dot_product_attention``) it measured 1.3x faster at ViT-S's 1025 and 257 tokens
-(``tools/benchmark.py --section model`` measures both in the same rounds).
+output projection reads (no transpose copy after). Its speed against torch's own CPU kernel
+(``F.scaled_dot_product_attention``): docs/speed.md (``tools/benchmark.py --section model``
+measures both in the same rounds).
 
 It is taken only where it computes the same function with nothing to preserve: the conditions of
 :func:`dinov2od.layers.fused_linear.fused_linear_enabled` (CPU, float32, no gradient, not
@@ -19,11 +20,9 @@ the caller runs torch's kernel.
 product gives under CPU bfloat16 autocast) on CPUs with avx512_bf16: the same tiles with VDPBF16PS
 (pairs of bfloat16 multiplied, float32 accumulation), a float32 softmax whose probabilities are
 rounded to bfloat16 for the product with V (as torch's bfloat16 attention does), float32 1/sum,
-bfloat16 output. On the Zen 4 of docs/speed.md (1 thread) it ran ViT-S's 1025 tokens at 150
-GFLOP/s against 86 for the float32 kernel and 58 for torch's bfloat16 kernel; its error against a
-float64 computation on the same bfloat16 inputs is torch's (the output's rounding). It also takes
-head dim 32, the decoder's self-attention (256 wide, 8 heads, 300 queries: 0.41 ms against 1.7 ms
-for torch's bfloat16 kernel on 2 threads; :func:`dinov2od.modeling.decoder.decoder_self_attention`).
+bfloat16 output (its speed: docs/speed.md). Its error against a float64 computation on the same
+bfloat16 inputs is torch's (the output's rounding). It also takes head dim 32, the decoder's
+self-attention (256 wide, 8 heads; :func:`dinov2od.modeling.decoder.decoder_self_attention`).
 :func:`cpu_attention_bf16_enabled` holds its conditions (bfloat16 CPU tensors, no gradient, not
 tracing/exporting/compiling, the ``fused_linear`` and ``cpu_attention`` options on, no mask or
 dropout, head dim 64 or 32, a CPU with avx512_bf16 and a build that has the kernel). The inference

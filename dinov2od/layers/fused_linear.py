@@ -1,31 +1,28 @@
-"""Linear layers for CPU inference: oneDNN's matmul with the bias and activation fused in.
+"""Linear-layer kernels for CPU inference: oneDNN's matmul with the bias and activation fused in.
 
 At CPU fp32 inference ``F.linear`` goes through ``addmm``, which first copies the bias into the
 output (an extra pass over it) and then calls the BLAS; an activation after it is one more pass.
 oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch's own inductor uses for
 linear + pointwise fusion on the CPU) adds the bias and applies GELU/ReLU while the output tile is
-in cache. On the 2-core Zen 4 of docs/speed.md it runs the ViT-S MLP's 1024 x 384 -> 1536 with bias
-and GELU in 6.7 ms against 10.7 ms for ``F.gelu(F.linear(x, w, b))`` (``tools/benchmark.py
---section model`` measures the whole model both ways).
+in cache (measured: docs/speed.md).
 
-:func:`linear` takes that path only where it computes the same function with no autograd, trace or
-autocast to preserve: CPU, float32, no gradient needed, not tracing/scripting/exporting/compiling, no
-CPU autocast, and the op present in this torch build. Everywhere else it is ``F.linear`` (+ the
-activation). The inference option ``fused_linear`` turns the oneDNN path off (A/B timing,
-debugging): ``with inference_options(fused_linear=False)``, or ``DINOV2OD_FUSED_LINEAR=0``
-(:mod:`dinov2od.layers.inference_options`).
+:func:`onednn_linear` (float32) is taken only where it computes the same function with no autograd,
+trace or autocast to preserve (:func:`fused_linear_enabled`: CPU, float32, no gradient needed, not
+tracing/scripting/exporting/compiling, no CPU autocast, the op present in this torch build);
+:func:`bf16_linear` (bfloat16 weights cast once) where :func:`bf16_linear_enabled` holds. The model
+calls neither directly: :func:`dinov2od.layers.kernels.linear` picks. The inference option
+``fused_linear`` turns both off (A/B timing, debugging; docs/speed.md's switch table).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
 
-__all__ = ["ENV", "bf16_linear_enabled", "fused_linear_enabled", "linear"]
+__all__ = ["ENV", "bf16_linear", "bf16_linear_enabled", "fused_linear_enabled", "onednn_linear"]
 
 ENV = ENV_VARIABLES["fused_linear"]  # DINOV2OD_FUSED_LINEAR (read in dinov2od.layers.inference_options)
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "relu": ("relu", "")}
@@ -110,26 +107,10 @@ def bf16_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activa
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-    """``activation(F.linear(x, weight, bias))``, with oneDNN's fused kernel where it applies.
-
-    Args:
-        x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None.
-        activation: None, ``"gelu"`` (exact, erf) or ``"relu"``.
-
-    Returns:
-        (..., out_features)
-    """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation={activation!r}: expected one of {sorted(map(str, _ACTIVATIONS))}")
-    if fused_linear_enabled(x, weight, bias):
-        attr, algorithm = _ACTIVATIONS[activation]
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias,
-                                                 attr, [], algorithm)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    out = F.linear(x, weight, bias)
-    if activation == "gelu":
-        return F.gelu(out)
-    if activation == "relu":
-        return F.relu(out)
-    return out
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """``activation(x @ weight.T + bias)`` by oneDNN, bias and activation fused (check
+    :func:`fused_linear_enabled` first; the entry the model calls is :func:`dinov2od.layers.kernels.linear`)."""
+    attr, algorithm = _ACTIVATIONS[activation]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias,
+                                             attr, [], algorithm)
+    return out.view(*x.shape[:-1], weight.shape[0])

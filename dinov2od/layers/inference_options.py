@@ -1,33 +1,33 @@
-"""Which fast paths inference takes: one structure instead of scattered switches.
+"""Which fast paths inference takes: one options object instead of scattered switches.
 
-:class:`InferenceOptions` holds one flag per path; every path asks :func:`current_options` before it
-runs. Each flag only *allows* its path: the path still runs only where it computes the same
-function (see its module: CPU, float32, no gradient, not tracing/exporting/compiling, ...).
+:class:`InferenceOptions` holds one flag per path; :mod:`dinov2od.layers.kernels` (the one door the
+model code calls: ``linear``, ``attention``, ``deformable_sampling``) reads :func:`current_options`
+before it picks a kernel. Each flag only *allows* its path: the path still runs only where it
+computes the same function (see :mod:`.kernels`: CPU, no gradient, not tracing/exporting/compiling, ...).
 
-=================  =================================  ===============================================
-option             environment variable               off means
-=================  =================================  ===============================================
-``fused_linear``   ``DINOV2OD_FUSED_LINEAR=0``        no oneDNN linear (bias and activation fused) at
-                                                      CPU fp32 inference (:mod:`.fused_linear`);
-                                                      ``fused_blocks`` and ``cpu_attention`` go with
-                                                      it (they run only where it does)
-``fused_blocks``   (none)                             the ViT blocks run as written, not as one q/k/v
-                                                      product with the LoRA deltas merged and fused
-                                                      linears (:mod:`dinov2od.modeling.inference`,
-                                                      ``ViTBackbone._block``)
-``cpu_attention``  ``DINOV2OD_CPU_ATTENTION=0``       torch's attention kernel instead of
-                                                      ``dinov2od._C``'s AVX-512 one
-                                                      (:mod:`.cpu_attention`)
-``compiled_msda``  ``DINOV2OD_FORCE_PYTORCH_MSDA=1``  multi-scale deformable attention runs the
-                                                      PyTorch path, not the compiled kernel
-                                                      (:mod:`.ms_deform_attn`; in training too)
-=================  =================================  ===============================================
+=================  ===============================  ===============================================
+option             environment variable             off means
+=================  ===============================  ===============================================
+``fused_linear``   ``DINOV2OD_FUSED_LINEAR=0``      no oneDNN linear (bias and activation fused),
+                                                    float32 or bfloat16 (:mod:`.fused_linear`);
+                                                    ``fused_blocks`` and the AVX-512 attention
+                                                    kernels go with it (they run only where it does)
+``fused_blocks``   ``DINOV2OD_FUSED_BLOCKS=0``      the ViT blocks run as written, not as one q/k/v
+                                                    product with the LoRA deltas merged
+                                                    (:mod:`dinov2od.modeling.inference`)
+``cpu_attention``  ``DINOV2OD_CPU_ATTENTION=0``     torch's attention kernel instead of
+                                                    ``dinov2od._C``'s AVX-512 ones
+                                                    (:mod:`.cpu_attention`)
+``compiled_msda``  ``DINOV2OD_COMPILED_MSDA=0``     multi-scale deformable attention runs the
+                                                    PyTorch path, not the compiled kernel
+                                                    (:mod:`.ms_deform_attn`; in training too)
+=================  ===============================  ===============================================
 
-All default to on. ``DINOV2OD_FUSED_LINEAR`` and ``DINOV2OD_CPU_ATTENTION`` turn their path off when
-set to ``0``, ``false`` or ``False``; ``DINOV2OD_FORCE_PYTORCH_MSDA`` turns the kernel off when set to
-anything but ``""``, ``0``, ``false`` or ``False``: the meanings these variables always had. They are read here and nowhere else, at each
-:func:`current_options` call (a set of values is parsed once), so that a variable set in the process
-(``monkeypatch.setenv``) takes effect as it always did.
+All default to on, and every variable reads the same way: ``0``, ``false``, ``False`` or ``off``
+turns its path off; anything else (or unset) leaves it on. The old ``DINOV2OD_FORCE_PYTORCH_MSDA``
+(which read the other way) is refused with a message naming ``DINOV2OD_COMPILED_MSDA=0``. The
+variables are read here and nowhere else, at each :func:`current_options` call (a set of values is
+parsed once), so that a variable set in the process (``monkeypatch.setenv``) takes effect.
 
 Precedence, lowest first: the defaults; the environment; :func:`set_inference_options` (process-wide);
 the innermost :func:`inference_options` block (this thread or task: a ``contextvars`` variable)::
@@ -42,7 +42,7 @@ Other ``DINOV2OD_*`` variables steer no inference path and are read where they a
 (:mod:`dinov2od.d2.datasets.shapes`), ``DINOV2OD_NO_EXT`` (``setup.py``: build without the
 extension), and the tests' ``DINOV2OD_EXPECT_*``. The decoder's one value projection for all layers
 is the decoder's class attribute ``DeformableDecoder.stack_value_proj`` (a model option, settable per
-instance), not one of these.
+instance), not one of these. docs/speed.md has this table too, with what each path saves.
 """
 from __future__ import annotations
 
@@ -70,31 +70,31 @@ class InferenceOptions:
 # option -> its environment variable (their meanings: the module doc's table)
 ENV_VARIABLES: Dict[str, str] = {
     "fused_linear": "DINOV2OD_FUSED_LINEAR",
+    "fused_blocks": "DINOV2OD_FUSED_BLOCKS",
     "cpu_attention": "DINOV2OD_CPU_ATTENTION",
-    "compiled_msda": "DINOV2OD_FORCE_PYTORCH_MSDA",
+    "compiled_msda": "DINOV2OD_COMPILED_MSDA",
 }
-_OFF = ("0", "false", "False")
+_OFF = ("0", "false", "False", "off")
+# read the other way (=1 turned the kernel off) until issue 31; refused with the new name
+_RETIRED = {"DINOV2OD_FORCE_PYTORCH_MSDA": "DINOV2OD_COMPILED_MSDA=0"}
 _FIELDS = tuple(f.name for f in dataclasses.fields(InferenceOptions))
 
 
 def _parse(raw: Tuple) -> Dict[str, bool]:
     """The options a tuple of raw values of :data:`ENV_VARIABLES`'s variables (None: unset) asks for."""
-    values = dict(zip(ENV_VARIABLES, raw))
-    out = {}
-    for name in ("fused_linear", "cpu_attention"):  # DINOV2OD_X=0 (or false) turns X off
-        if values[name] is not None and values[name] in _OFF:
-            out[name] = False
-    force = values["compiled_msda"]  # DINOV2OD_FORCE_PYTORCH_MSDA=1 (anything but "", 0, false) forces PyTorch
-    if force is not None and force not in ("",) + _OFF:
-        out["compiled_msda"] = False
-    return out
+    for variable, value in zip(_RETIRED, raw[len(ENV_VARIABLES):]):
+        if value is not None:
+            raise RuntimeError(f"{variable} is no longer read: set {_RETIRED[variable]} instead (every "
+                               "DINOV2OD_* switch reads the same way: =0 turns its path off; docs/speed.md)")
+    return {name: False for name, value in zip(ENV_VARIABLES, raw) if value is not None and value in _OFF}
 
 
-_VARIABLES = tuple(ENV_VARIABLES.values())
+_VARIABLES = tuple(ENV_VARIABLES.values()) + tuple(_RETIRED)
 
 
 def _raw_environment(_get=os.environ.get) -> Tuple:
-    """The raw values of :data:`ENV_VARIABLES`' variables (None: unset): the one place they are read."""
+    """The raw values of :data:`ENV_VARIABLES`' variables and the retired ones (None: unset): the one
+    place they are read."""
     return tuple(map(_get, _VARIABLES))
 
 

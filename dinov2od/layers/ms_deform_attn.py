@@ -34,9 +34,9 @@ __all__ = [
     "level_shapes",
 ]
 
-# Environment variable that forces the PyTorch path everywhere (debugging, export): the inference option
-# compiled_msda=False (read in dinov2od.layers.inference_options).
-FORCE_PYTORCH_ENV = ENV_VARIABLES["compiled_msda"]
+# Environment variable that turns the compiled kernel off everywhere (=0: debugging, export): the inference
+# option compiled_msda=False (read in dinov2od.layers.inference_options).
+ENV = ENV_VARIABLES["compiled_msda"]
 
 
 def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ def ms_deform_attn(
 
     Dispatches to the compiled kernel for the tensors' device when one is built, and
     to :func:`ms_deform_attn_pytorch` otherwise, or when ``force_pytorch=True``, the inference option
-    ``compiled_msda=False`` or the environment variable ``DINOV2OD_FORCE_PYTORCH_MSDA=1`` asks for it
+    ``compiled_msda=False`` or the environment variable ``DINOV2OD_COMPILED_MSDA=0`` asks for it
     (:mod:`dinov2od.layers.inference_options`).
     """
     if not torch.jit.is_tracing():  # the checks read sizes as Python ints
@@ -287,7 +287,7 @@ class MultiScaleDeformableAttention(nn.Module):
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the reference box's half size: center + offset * size / (2 P).
             # Center and scale are laid out per point first (small), so that the one fused op over
-            # all heads broadcasts 2P-long rows instead of pairs (4x faster on the CPU)
+            # all heads broadcasts 2P-long rows instead of pairs (faster on the CPU: fewer, longer rows)
             center = ref[..., :2].expand(-1, -1, -1, -1, p, -1).contiguous()
             scale = (ref[..., 2:] * (0.5 / p)).expand(-1, -1, -1, -1, p, -1).contiguous()
             locations = torch.addcmul(center, offsets, scale)

@@ -2,8 +2,8 @@
 
 On x86 CPUs without ``avx512_bf16`` or AMX, PyTorch emulates bfloat16: under
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` linear layers run several times slower than in
-float32 and convolutions fall back to a slow reference kernel (measured on an AVX2-only EPYC:
-24.7 s per training step instead of 1.1 s). :func:`check_cpu_autocast` refuses that case with a
+float32 and convolutions fall back to a slow reference kernel (a training step 20x slower on an
+AVX2-only EPYC; docs/speed.md). :func:`check_cpu_autocast` refuses that case with a
 message naming the CPU's flags; ``DINOV2OD_ALLOW_SLOW_BF16=1`` overrides the refusal.
 """
 from __future__ import annotations

@@ -44,10 +44,7 @@ from dinov2od.layers import (
     level_shapes,
     level_start_index_from_shapes,
 )
-from dinov2od.layers.cpu_attention import (BF16_HEAD_DIMS, cpu_attention_bf16, cpu_attention_bf16_available,
-                                           cpu_attention_bf16_enabled)
-from dinov2od.layers.fused_linear import bf16_linear, bf16_linear_enabled, linear
-from dinov2od.layers.inference_options import current_options
+from dinov2od.layers.kernels import attention, attention_kernel, linear, self_attention_kernel, weight_dtype
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
@@ -66,30 +63,26 @@ def decoder_self_attention(mha: nn.MultiheadAttention, query: Tensor, value: Ten
     """``mha(query, query, value, attn_mask=attn_mask, need_weights=False)[0]`` for a batch-first
     ``nn.MultiheadAttention``.
 
-    Under CPU bfloat16 autocast at inference (the conditions of
-    :func:`dinov2od.layers.fused_linear.bf16_linear_enabled`: no gradient, not tracing, exporting
-    or compiling, a CPU with native bfloat16) and without a mask, it computes what autocast makes
-    of the module's own path (bfloat16 q/k/v products, a bfloat16 attention with float32 softmax,
-    a bfloat16 output projection) with dinov2od's bfloat16 attention kernel in place of torch's:
-    for the decoder's 300 queries x 8 heads of 32 channels torch's kernel took 1.7-2.3 ms a layer
-    on the Zen 4 of docs/speed.md, ours 0.4-0.7 (:mod:`dinov2od.layers.cpu_attention`). The
-    inference option ``cpu_attention=False`` turns it off. Everywhere else: the module.
+    Under CPU bfloat16 autocast at inference without a mask (where
+    :func:`dinov2od.layers.kernels.self_attention_kernel` says dinov2od's bfloat16 attention kernel
+    takes the heads), it computes what autocast makes of the module's own path (bfloat16 q/k/v
+    products, a bfloat16 attention with float32 softmax, a bfloat16 output projection) with that
+    kernel in place of torch's (docs/speed.md). Everywhere else: the module.
     """
     embed = mha.embed_dim
     heads = mha.num_heads
     fast = (attn_mask is None and not mha.training and mha.batch_first and mha._qkv_same_embed_dim
             and mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn
-            and query.dim() == 3 and embed // heads in BF16_HEAD_DIMS and current_options().cpu_attention
-            and bf16_linear_enabled(query) and cpu_attention_bf16_available())
+            and query.dim() == 3 and embed % heads == 0 and self_attention_kernel(query, embed // heads))
     if fast:
         b, t, _ = query.shape
         weight, bias = mha.in_proj_weight, mha.in_proj_bias
-        qk = F.linear(query, weight[: 2 * embed], None if bias is None else bias[: 2 * embed])
-        v = F.linear(value, weight[2 * embed:], None if bias is None else bias[2 * embed:])
+        qk = linear(query, weight[: 2 * embed], None if bias is None else bias[: 2 * embed])
+        v = linear(value, weight[2 * embed:], None if bias is None else bias[2 * embed:])
         q, k = qk.view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
         v = v.view(b, t, heads, -1).transpose(1, 2)
-        if cpu_attention_bf16_enabled(q, k, v):
-            return mha.out_proj(cpu_attention_bf16(q, k, v).reshape(b, t, embed))
+        if attention_kernel(q, k, v) == "avx512-bf16":
+            return mha.out_proj(attention(q, k, v).transpose(1, 2).reshape(b, t, embed))
     return mha(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
 
 
@@ -543,11 +536,9 @@ class DeformableDecoder(nn.Module):
 
     def _project_values(self, memory: Tensor, memory_mask: Optional[Tensor]) -> Optional[List[Tensor]]:
         """Every layer's deformable value projection of the memory (the same for all layers) in one
-        (B S, C) x (C, layers x C) product instead of one per layer; on the CPU at inference with
-        oneDNN's fused bias (:func:`dinov2od.layers.fused_linear.linear`; under CPU bfloat16 autocast
-        its bfloat16 product, :func:`~dinov2od.layers.fused_linear.bf16_linear`, where autocast's
-        ``addmm`` first copies the bias into the 5440 x 1536 output: about 4 ms of a 350 ms forward on 2
-        threads, nothing measurable on one, docs/speed.md). Returns one (B, S, C)
+        (B S, C) x (C, layers x C) product instead of one per layer, through
+        :func:`dinov2od.layers.kernels.linear` (on the CPU at inference oneDNN adds the bias in the
+        product, where ``addmm`` first copies it into the output; docs/speed.md). Returns one (B, S, C)
         view per layer (the CPU kernel reads it through its strides), or None where the layers
         project their own: standard cross-attention, a single layer, or tracing (the exported
         graph keeps one projection per layer), or layers whose projection is not an ``nn.Linear``."""
@@ -559,10 +550,10 @@ class DeformableDecoder(nn.Module):
             return None
         weight = torch.cat([p.weight for p in projs])
         bias = torch.cat([p.bias for p in projs])
-        if bf16_linear_enabled(memory):  # CPU bf16 autocast at inference: oneDNN adds the bias in the product
-            values = bf16_linear(memory, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
-        else:
-            values = linear(memory, weight, bias)
+        dtype = weight_dtype(memory)  # bfloat16 under CPU bf16 autocast at inference
+        if dtype is not None:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        values = linear(memory, weight, bias)
         if memory_mask is not None:
             values = values.masked_fill(memory_mask[..., None], 0.0)
         return list(values.chunk(len(projs), -1))

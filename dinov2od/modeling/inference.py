@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InferenceBlockParts", "cached_block_parts", "effective_linear", "inference_block_parts"]
+__all__ = ["InferenceBlockParts", "block_parts", "cached_block_parts", "effective_linear", "inference_block_parts"]
 
 Linear = Tuple[Tensor, Optional[Tensor]]
 # (first linear, activation, second linear) of a plain MLP: DINOv2 in transformers 4.x and 5.x, DINOv3
@@ -152,4 +152,17 @@ def cached_block_parts(layer: nn.Module, attention_parts, dtype: torch.dtype) ->
     scale = (lambda t: None if t is None else t.detach().float())
     parts = InferenceBlockParts(qkv_w, qkv_b, cast(parts.out), scale(parts.scale1), scale(parts.scale2), mlp)
     layer.__dict__[_CACHE_ATTR] = (key, parts)
+    return parts
+
+
+def block_parts(layer: nn.Module, attention_parts, dtype: torch.dtype) -> Optional[InferenceBlockParts]:
+    """The parts the fused block runs in ``dtype`` (what :func:`dinov2od.layers.kernels.block_kernel`
+    chose): float32, :func:`inference_block_parts` (rebuilt at each call); bfloat16,
+    :func:`cached_block_parts` where the MLP is absent or GELU (oneDNN fuses it). None: run the
+    block as written."""
+    if dtype == torch.float32:
+        return inference_block_parts(layer, attention_parts)
+    parts = cached_block_parts(layer, attention_parts, dtype)
+    if parts is None or not (parts.mlp is None or parts.mlp[1] == "gelu"):
+        return None
     return parts

@@ -23,11 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov2od.layers.cpu_attention import (cpu_attention, cpu_attention_bf16, cpu_attention_bf16_enabled,
-                                           cpu_attention_enabled)
-from dinov2od.layers.fused_linear import bf16_linear, bf16_linear_enabled, fused_linear_enabled, linear
-from dinov2od.layers.inference_options import current_options
-from dinov2od.modeling.inference import InferenceBlockParts, cached_block_parts, inference_block_parts
+from dinov2od.layers.kernels import attention, block_kernel, linear
+from dinov2od.modeling.inference import InferenceBlockParts, block_parts
 
 from .options import BackboneOptions
 
@@ -277,7 +274,7 @@ class ViTBackbone(nn.Module):
             q, k = apply_rope(q, k, *rope)
         if windows is None:
             mask = None if key_valid is None else key_valid[:, None, None, :]
-            out = _sdpa(q, k, v, mask, p_drop)
+            out = attention(q, k, v, mask, p_drop)
         elif self.window_copies == "once" and not torch.jit.is_tracing():
             return self._window_attention_tokens_first(q, k, v, *windows, p_drop).view(b, t, -1)
         else:
@@ -334,7 +331,7 @@ class ViTBackbone(nn.Module):
             return out.view(b * n, heads, span, dh)
 
         mask, win_valid = self._window_mask(q, patch_valid, hp, wp, num_prefix, bool(ph or pw))
-        out = _sdpa(windows(q), windows(k), windows(v), mask, p_drop).unflatten(0, (b, nh, nw))
+        out = attention(windows(q), windows(k), windows(v), mask, p_drop).unflatten(0, (b, nh, nw))
         result = out.new_empty(b, t, heads, dh)
         prefix = _window_prefix_mean(out[..., :num_prefix, :].reshape(b, n, heads, num_prefix, dh), win_valid)
         result[:, :num_prefix] = prefix.transpose(1, 2)
@@ -381,7 +378,7 @@ class ViTBackbone(nn.Module):
             return torch.cat([prefix.reshape(b * n, heads, num_prefix, dh), grid], 2)
 
         mask, win_valid = self._window_mask(q, patch_valid, hp, wp, num_prefix, ragged)
-        out = _sdpa(windows(q), windows(k), windows(v), mask, p_drop)
+        out = attention(windows(q), windows(k), windows(v), mask, p_drop)
         prefix = _window_prefix_mean(out[:, :, :num_prefix].reshape(b, n, heads, num_prefix, dh), win_valid)
         grid = out[:, :, num_prefix:].reshape(b, nh, nw, heads, ws, ws, dh).permute(0, 3, 1, 4, 2, 5, 6)
         grid = grid.reshape(b, heads, nh * ws, nw * ws, dh)
@@ -391,52 +388,33 @@ class ViTBackbone(nn.Module):
 
     def _block(self, layer: nn.Module, x: Tensor, key_valid: Optional[Tensor],
                rope: Optional[Tuple[Tensor, Tensor]] = None, windows=None) -> Tensor:
-        """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x)."""
-        if not self.training and not torch.is_grad_enabled() and fused_linear_enabled(x) \
-                and current_options().fused_blocks:  # (dinov2od.layers.inference_options)
-            parts = inference_block_parts(layer, self._attention_parts(layer.attention))
-            if parts is not None:
-                return self._block_inference(layer, parts, x, key_valid, rope, windows)
-        elif not self.training and bf16_linear_enabled(x) and current_options().fused_blocks:
-            parts = cached_block_parts(layer, self._attention_parts(layer.attention), torch.bfloat16)
-            if parts is not None and (parts.mlp is None or parts.mlp[1] == "gelu"):
-                return self._block_inference_bf16(layer, parts, x, key_valid, rope, windows)
+        """One pre-norm ViT block: x + ls1 * attn(norm1 x); x + ls2 * mlp(norm2 x). At CPU inference
+        the fused block (:meth:`_block_inference`) where ``dinov2od.layers.kernels.block_kernel`` picks one."""
+        dtype = block_kernel(x, self.training)
+        parts = None if dtype is None else block_parts(layer, self._attention_parts(layer.attention), dtype)
+        if parts is not None:
+            return self._block_inference(layer, parts, x, key_valid, rope, windows)
         x = x + layer.drop_path(layer.layer_scale1(self._attention(layer, layer.norm1(x), key_valid, rope, windows)))
         return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
 
     def _block_inference(self, layer: nn.Module, parts: "InferenceBlockParts", x: Tensor,
                          key_valid: Optional[Tensor], rope: Optional[Tuple[Tensor, Tensor]], windows) -> Tensor:
-        """:meth:`_block` at CPU fp32 inference, same function: one fused q/k/v product with the
-        LoRA deltas merged, oneDNN linears with bias (and GELU) fused, ``addcmul`` residuals."""
+        """:meth:`_block` at inference, same function (in bfloat16: the products autocast makes): one
+        q/k/v product with the LoRA deltas merged, linears with bias (and GELU) fused
+        (``dinov2od.layers.kernels.linear``: bfloat16 parts run bfloat16 products), ``addcmul``
+        residuals. The residual stream stays float32 (``x.float()``: a no-op in float32)."""
         b, t, _ = x.shape
+        x = x.float()
         qkv = linear(layer.norm1(x), parts.qkv_weight, parts.qkv_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
         out = linear(self._attend(q, k, v, key_valid, rope, windows, 0.0), *parts.out)
-        x = torch.addcmul(x, parts.scale1, out) if parts.scale1 is not None else x + layer.layer_scale1(out)
+        x = torch.addcmul(x, parts.scale1, out.float()) if parts.scale1 is not None else x + layer.layer_scale1(out)
         if parts.mlp is None:
             out = layer.mlp(layer.norm2(x))
         else:
             (w1, b1), act, (w2, b2) = parts.mlp
             out = linear(layer.norm2(x), w1, b1, "gelu" if act == "gelu" else None)
             out = linear(out if act == "gelu" else act(out), w2, b2)
-        return torch.addcmul(x, parts.scale2, out) if parts.scale2 is not None else x + layer.layer_scale2(out)
-
-    def _block_inference_bf16(self, layer: nn.Module, parts: "InferenceBlockParts", x: Tensor,
-                              key_valid: Optional[Tensor], rope: Optional[Tuple[Tensor, Tensor]], windows) -> Tensor:
-        """:meth:`_block` under CPU bfloat16 autocast at inference: the products autocast makes
-        (bfloat16 matmuls, float32 layer norms, attention and residual stream), with bfloat16 weights
-        cast once (``cached_block_parts``) and bias + GELU fused into oneDNN's matmul."""
-        b, t, _ = x.shape
-        x = x.float()
-        qkv = bf16_linear(layer.norm1(x), parts.qkv_weight, parts.qkv_bias).view(b, t, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh), bfloat16
-        out = bf16_linear(self._attend(q, k, v, key_valid, rope, windows, 0.0), *parts.out)
-        x = torch.addcmul(x, parts.scale1, out.float()) if parts.scale1 is not None else x + layer.layer_scale1(out)
-        if parts.mlp is None:
-            out = layer.mlp(layer.norm2(x))
-        else:
-            (w1, b1), _, (w2, b2) = parts.mlp
-            out = bf16_linear(bf16_linear(layer.norm2(x), w1, b1, "gelu"), w2, b2)
         return torch.addcmul(x, parts.scale2, out.float()) if parts.scale2 is not None else x + layer.layer_scale2(out)
 
     def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
@@ -520,27 +498,6 @@ def _window_prefix_mean(prefix: Tensor, win_valid: Optional[Tensor]) -> Tensor:
     b, n = prefix.shape[:2]
     used = win_valid.view(b, n, -1).any(-1).to(prefix.dtype)[:, :, None, None, None]  # (B, n, 1, 1, 1)
     return (prefix * used).sum(1) / used.sum(1).clamp(min=1)
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_drop: float) -> Tensor:
-    """``F.scaled_dot_product_attention``; on the CPU, 16-bit inputs are attended in float32: torch's
-    CPU attention kernel is several times slower in bfloat16 than in float32 (measured with torch 2.3
-    on a CPU with avx512_bf16, where bf16 matrix products are twice as fast as fp32 ones; 66 against
-    72 GFLOP/s at ViT-S's 1025 tokens with torch 2.14 on Zen 4). At CPU inference with AVX-512 (fp32,
-    or 16-bit inputs cast to fp32 as above), the kernel of :mod:`dinov2od.layers.cpu_attention` (1.3x faster; its
-    result is a (B, H, T, Dh) view of a (B, T, H, Dh) tensor, the output projection's layout); bfloat16
-    inputs on a CPU with avx512_bf16, that module's bfloat16 kernel (1.7x the float32 kernel)."""
-    if cpu_attention_enabled(q, k, v, mask, p_drop):
-        return cpu_attention(q, k, v).transpose(1, 2)
-    if cpu_attention_bf16_enabled(q, k, v, mask, p_drop):
-        return cpu_attention_bf16(q, k, v).transpose(1, 2)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", enabled=False):
-            qf, kf, vf = q.float(), k.float(), v.float()
-            if cpu_attention_enabled(qf, kf, vf, mask, p_drop):  # (autocast is off in this block)
-                return cpu_attention(qf, kf, vf).transpose(1, 2).to(q.dtype)
-            return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, dropout_p=p_drop).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
 
 
 def _canonical_target(name: str) -> str:

@@ -258,8 +258,8 @@ class DINOv2Backbone(ViTBackbone):
         Without autograd (inference, evaluation; not tracing or compiling) the resized grid is
         kept for the next call of the same (h, w, dtype), until the position-embedding parameter
         changes (its storage or version counter: an optimizer step, ``load_state_dict``, an
-        in-place edit) or the interpolation setting does: the bicubic resize of ViT-S's 37 x 37
-        grid to 32 x 32 took 4-7 ms of a 500 ms CPU forward (docs/speed.md).
+        in-place edit) or the interpolation setting does (what the bicubic resize costs at each
+        call: docs/speed.md).
         """
         param = self.vit.embeddings.position_embeddings
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.jit.is_scripting() or _compiling():
