@@ -11,7 +11,7 @@ with ``dataloader.train.dataset.names=... model.num_classes=N`` (the test split 
 """
 from detectron2.config import LazyCall as L
 
-from dinov2od.d2.datasets import subset_dataset_dicts
+from dinov2od.d2.data.datasets import subset_dataset_dicts
 from dinov2od.d2.evaluation import SubsetCOCOEvaluator
 
 from .shapes import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # network. Tests of the look-up itself (test_d2_custom_dinov2.py) clear it and stand in for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Training runs in tests cache their parsed datasets (dinov2od.d2.data_cache) in a folder of this run,
+# Training runs in tests cache their parsed datasets (dinov2od.d2.data.data_cache) in a folder of this run,
 # not in the user's ~/.cache; subprocesses (DDP, torchrun) inherit it.
 os.environ["DINOV2OD_CACHE"] = _CACHE = tempfile.mkdtemp(prefix="dinov2od-test-cache-")
 

@@ -26,7 +26,7 @@ sys.path.insert(0, {tools!r})
 import torch
 import train_net
 from detectron2.utils import comm
-from dinov2od.d2 import trainer
+from dinov2od.d2.engine import trainer
 
 _train, _run_step, _main = trainer.DetrTrainer.train, trainer.DetrTrainer.run_step, train_net.main
 

@@ -1,7 +1,7 @@
 """fp16 mixed precision with a GradScaler (CUDA only): what the training loop's AMP does.
 
 Runs in ``tools/gpu_check.sh`` on the GPU machine, which has no Detectron2: the AMP code lives in
-``dinov2od/d2/amp.py``, which imports only torch, so this test loads that file directly when the
+``dinov2od/d2/engine/amp.py``, which imports only torch, so this test loads that file directly when the
 ``dinov2od.d2`` package (which registers Detectron2 components) cannot be imported.
 On a machine without CUDA it is collected and skipped with the reason.
 """
@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AMP_FILE = os.path.join(ROOT, "dinov2od", "d2", "amp.py")
+AMP_FILE = os.path.join(ROOT, "dinov2od", "d2", "engine", "amp.py")
 
 
 def load_amp():
     try:
-        from dinov2od.d2 import amp
+        from dinov2od.d2.engine import amp
     except ImportError:  # no Detectron2 here: load the torch-only module by path
         spec = importlib.util.spec_from_file_location("dinov2od_d2_amp", AMP_FILE)
         amp = importlib.util.module_from_spec(spec)

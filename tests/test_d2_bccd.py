@@ -20,7 +20,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from conftest import ROOT, TINY
-from dinov2od.d2.datasets import register_coco_folder
+from dinov2od.d2.data.datasets import register_coco_folder
 
 BCCD = os.path.join(ROOT, "datasets", "BCCD")
 NAMES = ["Platelets", "RBC", "WBC"]  # VOC: the sorted <name> tags, ids 0..2
@@ -112,6 +112,6 @@ def test_bccd_trains_and_evaluates_from_its_voc_folder(layouts, train_net, tmp_p
     assert "bbox" in results
     dets = json.load(open(os.path.join(out, "inference", "coco_instances_results.json")))
     assert dets and {d["category_id"] for d in dets} <= {0, 1, 2}  # VOC's ids
-    from dinov2od.d2.metadata import classes_in_checkpoint
+    from dinov2od.d2.data.metadata import classes_in_checkpoint
 
     assert classes_in_checkpoint(os.path.join(out, "model_final.pth")) == (NAMES, [0, 1, 2])

@@ -95,7 +95,7 @@ def test_checkpointer_tags_only_complete_files(tmp_path):
 def test_checkpointer_refuses_non_finite_weights_of_the_model_and_the_ema(tmp_path):
     """Defence in depth behind the training loop's checks: a save of non-finite model or EMA
     weights raises FloatingPointError, writes nothing and leaves the tag; so does the EMA export."""
-    from dinov2od.d2.ema import ModelEMA, export_ema_weights
+    from dinov2od.d2.engine.ema import ModelEMA, export_ema_weights
 
     model = torch.nn.Linear(2, 2)
     ema = ModelEMA(model, decay=0.5)
@@ -172,7 +172,7 @@ def test_ema_export_does_not_retag_and_resume_continues(tiny_config, train_net, 
 def test_fine_tuning_starts_the_ema_from_the_loaded_weights(tiny_config, tmp_path):
     from detectron2.config import LazyConfig
 
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(tiny_config), [*TINY, f"train.output_dir={tmp_path}"])
     model = LazyTrainer(cfg).model

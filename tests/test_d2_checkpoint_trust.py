@@ -59,7 +59,7 @@ def _lazy_cfg(tiny_config, *extra):
 
 
 def test_checkpointer_loaders_refuse_it(evil, tmp_path):
-    from dinov2od.d2.metadata import classes_in_checkpoint
+    from dinov2od.d2.data.metadata import classes_in_checkpoint
 
     path, marker = evil
     model = build_tiny_yacs_model()
@@ -86,7 +86,7 @@ def test_checkpointer_loaders_refuse_it(evil, tmp_path):
 def test_default_predictor_and_lazy_predictor_refuse_it(evil, tiny_config):
     from detectron2.engine import DefaultPredictor
 
-    from dinov2od.d2.predictor import LazyPredictor
+    from dinov2od.d2.engine.predictor import LazyPredictor
 
     path, marker = evil
     with pytest.raises(UnsafeCheckpointError) as e:  # Detectron2's own DetectionCheckpointer, MODEL.WEIGHTS
@@ -124,7 +124,7 @@ def test_tools_refuse_it(evil, tmp_path):
 
 
 def test_training_entry_points_refuse_it(evil, tiny_config, train_net, tmp_path):
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     path, marker = evil
     with pytest.raises(UnsafeCheckpointError) as e:  # --eval-only (yacs, through train_net's main)

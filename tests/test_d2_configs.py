@@ -140,7 +140,7 @@ def test_backbone_lr_decay_on_both_config_routes():
     from detectron2.config import get_cfg
 
     from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
-    from dinov2od.d2.trainer import Trainer
+    from dinov2od.d2.engine.trainer import Trainer
 
     full = ["model.detector.backbone.pretrained=None", "model.detector.backbone.freeze=False",
             "model.detector.backbone.lora_rank=0"]  # docs/demo.md's from-scratch row: the whole ViT trains

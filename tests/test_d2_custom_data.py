@@ -19,8 +19,8 @@ from detectron2.data.datasets import register_coco_instances
 
 from conftest import ROOT
 from dinov2od.d2.config import check_num_classes, config_style, load_config
-from dinov2od.d2.dataset_mapper import read_image
-from dinov2od.d2.datasets import DatasetError, check_coco_dataset, find_coco_splits
+from dinov2od.d2.data.dataset_mapper import read_image
+from dinov2od.d2.data.datasets import DatasetError, check_coco_dataset, find_coco_splits
 from user_data import write_roboflow_dataset, write_split, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")

@@ -12,7 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from dinov2od.d2 import DetrDatasetMapper, build_detr_augmentation, register_shapes
-from dinov2od.d2.datasets import SHAPES_CLASSES, ensure_shapes_split, generate_shapes_image
+from dinov2od.d2.data.datasets import SHAPES_CLASSES, ensure_shapes_split, generate_shapes_image
 
 
 def test_shapes_images_are_deterministic_and_varied():

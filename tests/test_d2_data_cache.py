@@ -1,4 +1,4 @@
-"""The train set parsed once per machine and memory-mapped by every rank (dinov2od.d2.data_cache).
+"""The train set parsed once per machine and memory-mapped by every rank (dinov2od.d2.data.data_cache).
 
 Small synthetic COCO files (tools/make_coco_like.py, 40 images); every cache lives in tmp_path.
 Parses are counted at Detectron2's ``load_coco_json`` (what ``register_coco_instances`` calls).
@@ -18,8 +18,8 @@ import detectron2.data.datasets.coco as d2coco
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.datasets import register_coco_instances
 
-from dinov2od.d2 import data_cache
-from dinov2od.d2.data_cache import SerializedDatasetDicts, cache_key, cached_dataset_dicts, train_dataset
+from dinov2od.d2.data import data_cache
+from dinov2od.d2.data.data_cache import SerializedDatasetDicts, cache_key, cached_dataset_dicts, train_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 150
@@ -148,7 +148,7 @@ WORKER = textwrap.dedent(
         import detectron2.data.datasets.coco as d2coco
         from detectron2.data.datasets import register_coco_instances
         from detectron2.utils import comm
-        from dinov2od.d2 import data_cache
+        from dinov2od.d2.data import data_cache
         parses, writes = [], []
         real_load, real_write = d2coco.load_coco_json, data_cache.write_serialized
         d2coco.load_coco_json = lambda *a, **k: (parses.append(1), real_load(*a, **k))[1]

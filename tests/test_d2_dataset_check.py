@@ -26,8 +26,8 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from conftest import ROOT
 from dinov2od.d2.config import check_config_datasets, load_config
-from dinov2od.d2.dataset_mapper import DetrDatasetMapper
-from dinov2od.d2.datasets import DatasetError, check_coco_dataset
+from dinov2od.d2.data.dataset_mapper import DetrDatasetMapper
+from dinov2od.d2.data.datasets import DatasetError, check_coco_dataset
 from user_data import write_roboflow_dataset, unique_dataset_name
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
@@ -148,7 +148,7 @@ def test_roboflow_dataset_category_is_no_class_and_evaluation_keeps_the_ids(tmp_
     dicts = DatasetCatalog.get(f"{name}_train")
     assert sorted({a["category_id"] for d in dicts for a in d["annotations"]}) == [0, 1]
     # the classes a trained model carries: the user's names and ids
-    from dinov2od.d2.metadata import classes_from_dataset
+    from dinov2od.d2.data.metadata import classes_from_dataset
 
     assert classes_from_dataset(f"{name}_train") == (["ellipse", "rect"], [1, 2])
     # evaluation: COCOEvaluator on perfect predictions gives 100 AP per class, no nan row, ids 1 and 2
@@ -190,7 +190,7 @@ def test_roboflow_dataset_category_is_no_class_and_evaluation_keeps_the_ids(tmp_
 
 
 def test_a_category_with_boxes_or_without_the_supercategory_pattern_stays_a_class(tmp_path):
-    from dinov2od.d2.datasets.folder import coco_classes
+    from dinov2od.d2.data.datasets.folder import coco_classes
 
     data = _roboflow_split(str(tmp_path / "a"), 1)
     assert coco_classes(data, "x")[:2] == (["ellipse", "rect"], [1, 2])
@@ -349,7 +349,7 @@ def test_shapes_generation_from_a_script_without_main_guard_does_not_hang(tmp_pa
     if guard:
         call = "if __name__ == '__main__':\n    " + call
     script = tmp_path / "user_script.py"
-    script.write_text(SCRIPT.format(path=os.path.join(ROOT, "dinov2od/d2/datasets/shapes.py"), call=call))
+    script.write_text(SCRIPT.format(path=os.path.join(ROOT, "dinov2od/d2/data/datasets/shapes.py"), call=call))
     out = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     coco = json.load(open(tmp_path / "shapes" / "val" / "annotations.json"))

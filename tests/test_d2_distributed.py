@@ -22,11 +22,11 @@ import torch
 from conftest import ROOT
 from ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun_cmd
 
-LAUNCH_PY = os.path.join(ROOT, "dinov2od", "d2", "launch.py")
+LAUNCH_PY = os.path.join(ROOT, "dinov2od", "d2", "engine", "launch.py")
 
 
 def _load_launch_module():
-    """dinov2od/d2/launch.py on its own (stdlib only at the top; no package import)."""
+    """dinov2od/d2/engine/launch.py on its own (stdlib only at the top; no package import)."""
     spec = importlib.util.spec_from_file_location("dd_launch_alone", LAUNCH_PY)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -158,7 +158,7 @@ def test_torchrun_and_slurm_environments():
 
 
 def test_launcher_environment_and_num_gpus_together_are_refused():
-    from dinov2od.d2.launch import launch_main
+    from dinov2od.d2.engine.launch import launch_main
 
     args = SimpleNamespace(num_gpus=2, num_machines=1, machine_rank=0, dist_url="auto", dist_timeout=5.0,
                            launcher="auto")

@@ -1,4 +1,4 @@
-"""YOLO and Pascal VOC folders beside COCO (dinov2od.d2.datasets.formats): the readers, the layouts
+"""YOLO and Pascal VOC folders beside COCO (dinov2od.d2.data.datasets.formats): the readers, the layouts
 they accept, the errors naming the file and line, auto-detection and ``dataset.format``, and
 tools/convert_dataset.py.
 
@@ -37,9 +37,11 @@ from detectron2.data.datasets.pascal_voc import load_voc_instances
 from conftest import ROOT
 from user_data import unique_dataset_name
 from dinov2od.d2.config import load_config
-from dinov2od.d2.datasets import DatasetError, check_coco_dataset, register_coco_folder
-from dinov2od.d2.datasets.folder import near_duplicates
-from dinov2od.d2.datasets.formats import detect_format, find_dataset_splits, read_voc, read_yolo
+from dinov2od.d2.data.datasets import DatasetError, check_coco_dataset, register_coco_folder
+from dinov2od.d2.data.datasets.check import near_duplicates
+from dinov2od.d2.data.datasets.formats import detect_format, find_dataset_splits
+from dinov2od.d2.data.datasets.voc import read_voc
+from dinov2od.d2.data.datasets.yolo import read_yolo
 
 SIZES = {"a": (64, 48), "b": (80, 60), "c": (48, 64)}
 # the offline configs for your data (configs/custom.py before they came); loading one builds no model

@@ -32,7 +32,7 @@ def square_shapes_image(path: str) -> None:
     """A shapes image (the demo's own generator), centre-cropped to a square and resized to 224."""
     from PIL import Image
 
-    from dinov2od.d2.datasets.shapes import generate_shapes_image
+    from dinov2od.d2.data.datasets.shapes import generate_shapes_image
 
     array, _ = generate_shapes_image(seed=10_007)
     h, w = array.shape[:2]

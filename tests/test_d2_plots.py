@@ -1,4 +1,4 @@
-"""The pictures a run leaves in its output folder (dinov2od/d2/plots.py), checked by their numbers.
+"""The pictures a run leaves in its output folder (dinov2od/d2/evaluation/plots.py), checked by their numbers.
 
 - the confusion matrix on a hand-built case whose every kind of cell (correct, wrong class,
   background false positive, missed, a duplicate, a crowd region, same-class preference) has a
@@ -22,7 +22,7 @@ import pytest
 
 from conftest import TINY, TINY_YACS, YACS_YAML
 
-from dinov2od.d2 import plots
+from dinov2od.d2.evaluation import confusion, curves, examples, per_class, plots
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "bird"}]
 NAMES = ["cat", "dog", "bird"]
@@ -89,14 +89,14 @@ def test_confusion_matrix_counts_each_kind_of_cell():
             "pred_boxes": np.array([b for _, b, _ in dets]).reshape(-1, 4),
             "pred_classes": np.array([c for c, _, _ in dets]), "pred_scores": np.array([s for _, _, s in dets]),
         })
-    matrix = plots.confusion_matrix(images, 3, iou_threshold=0.5, score_threshold=0.25)
+    matrix = confusion.confusion_matrix(images, 3, iou_threshold=0.5, score_threshold=0.25)
     np.testing.assert_array_equal(matrix, CONFUSION_EXPECTED)
     # every non-crowd ground truth box is in its row once; every counted prediction in its column once
     assert matrix[:3].sum() == len(CONFUSION_GT)
     assert matrix[:, :3].sum() == sum(s >= 0.25 for *_, s in CONFUSION_DETS) - 1  # one under the crowd
     # the thresholds are the ones given: at 0.05 the cat of image 2 is found; at IoU 0.3 the bird box takes the dog
-    assert plots.confusion_matrix(images, 3, 0.5, 0.05)[0, 0] == 3
-    assert plots.confusion_matrix(images, 3, 0.3, 0.25)[1, 2] == 1
+    assert confusion.confusion_matrix(images, 3, 0.5, 0.05)[0, 0] == 3
+    assert confusion.confusion_matrix(images, 3, 0.3, 0.25)[1, 2] == 1
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_val_examples_draw_ground_truth_and_predictions_above_the_threshold(tmp_
     sample = dict(image=image, gt_boxes=np.array([[1, 2, 30, 40]]), gt_classes=np.array([1]),
                   pred_boxes=np.array([[0, 0, 10, 10], [5, 5, 50, 50]]), pred_classes=np.array([0, 2]),
                   pred_scores=np.array([0.2, 0.7]))
-    plots.draw_examples([sample], NAMES, str(tmp_path / "ex.jpg"), score_threshold=0.25)
+    examples.draw_examples([sample], NAMES, str(tmp_path / "ex.jpg"), score_threshold=0.25)
     assert drawn == [([[1.0, 2.0, 30.0, 40.0]], ["dog"]), ([[5.0, 5.0, 50.0, 50.0]], ["bird 70%"])]
     assert (tmp_path / "ex.jpg").stat().st_size > 0
 
@@ -209,8 +209,8 @@ def _pycocotools(gt, dets, cat_ids=None):
 def test_pr_curve_areas_are_cocos_ap_and_per_class_rows_are_pycocotools(tmp_path, seed):
     gt, dets = _random_coco(tmp_path, seed)
     reference = _pycocotools(gt, dets)
-    ours = plots.coco_evaluate(gt, dets)  # Detectron2's C++ COCOeval (what COCOEvaluator logs)
-    recall, at50, averaged = plots.pr_curves(ours.eval["precision"], ours.params.iouThrs)
+    ours = per_class.coco_evaluate(gt, dets)  # Detectron2's C++ COCOeval (what COCOEvaluator logs)
+    recall, at50, averaged = per_class.pr_curves(ours.eval["precision"], ours.params.iouThrs)
     assert recall.shape == (101,) and at50.shape == averaged.shape == (3, 101)
     assert np.isnan(at50[2]).all() and np.isnan(averaged[2]).all()  # bird: no ground truth
     # COCO's AP is the mean of the 101-point precision (its -1 entries excluded): the curves' areas
@@ -219,7 +219,7 @@ def test_pr_curve_areas_are_cocos_ap_and_per_class_rows_are_pycocotools(tmp_path
     assert 0.05 < reference.stats[0] < 0.95  # a case with something to get right
 
     num_gt = {c: sum(1 for a in gt["annotations"] if a["category_id"] == c and not a["iscrowd"]) for c in (3, 7, 11)}
-    rows = plots.per_class_ap(ours.eval["precision"], ours.params.iouThrs, [3, 7, 11], NAMES, num_gt)
+    rows = per_class.per_class_ap(ours.eval["precision"], ours.params.iouThrs, [3, 7, 11], NAMES, num_gt)
     (tmp_path / "inference").mkdir()
     (tmp_path / "inference" / "coco_instances_results.json").write_text(json.dumps(dets))
     (tmp_path / "gt.json").write_text(json.dumps(gt))
@@ -259,8 +259,8 @@ def test_results_series_from_a_resumed_run_with_evaluation_lines(tmp_path):
     text = "\n".join(json.dumps(r) for r in lines).replace(
         json.dumps(lines[3]), json.dumps(lines[3]) + "\n{\"iteration\": 6, \"total_lo")  # a line cut by a kill
     (tmp_path / "metrics.json").write_text(text + "\n\n")
-    metrics = plots.read_metrics(str(tmp_path / "metrics.json"))
-    losses, aps = plots.loss_series(metrics), plots.ap_series(metrics)
+    metrics = curves.read_metrics(str(tmp_path / "metrics.json"))
+    losses, aps = curves.loss_series(metrics), curves.ap_series(metrics)
 
     def series(d, key):
         x, y = d[key]
@@ -277,16 +277,16 @@ def test_results_series_from_a_resumed_run_with_evaluation_lines(tmp_path):
     assert set(aps) == {"bbox/AP", "bbox/AP50"}
     assert series(aps, "bbox/AP") == ([4, 9], [10.0, 35.0])
     assert series(aps, "bbox/AP50") == ([4], [20.0])
-    plots.plot_results(metrics, str(tmp_path / "results.png"))
+    curves.plot_results(metrics, str(tmp_path / "results.png"))
     assert (tmp_path / "results.png").stat().st_size > 10000
 
 
 def test_results_without_evaluation(tmp_path):
     (tmp_path / "metrics.json").write_text("\n".join(
         json.dumps({"iteration": i, "total_loss": 5.0 - i, "loss_giou": 1.0}) for i in range(3)))
-    metrics = plots.read_metrics(str(tmp_path / "metrics.json"))
-    assert plots.ap_series(metrics) == {}
-    assert plots.loss_series(metrics)["total_loss"][1].tolist() == [5.0, 4.0, 3.0]
+    metrics = curves.read_metrics(str(tmp_path / "metrics.json"))
+    assert curves.ap_series(metrics) == {}
+    assert curves.loss_series(metrics)["total_loss"][1].tolist() == [5.0, 4.0, 3.0]
     written = plots.write_result_plots(str(tmp_path), strict=True)  # no inference/: only results.png
     assert list(written) == ["results.png"] and (tmp_path / "results.png").is_file()
 
@@ -306,7 +306,7 @@ def test_training_and_eval_only_leave_the_pictures(tiny_config, train_net, tmp_p
     confusion = np.array([[int(v) for v in r[1:]] for r in _read_csv(out / "confusion_matrix.csv")[1:]])
     gt = json.load(open(os.path.join(os.path.dirname(tiny_config), "shapes", "val", "annotations.json")))
     assert confusion[:3].sum() == len(gt["annotations"])  # each ground-truth box once
-    from dinov2od.d2.report import outputs_listing
+    from dinov2od.d2.evaluation.report import outputs_listing
 
     assert any("results.png" in line for line in outputs_listing(str(out)))
 

@@ -1,7 +1,7 @@
 """The end-of-run summary: loss curve from metrics.json, wall time with the CPU, outputs."""
 import json
 
-from dinov2od.d2.report import cpu_description, loss_curve, run_summary
+from dinov2od.d2.evaluation.report import cpu_description, loss_curve, run_summary
 
 
 def test_loss_curve_samples_the_logged_losses_evenly(tmp_path):

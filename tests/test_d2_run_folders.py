@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2od.d2.run_folder import LOCK_FILE, RunFolderError, claim_output_folder
+from dinov2od.d2.checkpoint.run_folder import LOCK_FILE, RunFolderError, claim_output_folder
 
 from conftest import ROOT, TINY, TINY_YACS
 from ddp_jobs import JOB_TIMEOUT, free_port, job_env
@@ -78,7 +78,7 @@ time.sleep(120)
 
 def test_a_held_folder_refuses_a_second_run_until_its_holder_is_killed(tiny_config, train_net, tmp_path):
     folder = str(tmp_path / "held")
-    module = os.path.join(ROOT, "dinov2od", "d2", "run_folder.py")
+    module = os.path.join(ROOT, "dinov2od", "d2", "checkpoint", "run_folder.py")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(module=module, folder=folder)],
                               stdout=subprocess.PIPE, text=True)
     child = None
@@ -111,7 +111,7 @@ def test_a_held_folder_refuses_a_second_run_until_its_holder_is_killed(tiny_conf
 
 def test_the_lock_is_held_while_training_runs_and_released_after(tiny_config, train_net, tmp_path, monkeypatch):
     """In the middle of a real training, another claim of its folder is refused; after it, the folder is free."""
-    from dinov2od.d2 import trainer
+    from dinov2od.d2.engine import trainer
 
     out = str(tmp_path / "run")
     seen = []
@@ -218,7 +218,7 @@ def test_a_refused_distributed_job_stops_on_every_rank(finished, tiny_config, tm
 def test_resume_falls_back_to_the_newest_complete_checkpoint(finished, tiny_config, tmp_path, caplog):
     from detectron2.config import LazyConfig
 
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     out = copy_of(finished, tmp_path)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(tiny_config), [*RUN, f"train.output_dir={out}"])
@@ -245,7 +245,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(finished, tiny_conf
 
 # ---------------------------------------------------------------------------- 4. --eval-only with nothing to load
 def test_eval_only_with_nothing_to_load_is_an_error(tiny_config, train_net, tmp_path, monkeypatch):
-    from dinov2od.d2 import trainer
+    from dinov2od.d2.engine import trainer
 
     built, build = [], trainer.build_lazy_model
     monkeypatch.setattr(trainer, "build_lazy_model", lambda *a, **k: built.append(1) or build(*a, **k))
@@ -265,7 +265,7 @@ def test_eval_only_with_nothing_to_load_is_an_error(tiny_config, train_net, tmp_
 # ---------------------------------------------------------------------------- 5. the EMA export
 def test_model_final_ema_is_written_when_the_evaluation_after_training_fails(tiny_config, train_net, tmp_path,
                                                                              monkeypatch):
-    from dinov2od.d2 import trainer
+    from dinov2od.d2.engine import trainer
 
     def failing(cfg, model):
         raise OSError("cannot identify image file 'val/000003.jpg' (simulated)")

@@ -116,7 +116,7 @@ def test_nan_gradient_at_the_last_iteration_writes_and_tags_nothing(tiny_config,
 
 # ---------------------------------------------------------------------------- 2-4. leftovers, corrupt files, messages
 def test_training_start_removes_leftover_temporary_files_and_says_how_the_model_starts(tiny_config, tmp_path):
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     out = tmp_path / "run"
     out.mkdir()
@@ -138,7 +138,7 @@ def test_training_start_removes_leftover_temporary_files_and_says_how_the_model_
 def test_truncated_checkpoint_names_the_newest_complete_one(tiny_config, train_net, tmp_path):
     """model_0000005.pth (tagged) is truncated; model_0000004.pth is newer than 0000003 but
     corrupt too, so the one to name is model_0000003.pth: at --resume and at --eval-only."""
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     out = tmp_path / "run"
     out.mkdir()
@@ -177,8 +177,8 @@ def test_checkpoint_of_another_architecture_is_refused_everywhere(tiny_config, t
     from detectron2.modeling import build_model
 
     from dinov2od.d2 import add_dinov2od_config
-    from dinov2od.d2.predictor import LazyPredictor
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.predictor import LazyPredictor
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     other = tmp_path / "wide" / "model_final.pth"
     other.parent.mkdir()
@@ -222,7 +222,7 @@ def test_fine_tuning_to_another_class_count_is_one_line_and_inference_refuses_it
     """A 5-class checkpoint into the 3-class shapes model: fine-tuning loads every other tensor,
     keeps the fresh class layers and the model's class names, and says so in one line; prediction
     and --eval-only refuse it, naming both class counts."""
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     five = tmp_path / "five.pth"
     source = save_model(lazy_cfg(tiny_config, tmp_path, "model.num_classes=5"), str(five),
@@ -254,7 +254,7 @@ def test_fine_tuning_to_another_class_count_is_one_line_and_inference_refuses_it
 
 
 def test_a_file_without_class_metadata_loads_and_any_other_missing_key_is_refused(tiny_config, tmp_path):
-    from dinov2od.d2.trainer import LazyTrainer
+    from dinov2od.d2.engine.trainer import LazyTrainer
 
     cfg = lazy_cfg(tiny_config, tmp_path)
     source = save_model(cfg, str(tmp_path / "full.pth"), classes=["circle", "square", "triangle"])

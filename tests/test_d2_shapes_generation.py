@@ -5,7 +5,7 @@ import os
 
 from PIL import Image
 
-from dinov2od.d2.datasets.shapes import SHAPES_SPLITS, ensure_shapes_split, generate_shapes_image
+from dinov2od.d2.data.datasets.shapes import SHAPES_SPLITS, ensure_shapes_split, generate_shapes_image
 
 
 def test_parallel_generation_writes_the_serial_images_and_annotations(tmp_path):

@@ -1,4 +1,4 @@
-"""Object sizes at the input size, and the suggested size (issue 30, item 4; dinov2od.d2.datasets.sizes).
+"""Object sizes at the input size, and the suggested size (issue 30, item 4; dinov2od.d2.data.datasets.sizes).
 
 Every number the advice prints is recomputed here by another route: the resize by Detectron2's own
 ``ResizeShortestEdge`` transform applied to each box (not the module's vectorized formula), the
@@ -36,7 +36,9 @@ from detectron2.data import transforms as T
 from conftest import ROOT
 from user_data import unique_dataset_name
 from dinov2od.d2.config import check_config_datasets, load_config
-from dinov2od.d2.datasets import sizes as S
+from dinov2od.d2.data.datasets.boxes import boxes_from_coco
+from dinov2od.d2.data.datasets.input_size import InputSize, input_sizes, patch_size_of
+from dinov2od.d2.data.datasets import sizes as S
 
 SHAPES_PY = os.path.join(ROOT, "configs/shapes.py")
 SHAPES_YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
@@ -108,8 +110,8 @@ def test_percentiles_and_shares_match_an_independent_computation():
     image_sizes = [(640, 480), (480, 640), (1200, 300), (500, 375)]  # (1200, 300): the longest-edge cap binds
     data = _coco(image_sizes, _random_boxes(rng, image_sizes, 400))
     data["annotations"][0]["iscrowd"] = 1  # not trained on: not counted
-    table = S.boxes_from_coco(data, "x.json")
-    ref = S.InputSize(short=224.0, max_size=400.0)
+    table = boxes_from_coco(data, "x.json")
+    ref = InputSize(short=224.0, max_size=400.0)
     report = S.size_report(table, ref, patch=14)
     expected = _resized_box_sizes(data, 224, 400)
     assert table.num_boxes == len(expected) == 399  # the crowd box is not counted
@@ -131,10 +133,10 @@ def test_more_than_20_classes_are_one_row():
     image_sizes = [(100, 100)]
     boxes = [(0, 1 + k % 21, 0, 0, 10 + k, 10 + k) for k in range(42)]
     data = _coco(image_sizes, boxes, names=[f"c{k}" for k in range(21)])
-    report = S.size_report(S.boxes_from_coco(data), S.InputSize(short=None, max_size=None), 14)
+    report = S.size_report(boxes_from_coco(data), InputSize(short=None, max_size=None), 14)
     assert [g.name for g in report.groups] == ["all"]
     data = _coco(image_sizes, [b for b in boxes if b[1] <= 20], names=[f"c{k}" for k in range(20)])
-    report = S.size_report(S.boxes_from_coco(data), S.InputSize(short=None, max_size=None), 14)
+    report = S.size_report(boxes_from_coco(data), InputSize(short=None, max_size=None), 14)
     assert len(report.groups) == 21
 
 
@@ -203,10 +205,10 @@ def test_the_size_used_is_the_configs_test_resize(tmp_path, caplog, style):
 
 def test_patch_size_comes_from_the_model_config(tmp_path):
     root, _ = _sizes_dataset(tmp_path, [40.0] * 20)
-    assert S.patch_size_of(_lazy_cfg(root)) == 14
-    assert S.patch_size_of(_lazy_cfg(root, "model.detector.backbone.family=dinov3")) == 16
-    assert S.patch_size_of(_lazy_cfg(root, "+model.detector.backbone.arch_overrides.patch_size=8")) == 8
-    assert S.patch_size_of(_yacs_cfg(root, "MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3")) == 16
+    assert patch_size_of(_lazy_cfg(root)) == 14
+    assert patch_size_of(_lazy_cfg(root, "model.detector.backbone.family=dinov3")) == 16
+    assert patch_size_of(_lazy_cfg(root, "+model.detector.backbone.arch_overrides.patch_size=8")) == 8
+    assert patch_size_of(_yacs_cfg(root, "MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3")) == 16
 
 
 # ---------------------------------------------------------------------------- 3. the warning
@@ -214,7 +216,7 @@ def _report_for(sides, image=(640, 480), short=224.0, max_size=400.0, cats=None)
     cats = cats or [1] * len(sides)
     boxes = [(0, c, 1, 1, s, s) for s, c in zip(sides, cats)]
     data = _coco([image], boxes)
-    return S.size_report(S.boxes_from_coco(data), S.InputSize(short=short, max_size=max_size), 14), data
+    return S.size_report(boxes_from_coco(data), InputSize(short=short, max_size=max_size), 14), data
 
 
 def _sides_with_share_small(n, n_small, short=224.0, height=480):
@@ -260,8 +262,8 @@ def test_the_suggestion_brings_the_10th_percentile_to_two_patches():
     boxes = [(int(rng.integers(3)), 1 + k % 2, 2, 2, float(rng.lognormal(3.8, 0.4)), float(rng.lognormal(3.8, 0.4)))
              for k in range(300)]
     data = _coco(image_sizes, boxes)
-    report = S.size_report(S.boxes_from_coco(data), S.InputSize(short=224.0, max_size=400.0), 14,
-                           train=S.InputSize(short=224.0, max_size=400.0, choices=(192, 224, 256)))
+    report = S.size_report(boxes_from_coco(data), InputSize(short=224.0, max_size=400.0), 14,
+                           train=InputSize(short=224.0, max_size=400.0, choices=(192, 224, 256)))
     assert report.small_groups
     s = report.suggestion
     assert s.short % S.ROUND_TO == 0 and not s.capped
@@ -313,7 +315,7 @@ def test_the_printed_overrides_load_and_set_the_suggested_size(tmp_path, caplog)
         warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1]
         typed = shlex.split(warning.split("Override: ")[1])
         cfg2 = _lazy_cfg(root, *typed) if style == "lazy" else _yacs_cfg(root, *typed)
-        got = S.input_sizes(cfg2)
+        got = input_sizes(cfg2)
         assert got["test"].short == s.short and got["test"].max_size == s.max_size
         assert got["train"].choices == s.train_choices and got["train"].max_size == s.train_max_size
         # at the suggested size nothing warns

@@ -216,7 +216,7 @@ def test_ddp_options_reach_distributed_data_parallel(tmp_path, monkeypatch):
     import torch.distributed as dist
     from detectron2.utils import comm
 
-    from dinov2od.d2.trainer import wrap_model_for_ddp
+    from dinov2od.d2.engine.trainer import wrap_model_for_ddp
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:

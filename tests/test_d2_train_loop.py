@@ -8,8 +8,8 @@ from torch import nn
 
 from detectron2.utils.events import EventStorage
 
-from dinov2od.d2.ema import EMAHook, ModelEMA
-from dinov2od.d2.train_loop import DetrTrainerLoop
+from dinov2od.d2.engine.ema import EMAHook, ModelEMA
+from dinov2od.d2.engine.train_loop import DetrTrainerLoop
 
 
 class Toy(nn.Module):
@@ -206,7 +206,7 @@ def test_non_finite_weights_after_a_step_stop_before_the_hooks(tmp_path):
 
 def test_finite_weights_whose_norm_overflows_are_finite():
     """The cheap check (one norm) confirms an overflowing norm element-wise before it stops training."""
-    from dinov2od.d2.train_loop import _all_finite, total_norm
+    from dinov2od.d2.engine.train_loop import _all_finite, total_norm
 
     big = [torch.full((4,), 1e20), torch.ones(3)]
     assert not torch.isfinite(total_norm(big))  # the sum of squares overflows float32

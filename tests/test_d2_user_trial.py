@@ -121,7 +121,7 @@ def test_yacs_route_trains_on_the_folder_and_its_checkpoint_predicts_the_names(t
     out = str(tmp_path / "yacs")
     train_net.run(CUSTOM_YAML, "DATASETS.ROOT", trial["data"], "DATASETS.NAME", "trial_yacs", "OUTPUT_DIR", out,
                   "SOLVER.MAX_EPOCHS", "0", "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", *FAST_YACS)
-    from dinov2od.d2.metadata import classes_in_checkpoint
+    from dinov2od.d2.data.metadata import classes_in_checkpoint
 
     assert classes_in_checkpoint(os.path.join(out, "model_final.pth")) == (list(NAMES.values()), list(NAMES))
     results = predict.main(["--config-file", os.path.join(out, "config.yaml"), "--weights",

@@ -15,7 +15,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
-from dinov2od.d2.trainer import Trainer, TrainSettings
+from dinov2od.d2.engine.settings import TrainSettings
+from dinov2od.d2.engine.trainer import Trainer
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD
 
 from conftest import ROOT, TINY_YACS

@@ -366,14 +366,14 @@ def test_16_bit_grayscale_png_is_read_as_its_values(ckpt, tmp_path):
 
 def test_training_drawings_read_16_bit_pngs_keep_same_named_images_apart_and_use_the_models_classes(
         ckpt, tmp_path, monkeypatch):
-    """dinov2od.d2.visualize.draw_dataset_predictions (train.visualize): the same reading, naming and
+    """dinov2od.d2.evaluation.visualize.draw_dataset_predictions (train.visualize): the same reading, naming and
     labels as predict.py."""
     from PIL import Image
 
     from detectron2.config import LazyConfig
     from detectron2.data.datasets import register_coco_instances
 
-    import dinov2od.d2.visualize as visualize
+    import dinov2od.d2.evaluation.visualize as visualize
 
     model, _, _, _ = ckpt
     ramp = (np.linspace(0, 40000, 120)[None, :] + np.linspace(0, 20000, 90)[:, None]).astype(np.uint16)

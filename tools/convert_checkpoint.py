@@ -71,7 +71,7 @@ def _model_for(args, weights_file: str, use_ema: bool):
     import dinov2od.d2  # noqa: F401  (registers the meta-architecture)
     from dinov2od.d2.checkpoint import load_inference_weights
     from dinov2od.d2.config import is_lazy
-    from dinov2od.d2.predictor import load_inference_config
+    from dinov2od.d2.engine.predictor import load_inference_config
 
     cfg = load_inference_config(args.config_file, args.opts, weights_file)
     if is_lazy(cfg):
@@ -115,7 +115,7 @@ def convert(args) -> str:
         hooks = obj.get("trainer", {}).get("hooks", {}) if isinstance(obj.get("trainer"), dict) else {}
         rng = hooks.get("RNGStateHook") if isinstance(hooks, dict) else None
         if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
-            from dinov2od.d2.checkpoint import numpy_state_to_plain
+            from dinov2od.d2.checkpoint.resume import numpy_state_to_plain
 
             rng["numpy"] = numpy_state_to_plain(rng["numpy"])
     obj = plain_state(obj)

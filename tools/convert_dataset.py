@@ -9,7 +9,7 @@ OUTPUT/test/... (the yaml's test, VOC's test.txt) with the images beside them: c
 (``--images copy``, the default: the output is a dataset of its own) or referenced by their
 absolute paths (``--images reference``: nothing is copied; the json works only while the input
 stays where it is). The splits, classes, ids and boxes are exactly what training on the input
-folder reads (dinov2od.d2.datasets.formats): YOLO's class indices 0..K-1 and data.yaml's names;
+folder reads (dinov2od.d2.data.datasets.formats): YOLO's class indices 0..K-1 and data.yaml's names;
 VOC's class names sorted, ids 0..K-1, boxes as Detectron2's VOC loader reads them, ``difficult``
 objects as ``iscrowd: 1``. No ``supercategory`` is written (the Roboflow dataset-category rule does
 not apply to these files); annotation ids start at 1.
@@ -27,8 +27,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dinov2od.d2.datasets.folder import DatasetError  # noqa: E402
-from dinov2od.d2.datasets.formats import read_dataset  # noqa: E402
+from dinov2od.d2.data.datasets.folder import DatasetError  # noqa: E402
+from dinov2od.d2.data.datasets.formats import read_dataset  # noqa: E402
 
 SPLIT_FOLDERS = {"train": "train", "val": "valid", "test": "test"}  # Roboflow's folder names
 logger = logging.getLogger("dinov2od.convert_dataset")

@@ -54,7 +54,7 @@ def build_model(args):
     """The meta-architecture with the weights ``tools/predict.py`` would run (EMA when present)."""
     import dinov2od.d2  # noqa: F401  (registers the meta-architecture)
     from dinov2od.d2.config import is_lazy
-    from dinov2od.d2.predictor import LazyPredictor, load_inference_config
+    from dinov2od.d2.engine.predictor import LazyPredictor, load_inference_config
 
     cfg = load_inference_config(args.config_file, args.opts, args.weights)  # classes from the checkpoint
     if not args.weights:

@@ -7,7 +7,7 @@
 # 1. builds dinov2od._C in place with FORCE_CUDA=1 for the local GPU's architecture;
 # 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1) and
 #    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
-#    dinov2od/d2/amp.py, imports only torch, so it runs here without Detectron2);
+#    dinov2od/d2/engine/amp.py, imports only torch, so it runs here without Detectron2);
 # 3. runs tools/benchmark.py on cuda: the op (PyTorch path vs CUDA kernel, float32 and bfloat16),
 #    then the whole detector (dinov2od.benchmark; the default preset, built without Detectron2).
 # Prints everything; exits non-zero on the first failure.

@@ -61,9 +61,9 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import dinov2od.d2  # noqa: E402,F401
 from dinov2od.d2.checkpoint import atomic_write  # noqa: E402
 from dinov2od.modeling.checkpoint_io import UnsafeCheckpointError  # noqa: E402
-from dinov2od.d2.dataset_mapper import read_image  # noqa: E402
+from dinov2od.d2.data.dataset_mapper import read_image  # noqa: E402
 from dinov2od.d2.evaluation import detections_to_coco_results  # noqa: E402
-from dinov2od.d2.visualize import draw_instances  # noqa: E402
+from dinov2od.d2.evaluation.visualize import draw_instances  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DRAWING_SUFFIX = ".jpg"  # appended to the image's relative path: x.png -> x.png.jpg
@@ -254,15 +254,15 @@ def clear_earlier_run(output: str) -> List[str]:
 def build_predictor(args):
     """(predictor taking an image in its channel order, that order, metadata with the classes to report)."""
     from dinov2od.d2.config import is_lazy
-    from dinov2od.d2.metadata import metadata_for_model
-    from dinov2od.d2.predictor import load_inference_config
+    from dinov2od.d2.data.metadata import metadata_for_model
+    from dinov2od.d2.engine.predictor import load_inference_config
 
     try:  # the classes come from the checkpoint
         cfg = load_inference_config(args.config_file, args.opts, args.weights)
     except ValueError as e:
         raise SystemExit(f"predict.py: {e}") from None
     if is_lazy(cfg):
-        from dinov2od.d2.predictor import LazyPredictor
+        from dinov2od.d2.engine.predictor import LazyPredictor
 
         predictor = LazyPredictor(cfg, args.weights, device=args.device)
         fmt = predictor.input_format

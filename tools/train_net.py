@@ -19,7 +19,7 @@ See docs/distributed.md.
 Trailing ``key=value`` (lazy) or ``KEY VALUE`` (yacs) pairs override the config. Outputs
 (checkpoints, ``log.txt``, ``metrics.json``, TensorBoard events, ``inference/`` with
 ``coco_instances_results.json``, ``predictions/`` with drawn detections, and the pictures of
-``dinov2od/d2/plots.py``: ``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
+``dinov2od/d2/evaluation/plots.py``: ``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
 ``confusion_matrix.png``/``.csv``, ``val_examples.jpg``) go to the config's output directory.
 
 One output folder takes one run at a time: a run holds a lock on ``train_net.lock`` in it (released
@@ -51,12 +51,12 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dinov2od.d2  # noqa: E402,F401  (registers the meta-architecture and the shapes dataset)
 from dinov2od.d2.config import is_lazy, load_config  # noqa: E402
-from dinov2od.d2.launch import add_launch_arguments, launch_main  # noqa: E402
-from dinov2od.d2.plots import plot_inputs_from_config, write_result_plots  # noqa: E402
-from dinov2od.d2.report import run_summary  # noqa: E402
-from dinov2od.d2.run_folder import RunFolderError, claim_output_folder  # noqa: E402
-from dinov2od.d2.trainer import LazyTrainer, Trainer  # noqa: E402
-from dinov2od.d2.visualize import draw_dataset_predictions  # noqa: E402
+from dinov2od.d2.checkpoint.run_folder import RunFolderError, claim_output_folder  # noqa: E402
+from dinov2od.d2.engine.launch import add_launch_arguments, launch_main  # noqa: E402
+from dinov2od.d2.engine.trainer import LazyTrainer, Trainer  # noqa: E402
+from dinov2od.d2.evaluation.plots import plot_inputs_from_config, write_result_plots  # noqa: E402
+from dinov2od.d2.evaluation.report import run_summary  # noqa: E402
+from dinov2od.d2.evaluation.visualize import draw_dataset_predictions  # noqa: E402
 
 logger = logging.getLogger("dinov2od")
 
@@ -68,7 +68,7 @@ def _report(output_dir: str, vis_dir: str = "", curve_rows: int = 0) -> None:
 
 def _plots(cfg) -> None:
     """The run's pictures in its output folder (``results.png``, ``pr_curves.png``, ``per_class_ap.csv``,
-    ``confusion_matrix.png``/``.csv``, ``val_examples.jpg``: :mod:`dinov2od.d2.plots`), main process
+    ``confusion_matrix.png``/``.csv``, ``val_examples.jpg``: :mod:`dinov2od.d2.evaluation.plots`), main process
     only; a picture that cannot be drawn is a warning, never a failed run."""
     if not comm.is_main_process():
         return
@@ -80,7 +80,7 @@ def _plots(cfg) -> None:
 
 def claim_folder(args, output_dir: str):
     """Claim the output folder for this run before anything is written into it
-    (:func:`~dinov2od.d2.run_folder.claim_output_folder`: its lock; a new run into a folder holding a
+    (:func:`~dinov2od.d2.checkpoint.run_folder.claim_output_folder`: its lock; a new run into a folder holding a
     training is refused unless ``--resume`` or ``--overwrite``).
 
     The main process (global rank 0, which writes the checkpoints, metrics and config) claims it; in a

@@ -13,7 +13,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.evaluation import COCOEvaluator
 
 from dinov2od.d2 import DetrDatasetMapper, build_detr_augmentation
-from dinov2od.d2.data_cache import train_dataset
+from dinov2od.d2.data.data_cache import train_dataset
 
 # Your own COCO data (docs/your_data.md): root=None leaves the dataloader's names as they are.
 dataset = dict(
@@ -31,7 +31,7 @@ dataset = dict(
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
-    # cache=True: parsed once per machine, memory-mapped by every rank (dinov2od.d2.data_cache;
+    # cache=True: parsed once per machine, memory-mapped by every rank (dinov2od.d2.data.data_cache;
     # cache_dir None: $DINOV2OD_CACHE/datasets or ~/.cache/dinov2od/datasets); False: every rank parses
     dataset=L(train_dataset)(names="coco_2017_train", filter_empty=True, cache=True, cache_dir=None),
     mapper=L(DetrDatasetMapper)(

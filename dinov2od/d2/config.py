@@ -304,7 +304,7 @@ def dataset_classes(name: str) -> Optional[List[str]]:
     meta = MetadataCatalog.get(name)
     classes = meta.get("thing_classes", None)
     if classes is None and meta.get("json_file", None) and os.path.isfile(meta.json_file):
-        from .datasets.folder import read_coco_categories
+        from .data.datasets.folder import read_coco_categories
 
         classes = read_coco_categories(meta.json_file)[0]
     return None if classes is None else list(classes)
@@ -344,7 +344,7 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
     """Run :func:`~dinov2od.d2.datasets.check_coco_dataset` (files, sizes, ids, boxes) on each dataset
     registered with the check on (``register_coco_dataset(check=True)``: ``dataset.root`` /
     ``DATASETS.ROOT`` data), once per process, before the model is built."""
-    from .datasets.folder import check_coco_dataset
+    from .data.datasets.check import check_coco_dataset
 
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
@@ -858,7 +858,7 @@ def check_config_datasets(cfg, splits: Sequence[str] = ("train", "test")) -> Lis
     check_datasets(names)
     check_num_classes(cfg.model.num_classes if is_lazy(cfg) else cfg.MODEL.DINOV2OD.NUM_CLASSES, names)
     if "train" in splits:  # training: object sizes at the input size, a suggested size (main process, once)
-        from .datasets.sizes import advise_input_size
+        from .data.datasets.sizes import advise_input_size
 
         advise_input_size(cfg, dataset_names(cfg)["train"])
     return names
@@ -876,7 +876,7 @@ def resolve_dataset(cfg) -> None:
       (``ceil(epochs * images / (batch * accumulate_steps))``); yacs ``STEPS`` are scaled with
       ``MAX_ITER``. Each derived value is logged.
     """
-    from .datasets.folder import check_mode, register_coco_folder
+    from .data.datasets.folder import check_mode, register_coco_folder
 
     opts = _dataset_options(cfg)
     lazy = is_lazy(cfg)
@@ -938,7 +938,7 @@ def _check_registered_and_classes(cfg) -> None:
 
 
 def _epochs_to_iterations(cfg) -> None:
-    from .datasets.folder import check_coco_dataset
+    from .data.datasets.check import check_coco_dataset
 
     lazy = is_lazy(cfg)
     epochs = _epochs(cfg.get("train", {}).get("epochs", None) if lazy else cfg.SOLVER.MAX_EPOCHS)

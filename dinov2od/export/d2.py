@@ -75,7 +75,7 @@ class OnnxPredictor:
 
     ``class_names`` / ``class_ids`` (the dataset's category id of each label) are those stored in
     the graph's metadata (None when it holds none) and ``num_classes`` the graph's class count, so
-    :func:`dinov2od.d2.metadata.metadata_for_model` takes a predictor as it takes a model.
+    :func:`dinov2od.d2.data.metadata.metadata_for_model` takes a predictor as it takes a model.
     """
 
     def __init__(self, path: str, augmentations: Sequence, input_format: str = "BGR", topk: int = 100,
@@ -147,11 +147,11 @@ def build_onnx_predictor(config_file: str, onnx_path: str, opts: List[str] = (),
 
     Returns:
         (predictor, the channel order it takes, metadata with the classes to report: the graph's own
-        names and dataset ids, see :func:`dinov2od.d2.metadata.metadata_for_model`), as
+        names and dataset ids, see :func:`dinov2od.d2.data.metadata.metadata_for_model`), as
         ``tools/predict.py``'s ``build_predictor``.
     """
     from dinov2od.d2.config import is_lazy, load_config
-    from dinov2od.d2.metadata import metadata_for_model
+    from dinov2od.d2.data.metadata import metadata_for_model
 
     cfg = load_config(config_file, opts, resolve_data=False)  # the classes come from the graph
     if is_lazy(cfg):

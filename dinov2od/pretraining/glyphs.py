@@ -1,6 +1,6 @@
 """The "glyphs" images: procedurally generated data for pretraining a backbone (not the demo's task).
 
-A generator of its own, separate from the demo's "shapes" dataset (``dinov2od/d2/datasets/shapes.py``):
+A generator of its own, separate from the demo's "shapes" dataset (``dinov2od/d2/data/datasets/shapes.py``):
 other object classes (12 glyphs, none of them a circle, square or triangle), other backgrounds
 (sums of random plane waves, blurred noise, line clutter), its own seeds, and images drawn on the
 fly, never written to disk. Each glyph is a filled, randomly rotated and stretched outline of

@@ -8,7 +8,7 @@ interpolation. Experiment files override fields, e.g. ``model.num_classes = 3``,
 from detectron2.config import LazyCall as L
 
 from dinov2od.d2 import DINOv2DETR
-from dinov2od.d2.meta_arch import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from dinov2od.d2.modeling.meta_arch import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dinov2od.modeling import DINOv2ObjectDetector, HungarianMatcher, SetCriterion, build_backbone
 
 model = L(DINOv2DETR)(

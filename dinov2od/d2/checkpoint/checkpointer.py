@@ -1,5 +1,5 @@
-"""Training state that survives a crash: crash-safe checkpoint files, and what an exact resume needs
-besides them (the random states, and the position in the training data stream).
+"""Training state that survives a crash: crash-safe checkpoint files (what an exact resume needs besides
+them, the random states and the data stream's position, is in :mod:`dinov2od.d2.checkpoint.resume`).
 
 * :func:`atomic_save` / :class:`CrashSafeCheckpointer`: a checkpoint is written to a temporary
   file beside its final name, flushed to disk (``fsync``), renamed into place (``os.replace`` is
@@ -11,61 +11,45 @@ besides them (the random states, and the position in the training data stream).
   checkpoint of another architecture with one error (:func:`check_fit`); fine-tuning to another
   class count is the one mismatch it allows. :func:`load_inference_weights` loads weights for
   prediction and export with the same checks.
-* :class:`RNGStateHook`: the process's random states go into every checkpoint and come back on resume.
-* Files are data, never code: every checkpoint is read by :func:`load_checkpoint_file`
-  (``.safetensors``, or ``torch.load(weights_only=True)``; a file that needs full unpickling is
-  refused unless named in ``DINOV2OD_TRUSTED_CHECKPOINTS``), also by Detectron2's own
-  ``DetectionCheckpointer`` (``DefaultPredictor``) for dinov2od models, and the project's
+* Files are data, never code: every checkpoint is read by
+  :func:`~dinov2od.d2.checkpoint.reading.load_checkpoint_file` (:mod:`dinov2od.d2.checkpoint.reading`,
+  also installed in Detectron2's own ``DetectionCheckpointer`` for dinov2od models), and the project's
   checkpoints are saved so that ``weights_only=True`` reads them (SECURITY.md).
-* :func:`position_train_loader`: the train loader starts where the interrupted run stopped, and
-  each sample's augmentation is drawn from random states seeded by its position in the stream,
-  so it does not depend on the number of loader workers or on where a run was resumed.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
-import itertools
 import logging
 import os
-import random
 import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import parse_qs
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
 
 from fvcore.common.checkpoint import _filter_reused_missing_keys, _IncompatibleKeys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import HookBase
-from detectron2.utils import comm
 
 from dinov2od.modeling.checkpoint_io import (
-    UnreadableCheckpointError,
     UnsafeCheckpointError,
     atomic_write,
-    load_state,
     not_weights_only,
     plain_state,
 )
 
-from .run_folder import checkpoint_to_resume, complete_archive
+from .reading import load_checkpoint_file
+from .run_folder import checkpoint_to_resume
 
 __all__ = [
     "CrashSafeCheckpointer",
-    "RNGStateHook",
     "UnsafeCheckpointError",
     "atomic_save",
     "atomic_write",
     "check_fit",
-    "load_checkpoint_file",
     "load_inference_weights",
     "non_finite_entries",
-    "position_train_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,7 +277,7 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------------ loading
     def get_checkpoint_file(self) -> str:
         """The file ``last_checkpoint`` names; when it is gone, the newest complete ``model_*.pth``
-        beside it, with a warning (:func:`~dinov2od.d2.run_folder.checkpoint_to_resume`; no complete
+        beside it, with a warning (:func:`~dinov2od.d2.checkpoint.run_folder.checkpoint_to_resume`; no complete
         one: ``FileNotFoundError`` naming the folder)."""
         path = super().get_checkpoint_file()
         if not path or not self._local():
@@ -324,96 +308,6 @@ class CrashSafeCheckpointer(DetectionCheckpointer):
             self.logger.info(note)
             self.model.load_state_dict(keep, strict=False)
         return _IncompatibleKeys([], [], [])  # nothing left for fvcore to warn about
-
-
-def load_checkpoint_file(checkpointer, filename: str) -> dict:
-    """``DetectionCheckpointer._load_file`` without running code from the file: ``filename`` is read
-    by :func:`~dinov2od.modeling.checkpoint_io.load_state` (``.safetensors``, or ``torch.load`` with
-    ``weights_only=True``; a file that needs full unpickling is refused unless named in
-    ``DINOV2OD_TRUSTED_CHECKPOINTS``, Detectron2's ``.pkl`` model-zoo files included).
-
-    Returns what Detectron2's reader does: ``{"model": state_dict, ...}`` (a bare ``state_dict`` or a
-    ``.safetensors`` file is wrapped; a plain ``DINOv2ObjectDetector`` ``state_dict`` loaded into the
-    meta-architecture gets its ``detector.`` prefix).
-
-    Raises:
-        UnsafeCheckpointError: (a ``ValueError``) the file needs full unpickling and is not trusted.
-        ValueError: the file is truncated or corrupt, naming the newest complete checkpoint beside it.
-    """
-    try:
-        data = load_state(filename)
-    except UnreadableCheckpointError as e:
-        raise ValueError(_unreadable_message(filename, e.error)) from e.error
-    if filename.endswith(".pkl"):  # trusted by name, or plain data
-        if isinstance(data, dict) and "model" in data and "__author__" in data:  # Detectron2's model zoo
-            return data
-        blobs = data.get("blobs", data) if isinstance(data, dict) else {}  # Caffe2 / Detectron1
-        return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
-                "__author__": "Caffe2", "matching_heuristics": True}
-    if not isinstance(data, dict) or "model" not in data:
-        data = {"model": data}
-    data["model"] = _with_detector_prefix(checkpointer.model, data["model"])
-    parsed = getattr(checkpointer, "_parsed_url_during_load", None)
-    if parsed is not None and parsed.query:  # Detectron2's "?matching_heuristics=True"
-        queries = parse_qs(parsed.query)
-        if queries.pop("matching_heuristics", None) == ["True"]:
-            data["matching_heuristics"] = True
-        if queries:
-            raise ValueError(f"Unsupported query {sorted(queries)} in {parsed.geturl()}")
-    return data
-
-
-def _with_detector_prefix(model, state):
-    """A plain ``DINOv2ObjectDetector`` ``state_dict`` for the meta-architecture: keys ``detector.*``."""
-    detector = getattr(getattr(model, "module", model), "detector", None)
-    if not isinstance(detector, torch.nn.Module) or not isinstance(state, dict) or not state:
-        return state
-    if any(str(k).startswith("detector.") for k in state):
-        return state
-    own = set(detector.state_dict())
-    if 2 * len(own.intersection(state)) < len(state):
-        return state
-    return {f"detector.{k}": v for k, v in state.items()}
-
-
-def _is_dinov2od_model(model) -> bool:
-    from dinov2od.modeling import DINOv2ObjectDetector
-
-    m = getattr(model, "module", model)
-    return isinstance(m, DINOv2ObjectDetector) or isinstance(getattr(m, "detector", None), DINOv2ObjectDetector)
-
-
-def _detectron2_load_file(self, filename: str):
-    """``DetectionCheckpointer._load_file`` as installed by dinov2od: a dinov2od model's weights
-    (``DefaultPredictor``'s ``MODEL.WEIGHTS``, ``DefaultTrainer``) are read by
-    :func:`load_checkpoint_file`, without running code; other models' as Detectron2 reads them."""
-    if _is_dinov2od_model(self.model):
-        return load_checkpoint_file(self, filename)
-    return _detectron2_load_file.original(self, filename)
-
-
-if not hasattr(DetectionCheckpointer._load_file, "original"):  # once, also if this module is reloaded
-    _detectron2_load_file.original = DetectionCheckpointer._load_file
-    DetectionCheckpointer._load_file = _detectron2_load_file
-
-
-def _unreadable_message(path: str, error: Exception) -> str:
-    """The error for a checkpoint that cannot be read, naming the newest complete one beside it
-    (checked without unpickling anything: :func:`~dinov2od.d2.run_folder.complete_archive`)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    others = [p for p in glob.glob(os.path.join(glob.escape(folder), "model_*.pth"))
-              if os.path.abspath(p) != os.path.abspath(path) and not p.endswith("_ema.pth")]  # weights only
-    others.sort(key=lambda p: os.path.getmtime(p), reverse=True)
-    good = next((other for other in others if complete_archive(other)), None)
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    msg = f"Cannot read the checkpoint {path}: it is truncated or corrupt ({type(error).__name__}: {detail})."
-    if good is None:
-        return msg + f" No other readable model_*.pth is in {folder}; train again or use another checkpoint."
-    return msg + (
-        f" The newest complete checkpoint beside it is {good}: to resume from it, write its name into "
-        f"{os.path.join(folder, 'last_checkpoint')} (echo {os.path.basename(good)} > last_checkpoint); "
-        f"to evaluate or fine-tune from it, set train.init_checkpoint / MODEL.WEIGHTS to it."
-    )
 
 
 def load_inference_weights(model: torch.nn.Module, path: str, use_ema: bool = True) -> None:
@@ -450,148 +344,3 @@ def load_inference_weights(model: torch.nn.Module, path: str, use_ema: bool = Tr
                          "model with the config it was trained with, or pass use_ema=False.")
     model.load_state_dict(shadow, strict=False)
     logging.getLogger(__name__).info("Loaded the EMA weights of %s (%d updates).", path, int(ema["num_updates"]))
-
-
-class RNGStateHook(HookBase):
-    """Save the process's random states with each checkpoint and restore them on resume.
-
-    Trainer hooks' ``state_dict`` is written into every checkpoint by Detectron2, so a resumed
-    run continues the same random streams (dropout, main-process randomness) as an uninterrupted
-    one. The loaded states are applied in ``before_train`` *after* the data loader's iterator
-    exists (creating it draws from the torch generator, which the uninterrupted run did at
-    iteration 0, not at the resume point).
-    """
-
-    def __init__(self):
-        self._pending: Optional[dict] = None
-
-    def state_dict(self) -> dict:
-        """The states as tensors, numbers and strings (``torch.load(weights_only=True)`` reads them)."""
-        return {"torch": torch.get_rng_state(), "numpy": numpy_state_to_plain(np.random.get_state()),
-                "python": random.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending = dict(state, numpy=numpy_state_from_plain(state["numpy"]))
-
-    def before_train(self) -> None:
-        if self._pending is None:
-            return
-        loop = getattr(self.trainer, "_trainer", self.trainer)  # the driver wraps the loop
-        if hasattr(loop, "_data_loader_iter"):
-            loop._data_loader_iter  # noqa: B018  (creates the iterator now)
-        torch.set_rng_state(self._pending["torch"])
-        np.random.set_state(self._pending["numpy"])
-        random.setstate(self._pending["python"])
-        self._pending = None
-
-
-def numpy_state_to_plain(state) -> dict:
-    """``np.random.get_state()`` (a tuple holding a numpy array) as a dict of a tensor and numbers."""
-    algorithm, keys, pos, has_gauss, cached_gaussian = state
-    return {"algorithm": str(algorithm), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-
-
-def numpy_state_from_plain(state):
-    """The tuple ``np.random.set_state`` takes, from :func:`numpy_state_to_plain`'s dict (a tuple,
-    as checkpoints of earlier versions hold, is returned as it is)."""
-    if not isinstance(state, dict):
-        return state
-    keys = state["keys"].numpy() if isinstance(state["keys"], torch.Tensor) else np.asarray(state["keys"])
-    return (state["algorithm"], keys.astype(np.uint32), int(state["pos"]), int(state["has_gauss"]),
-            float(state["cached_gaussian"]))
-
-
-# ---------------------------------------------------------------------------- data stream position
-class _IndexAt(int):
-    """A dataset index that also carries its position in this rank's sample stream."""
-
-    def __new__(cls, index: int, position: int):
-        obj = super().__new__(cls, index)
-        obj.position = position
-        return obj
-
-
-class _PositionedSampler(Sampler):
-    """The indices of ``sampler`` from position ``start`` on, each tagged with its position."""
-
-    def __init__(self, sampler, start: int):
-        self.sampler = sampler
-        self.start = start
-
-    def __iter__(self):
-        stream = itertools.islice(iter(self.sampler), self.start, None)
-        return (_IndexAt(i, p) for p, i in enumerate(stream, self.start))
-
-
-@contextlib.contextmanager
-def _rngs_seeded(seed: int):
-    """Seed python/numpy/torch (CPU) random states for a block, then restore the previous ones."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-class _SeededByPosition(Dataset):
-    """Map each sample with random states seeded by (the sampler's seed, its global position).
-
-    Global position = position on this rank * world size + rank: the sample's place in the
-    stream that Detectron2's training samplers deal out to the ranks in turn. A 2-process run
-    and a 1-process run at the same total batch thus augment the same images the same way.
-    """
-
-    def __init__(self, dataset, seed: int, rank: int, world_size: int):
-        self.dataset, self.seed, self.rank, self.world_size = dataset, seed, rank, world_size
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        position = getattr(idx, "position", None)
-        if position is None:
-            return self.dataset[idx]
-        global_position = position * self.world_size + self.rank
-        seed = int(np.random.SeedSequence([self.seed, global_position]).generate_state(1)[0])
-        with _rngs_seeded(seed):
-            return self.dataset[int(idx)]
-
-
-def position_train_loader(data_loader, start_sample: int) -> bool:
-    """Make a Detectron2 train loader start ``start_sample`` samples into this rank's stream,
-    with each sample's augmentation seeded by its stream position.
-
-    Called once, before the loader is iterated, in an uninterrupted run (``start_sample=0``) and
-    in a resumed one alike, so both see the same images augmented the same way, whatever the
-    number of loader workers. Exact when the loader has no aspect-ratio grouping (its buckets
-    are not part of the checkpoint).
-
-    Args:
-        data_loader: a loader from :func:`build_detection_train_loader` (not iterated yet).
-        start_sample: samples of this rank's stream to skip (iterations * images per rank per
-            iteration).
-
-    Returns:
-        whether the loader's sampler was found (else the loader is left as it is, with a warning).
-    """
-    obj = data_loader
-    for _ in range(4):  # DataLoader -> [AspectRatioGroupedDataset -> DataLoader] -> ToIterableDataset
-        if hasattr(obj, "sampler") and hasattr(obj, "shard_sampler"):
-            seed = int(getattr(obj.sampler, "_seed", 0))
-            obj.sampler = _PositionedSampler(obj.sampler, start_sample)
-            obj.dataset = _SeededByPosition(obj.dataset, seed, comm.get_rank(), comm.get_world_size())
-            return True
-        obj = getattr(obj, "dataset", None)
-        if obj is None:
-            break
-    logger.warning(
-        "Could not find the train loader's sampler (a loader not built by build_detection_train_loader?); "
-        "a resumed run restarts its data stream instead of continuing it."
-    )
-    return False

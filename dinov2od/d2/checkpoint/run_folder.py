@@ -56,12 +56,12 @@ logger = logging.getLogger("dinov2od")
 
 LOCK_FILE = "train_net.lock"
 TAG = "last_checkpoint"
-EMA_WEIGHTS = "model_final_ema.pth"  # weights only (dinov2od.d2.ema): never a checkpoint to resume
+EMA_WEIGHTS = "model_final_ema.pth"  # weights only (dinov2od.d2.engine.ema): never a checkpoint to resume
 # What shows that a folder holds a training.
 SIGNS = (TAG, "model_*.pth", "metrics.json")
 # What --overwrite removes: the earlier run's checkpoints and EMA export (model_final_ema.pth, and its
 # .safetensors / .json where written), its tag, its metrics and TensorBoard events, its evaluation
-# (inference/), the drawings and pictures train_net makes (predictions/, dinov2od.d2.plots' files) and
+# (inference/), the drawings and pictures train_net makes (predictions/, dinov2od.d2.evaluation.plots' files) and
 # the temporary files of an interrupted save. log.txt (appended to) and config.yaml (rewritten) stay.
 RUN_OUTPUTS = (TAG, "model_*.pth", "model_*.safetensors", "model_final_ema.json", "metrics.json",
                "events.out.tfevents.*", "inference", "predictions", "results.png", "pr_curves.png",

@@ -47,7 +47,7 @@ from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.utils import comm
 
 import dinov2od
-from dinov2od.d2.checkpoint import atomic_write
+from dinov2od.modeling.checkpoint_io import atomic_write
 
 __all__ = ["SerializedDatasetDicts", "cache_key", "cached_dataset_dicts", "default_cache_dir", "train_dataset"]
 

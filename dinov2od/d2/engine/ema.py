@@ -22,7 +22,7 @@ from detectron2.utils import comm
 
 from dinov2od.modeling.checkpoint_io import export_for_inference
 
-from .checkpoint import atomic_save, non_finite_entries
+from ..checkpoint.checkpointer import atomic_save, non_finite_entries
 from .train_loop import unwrap_model
 
 __all__ = ["EMA_WEIGHTS_FILE", "EMAExportHook", "EMAHook", "ModelEMA", "export_ema_weights"]

@@ -11,9 +11,9 @@ import torch
 import detectron2.data.transforms as T
 from detectron2.config import instantiate
 
-from .checkpoint import load_inference_weights
-from .config import backbone_option, is_lazy, load_config
-from .metadata import classes_in_checkpoint
+from ..checkpoint.checkpointer import load_inference_weights
+from ..config import backbone_option, is_lazy, load_config
+from ..data.metadata import classes_in_checkpoint
 
 __all__ = ["LazyPredictor", "load_inference_config"]
 

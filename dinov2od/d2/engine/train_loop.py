@@ -4,8 +4,8 @@ Detectron2's ``AMPTrainer`` lacks. Each extra is written down where it lives:
 * gradient accumulation over micro-batches, all-reducing DDP gradients only on the last one
   (``no_sync``): :meth:`DetrTrainerLoop._micro_step`;
 * clipping the norm of all gradients together, after unscaling fp16 gradients:
-  :meth:`dinov2od.d2.amp.MixedPrecision.step`;
-* autocast on the model's device, CPU included, in fp16 or bf16: :mod:`dinov2od.d2.amp`;
+  :meth:`dinov2od.d2.engine.amp.MixedPrecision.step`;
+* autocast on the model's device, CPU included, in fp16 or bf16: :mod:`dinov2od.d2.engine.amp`;
 * a non-finite loss stops every rank together, before any weight changes:
   :meth:`DetrTrainerLoop._check_finite`;
 * a non-finite gradient norm stops training before the optimizer step, and non-finite weights

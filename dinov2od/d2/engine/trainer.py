@@ -3,7 +3,7 @@
 :class:`DetrTrainer` takes built objects (model, optimizer, train loader, LR schedule, an
 evaluation function) and :class:`TrainSettings`, and does everything else the same way for both
 config styles: DDP (Detectron2's ``create_ddp_model``), the training loop
-(:class:`~dinov2od.d2.train_loop.DetrTrainerLoop`), EMA, crash-safe checkpoints, the hooks,
+(:class:`~dinov2od.d2.engine.train_loop.DetrTrainerLoop`), EMA, crash-safe checkpoints, the hooks,
 resume (with the data stream's position and the random states), evaluation (of the EMA weights
 when enabled) and the EMA export. Adding a hook is editing :meth:`DetrTrainer.build_hooks`.
 
@@ -17,7 +17,6 @@ last checkpoint with ``resume``) and evaluate, as ``--eval-only`` does.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import weakref
@@ -32,106 +31,21 @@ from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, def
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 
-from .checkpoint import CrashSafeCheckpointer, RNGStateHook, position_train_loader
-from .config import build_optimizer_from_cfg, check_config_datasets, check_num_classes, dataset_names
-from .data_cache import cached_dataset_dicts
-from .dataset_mapper import DetrDatasetMapper
+from ..checkpoint.checkpointer import CrashSafeCheckpointer
+from ..checkpoint.resume import RNGStateHook, position_train_loader
+from ..config import build_optimizer_from_cfg, check_config_datasets, check_num_classes
+from ..data.data_cache import cached_dataset_dicts
+from ..data.dataset_mapper import DetrDatasetMapper
+from ..data.metadata import set_model_classes
+from ..evaluation.evaluator import eval_context, run_evaluation
 from .ema import EMAExportHook, EMAHook, ModelEMA
 from .launch import check_ranks_agree
-from .evaluation import eval_context, run_evaluation
-from .metadata import set_model_classes
+from .settings import TrainSettings
 from .train_loop import DetrTrainerLoop, unwrap_model
 
-__all__ = ["DetrTrainer", "LazyTrainer", "TrainSettings", "Trainer", "unwrap_model", "wrap_model_for_ddp"]
+__all__ = ["DetrTrainer", "LazyTrainer", "Trainer", "unwrap_model", "wrap_model_for_ddp"]
 
 logger = logging.getLogger("dinov2od")
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    """What the driver reads from a config besides the objects it is given."""
-
-    output_dir: str
-    max_iter: int
-    ims_per_batch: int  # images per iteration over all processes (per micro-batch)
-    device: str = "cuda"
-    init_checkpoint: str = ""  # weights to start from (or to evaluate)
-    accumulate_steps: int = 1
-    clip_max_norm: float = 0.0  # 0: the loop does not clip
-    clip_norm_type: float = 2.0
-    amp_enabled: bool = False
-    amp_precision: str = "float16"
-    ema_enabled: bool = False
-    ema_decay: float = 0.9997
-    eval_ema: bool = True
-    checkpoint_period: int = 5000
-    max_to_keep: Optional[int] = None
-    eval_period: int = 0  # 0: only after training
-    eval_after_train: bool = True
-    eval_quantize: str = ""  # --eval-only: "int8" evaluates an int8 copy (dinov2od.modeling.quantize), CPU
-    log_period: int = 20
-    ddp: dict = dataclasses.field(default_factory=dict)  # create_ddp_model's keyword arguments
-    train_dataset: str = ""  # its classes (names, original ids) are stored in the model and its checkpoints
-
-    @classmethod
-    def from_lazy(cls, cfg) -> "TrainSettings":
-        t = cfg.train
-        ema, clip, ckpt = t.get("ema", {}), t.get("clip_grad", {}), t.checkpointer
-        return cls(
-            output_dir=t.output_dir,
-            max_iter=t.max_iter,
-            ims_per_batch=cfg.dataloader.train.total_batch_size,
-            device=t.device,
-            init_checkpoint=t.init_checkpoint,
-            accumulate_steps=t.get("accumulate_steps", 1),
-            clip_max_norm=clip.get("max_norm", 0.0),
-            clip_norm_type=clip.get("norm_type", 2.0),
-            amp_enabled=t.amp.enabled,
-            amp_precision=t.amp.get("precision", "float16"),
-            ema_enabled=ema.get("enabled", False),
-            ema_decay=ema.get("decay", 0.9997),
-            eval_ema=ema.get("eval_ema", True),
-            checkpoint_period=ckpt.period,
-            max_to_keep=ckpt.get("max_to_keep", None),
-            eval_period=t.eval_period,
-            eval_after_train=t.get("eval_after_train", True),
-            eval_quantize=t.get("eval_quantize", ""),
-            log_period=t.log_period,
-            ddp=dict(t.ddp),
-            train_dataset=(dataset_names(cfg)["train"] or [""])[0],
-        )
-
-    @classmethod
-    def from_yacs(cls, cfg) -> "TrainSettings":
-        s, clip = cfg.SOLVER, cfg.SOLVER.CLIP_GRADIENTS
-        full_model = clip.ENABLED and clip.FULL_MODEL
-        if full_model and clip.CLIP_TYPE != "norm":
-            raise ValueError(
-                f"SOLVER.CLIP_GRADIENTS.FULL_MODEL clips the norm of all gradients together, but "
-                f"CLIP_TYPE is {clip.CLIP_TYPE!r}; set CLIP_TYPE 'norm' (or FULL_MODEL False for "
-                "Detectron2's per-parameter clipping)."
-            )
-        return cls(
-            output_dir=cfg.OUTPUT_DIR,
-            max_iter=s.MAX_ITER,
-            ims_per_batch=s.IMS_PER_BATCH,
-            device=cfg.MODEL.DEVICE,
-            init_checkpoint=cfg.MODEL.WEIGHTS,
-            accumulate_steps=s.ACCUMULATE_STEPS,
-            clip_max_norm=clip.CLIP_VALUE if full_model else 0.0,
-            clip_norm_type=clip.NORM_TYPE,
-            amp_enabled=s.AMP.ENABLED,
-            amp_precision=s.AMP.PRECISION,
-            ema_enabled=s.EMA.ENABLED,
-            ema_decay=s.EMA.DECAY,
-            eval_ema=s.EMA.EVAL_EMA,
-            checkpoint_period=s.CHECKPOINT_PERIOD,
-            eval_period=cfg.TEST.EVAL_PERIOD,
-            eval_quantize=cfg.TEST.QUANTIZE,
-            log_period=s.LOG_PERIOD,
-            ddp={"broadcast_buffers": False},  # DefaultTrainer's
-            train_dataset=(dataset_names(cfg)["train"] or [""])[0],
-        )
 
 
 def wrap_model_for_ddp(model, device: str, **kwargs):
@@ -216,9 +130,6 @@ class DetrTrainer(TrainerBase):
             evaluate: ``evaluate(model) -> results dict`` (run with the EMA weights loaded when
                 ``settings.eval_ema``).
         """
-        # TrainerBase's, not DefaultTrainer's (next in Trainer's MRO), here and in train/state_dict:
-        # DefaultTrainer.__init__ reads a yacs config, builds SimpleTrainer/AMPTrainer, and wraps
-        # DDP for GPUs only.
         TrainerBase.__init__(self)
         self.settings = settings
         model = wrap_model_for_ddp(model, settings.device, **settings.ddp)
@@ -282,7 +193,7 @@ class DetrTrainer(TrainerBase):
         First removes the temporary files of a save that was killed. The checkpoint must fit the
         model; fine-tuning (not resuming) may change the class count (``CrashSafeCheckpointer``).
         In a distributed job every rank must then hold the same iteration and weights, else all
-        stop with one message (:func:`~dinov2od.d2.launch.check_ranks_agree`: e.g. an output
+        stop with one message (:func:`~dinov2od.d2.engine.launch.check_ranks_agree`: e.g. an output
         folder that is not shared between machines).
         """
         self.checkpointer.remove_temporary_files()
@@ -302,7 +213,7 @@ class DetrTrainer(TrainerBase):
 
     def train(self) -> Optional[dict]:
         """Train from ``start_iter`` to ``max_iter``. Once the last iteration is done the EMA weights
-        are exported (``model_final_ema.pth``, :class:`~dinov2od.d2.ema.EMAExportHook`) before the
+        are exported (``model_final_ema.pth``, :class:`~dinov2od.d2.engine.ema.EMAExportHook`) before the
         evaluation after training, so an evaluation that fails (its error is raised) leaves them.
 
         Returns:
@@ -397,14 +308,21 @@ class LazyTrainer(DetrTrainer):
 
 
 # ---------------------------------------------------------------------------- yacs configs
-class Trainer(DetrTrainer, DefaultTrainer):
+class Trainer(DetrTrainer):
     """:class:`DetrTrainer` from a yacs config, with ``DefaultTrainer``'s class methods.
 
     ``build_model``, ``build_lr_scheduler``, ``test(cfg, model, evaluators=None)`` and
-    ``auto_scale_workers`` are Detectron2's; ``build_optimizer``, ``build_train_loader``,
-    ``build_test_loader`` and ``build_evaluator`` are dinov2od's. Training, hooks, checkpoints and
-    resume are :class:`DetrTrainer`'s.
+    ``auto_scale_workers`` are Detectron2's (taken from ``DefaultTrainer``, bound to this class, so
+    ``test`` calls this class's loaders and evaluator); ``build_optimizer``, ``build_train_loader``,
+    ``build_test_loader`` and ``build_evaluator`` are dinov2od's. Subclasses override any of them as
+    usual. Training, hooks, checkpoints and resume are :class:`DetrTrainer`'s (one parent:
+    ``Trainer`` -> ``DetrTrainer`` -> Detectron2's ``TrainerBase``).
     """
+
+    build_model = classmethod(DefaultTrainer.build_model.__func__)
+    build_lr_scheduler = classmethod(DefaultTrainer.build_lr_scheduler.__func__)
+    test = classmethod(DefaultTrainer.test.__func__)
+    auto_scale_workers = staticmethod(DefaultTrainer.auto_scale_workers)
 
     def __init__(self, cfg):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
@@ -443,7 +361,7 @@ class Trainer(DetrTrainer, DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         if cfg.DATALOADER.CACHE_DATASET and not (cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS):
-            # parsed once per machine, memory-mapped by every rank (dinov2od.d2.data_cache)
+            # parsed once per machine, memory-mapped by every rank (dinov2od.d2.data.data_cache)
             dataset = cached_dataset_dicts(
                 cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, cfg.DATALOADER.CACHE_DIR or None
             )

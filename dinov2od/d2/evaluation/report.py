@@ -66,7 +66,7 @@ def outputs_listing(output_dir: str, vis_dir: str = "") -> List[str]:
         ("metrics.json", "training metrics"),
         ("log.txt", "log"),
         ("inference/coco_instances_results.json", "COCO-format detections"),
-        *RESULT_FILES,  # the pictures of dinov2od.d2.plots
+        *RESULT_FILES,  # the pictures of dinov2od.d2.evaluation.plots
     ):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):

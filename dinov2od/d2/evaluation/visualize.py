@@ -11,10 +11,10 @@ from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 
-from .dataset_mapper import read_image
-from .evaluation import eval_context
-from .metadata import metadata_for_model, model_classes
-from .train_loop import unwrap_model
+from ..data.dataset_mapper import read_image
+from ..data.metadata import metadata_for_model, model_classes
+from ..engine.train_loop import unwrap_model
+from .evaluator import eval_context
 
 __all__ = ["draw_dataset_predictions", "draw_instances"]
 
@@ -59,8 +59,8 @@ def draw_dataset_predictions(
         ema: a ModelEMA whose weights are used, or None.
 
     The labels are the classes stored in the model (the training dataset's, see
-    :mod:`dinov2od.d2.metadata`), else the test dataset's; images are read with
-    :func:`~dinov2od.d2.dataset_mapper.read_image` (16-bit grayscale PNGs are not drawn white).
+    :mod:`dinov2od.d2.data.metadata`), else the test dataset's; images are read with
+    :func:`~dinov2od.d2.data.dataset_mapper.read_image` (16-bit grayscale PNGs are not drawn white).
 
     Returns:
         paths of the written images.

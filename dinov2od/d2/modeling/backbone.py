@@ -15,7 +15,7 @@ from torch import Tensor
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .config import build_backbone_from_cfg
+from ..config import build_backbone_from_cfg, model_arguments
 
 __all__ = ["DINOv2FeaturePyramid", "build_dinov2_backbone"]
 
@@ -68,6 +68,6 @@ def build_dinov2_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     if input_shape.channels != 3:
         raise ValueError(f"DINOv2 takes 3-channel RGB input, got {input_shape.channels} channels.")
     vit = build_backbone_from_cfg(cfg)
-    d = cfg.MODEL.DINOV2OD
-    neck = SimpleFeaturePyramid(vit.embed_dim, vit.num_taps, d.HIDDEN_DIM, tuple(d.SCALE_FACTORS), vit.patch_size)
+    d = model_arguments(cfg)["detector"]  # MODEL.DINOV2OD.PRESET applied
+    neck = SimpleFeaturePyramid(vit.embed_dim, vit.num_taps, d["hidden_dim"], tuple(d["scale_factors"]), vit.patch_size)
     return DINOv2FeaturePyramid(vit, neck)

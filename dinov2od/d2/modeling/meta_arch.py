@@ -123,7 +123,7 @@ class DINOv2DETR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        from .config import build_criterion_from_cfg, build_detector_from_cfg
+        from ..config import build_criterion_from_cfg, build_detector_from_cfg
 
         _warn_unless_imagenet_statistics(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT)
         return {

@@ -21,38 +21,28 @@ brings the 10th percentile (:data:`TARGET_PERCENTILE`) of each such group to two
 and the overrides to type.
 
 The boxes come from the json the start-up check (and the registration) already parsed:
-:func:`remember_boxes` is called by ``folder._read_json`` and keeps, per file, the usable boxes
-(non-crowd, positive size after clipping to the image) as numpy arrays. A dataset whose json was
-not read that way is read here when it is at most :data:`MAX_JSON_BYTES`, else skipped with a line.
+:func:`~dinov2od.d2.data.datasets.boxes.remember_boxes` is called by ``folder._read_json`` and keeps,
+per file, the usable boxes (non-crowd, positive size after clipping to the image) as numpy arrays
+(:mod:`dinov2od.d2.data.datasets.boxes`). A dataset whose json was not read that way is read here
+when it is at most ``boxes.MAX_JSON_BYTES``, else skipped with a line. The resize the model sees is
+read from the config by :mod:`dinov2od.d2.data.datasets.input_size`.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
-import sys
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .boxes import BoxTable, box_table
+from .input_size import InputSize, input_sizes, patch_size_of, resized_shapes
+
 logger = logging.getLogger("dinov2od")
 
-__all__ = [
-    "BoxTable",
-    "InputSize",
-    "SizeReport",
-    "advise_input_size",
-    "box_table",
-    "boxes_from_coco",
-    "input_sizes",
-    "patch_size_of",
-    "remember_boxes",
-    "resized_shapes",
-    "size_report",
-]
+__all__ = ["SizeReport", "advise_input_size", "format_report", "size_report"]
 
 PERCENTILES = (5, 25, 50, 75, 95)
 TARGET_PATCHES = 2.0  # objects below this many patches (sqrt(w*h) / patch) count as small for the ViT
@@ -63,266 +53,6 @@ MAX_CLASS_ROWS = 20  # per-class rows when there are at most this many classes w
 MAX_SUGGESTED = 1024  # px: the largest shortest edge suggested ...
 MAX_UPSCALE = 2.0  # ... and at most this many times the images' own median shortest side
 ROUND_TO = 16  # suggested sizes are multiples of this
-MAX_JSON_BYTES = 100 << 20  # a json not already read is read here only up to this size
-
-
-# ---------------------------------------------------------------------------- the boxes
-@dataclass
-class BoxTable:
-    """The usable boxes of one COCO json (float64 numpy arrays, one entry per box) and its images."""
-
-    json_file: str
-    width: np.ndarray  # box width in the image's own pixels, clipped to the image
-    height: np.ndarray
-    image_width: np.ndarray  # the size of the box's image
-    image_height: np.ndarray
-    category: np.ndarray  # int64 category id
-    class_names: Dict[int, str]  # category id -> name
-    image_sizes: np.ndarray  # (num_images, 2) width, height of every image with a size
-
-    @property
-    def num_boxes(self) -> int:
-        return int(self.width.size)
-
-    @staticmethod
-    def concat(tables: Sequence["BoxTable"]) -> "BoxTable":
-        """One table of several (e.g. several training datasets); ids keep their names."""
-        if len(tables) == 1:
-            return tables[0]
-        names: Dict[int, str] = {}
-        for t in tables:
-            names.update(t.class_names)
-        cat = lambda key: np.concatenate([getattr(t, key) for t in tables])  # noqa: E731
-        return BoxTable(", ".join(t.json_file for t in tables), cat("width"), cat("height"), cat("image_width"),
-                        cat("image_height"), cat("category"), names, cat("image_sizes"))
-
-
-def boxes_from_coco(data: dict, json_file: str = "") -> BoxTable:
-    """The boxes training uses from a parsed COCO json: not ``iscrowd``, of a known image (with a
-    size) and category, clipped to the image (as training clips them), positive width and height.
-    Entries the start-up check would refuse are skipped, not raised on."""
-    sizes: Dict[object, Tuple[float, float]] = {}
-    for im in data.get("images") or []:
-        try:
-            w, h = float(im["width"]), float(im["height"])
-            sizes[im["id"]] = (w, h)
-        except (KeyError, TypeError, ValueError):
-            continue
-    names: Dict[int, str] = {}
-    for c in data.get("categories") or []:
-        if isinstance(c, dict) and isinstance(c.get("id"), int):
-            names[c["id"]] = str(c.get("name", c["id"]))
-    anns = data.get("annotations") or []
-    try:  # the fast path (a well-formed file: COCO's 860k boxes in about a second)
-        arr = _fast_rows(anns, sizes, names)
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # the check reports what is wrong
-        arr = _slow_rows(anns, sizes, names)
-    return BoxTable(
-        json_file=json_file,
-        width=arr[:, 0].copy(), height=arr[:, 1].copy(), image_width=arr[:, 2].copy(), image_height=arr[:, 3].copy(),
-        category=arr[:, 4].astype(np.int64), class_names=names,
-        image_sizes=np.array(list(sizes.values()), dtype=np.float64).reshape(-1, 2),
-    )
-
-
-def _fast_rows(anns: list, sizes: Dict[object, Tuple[float, float]], names: Dict[int, str]) -> np.ndarray:
-    """(w, h, image w, image h, category) of the usable boxes, in numpy; raises on a malformed entry."""
-    if not anns:
-        return np.zeros((0, 5))
-    n = len(anns)
-    crowd = np.fromiter((a.get("iscrowd", 0) for a in anns), np.int64, n) != 0
-    boxes = [a["bbox"] for a in anns]
-    if not all(len(v) == 4 for v in boxes):
-        raise ValueError("bbox length")
-    box = np.fromiter(itertools.chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
-    index = {i: k for k, i in enumerate(sizes)}
-    image = np.array(list(sizes.values()), dtype=np.float64).reshape(-1, 2)[
-        np.fromiter((index[a["image_id"]] for a in anns), np.int64, n)]
-    cats = [a["category_id"] for a in anns]
-    if not all(type(c) is int for c in cats):  # noqa: E721 (a bool or float id is no category here)
-        raise TypeError("category ids")
-    cat = np.array(cats, dtype=np.int64)
-    x0, y0 = np.maximum(box[:, 0], 0.0), np.maximum(box[:, 1], 0.0)
-    w = np.minimum(box[:, 0] + box[:, 2], image[:, 0]) - x0  # clipped to the image, as training does
-    h = np.minimum(box[:, 1] + box[:, 3], image[:, 1]) - y0
-    with np.errstate(invalid="ignore"):
-        keep = ~crowd & np.isin(cat, np.array(list(names), dtype=np.int64)) & (w > 0) & (h > 0)
-    keep &= np.isfinite(w) & np.isfinite(h)
-    return np.stack([w, h, image[:, 0], image[:, 1], cat.astype(np.float64)], 1)[keep]
-
-
-def _slow_rows(anns: list, sizes: Dict[object, Tuple[float, float]], names: Dict[int, str]) -> np.ndarray:
-    """The same, entry by entry, skipping what is malformed."""
-    rows: List[Tuple[float, float, float, float, int]] = []
-    append = rows.append
-    for a in anns:
-        try:
-            if a.get("iscrowd", 0):
-                continue
-            x, y, w, h = (float(v) for v in a["bbox"])
-            iw, ih = sizes[a["image_id"]]
-            c = a["category_id"]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            continue
-        if c not in names:
-            continue
-        w = min(x + w, iw) - max(x, 0.0)  # clipped to the image, as training does
-        h = min(y + h, ih) - max(y, 0.0)
-        if w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h):
-            append((w, h, iw, ih, c))
-    return np.array(rows, dtype=np.float64).reshape(-1, 5)
-
-
-_TABLES: "OrderedDict[tuple, BoxTable]" = OrderedDict()
-_KEEP = 8  # tables kept (train and val of a few datasets)
-
-
-def remember_boxes(json_file: str, data: dict) -> None:
-    """Keep the boxes of a json just parsed (called by the dataset reader), so that the size advice
-    does not parse it again. Main process only; once per file version; never raises."""
-    try:
-        from detectron2.utils import comm
-
-        if comm.get_rank() != 0:
-            return
-        from .folder import json_version
-
-        key = json_version(json_file)
-        if key is None or key in _TABLES:
-            return
-        _TABLES[key] = boxes_from_coco(data, json_file)
-        while len(_TABLES) > _KEEP:
-            _TABLES.popitem(last=False)
-    except Exception as e:  # advice only: never stops a run
-        logger.debug("size advice: could not keep the boxes of %s (%s)", json_file, e)
-
-
-def box_table(json_file: str, max_bytes: int = MAX_JSON_BYTES) -> Optional[BoxTable]:
-    """The boxes of ``json_file``: those kept when it was read, else read now if it is at most
-    ``max_bytes`` (None when it is larger or missing)."""
-    from .folder import json_version
-
-    key = json_version(json_file)
-    if key is None:
-        return None
-    if key in _TABLES:
-        return _TABLES[key]
-    if key[2] > max_bytes:
-        return None
-    import json
-
-    with open(json_file, encoding="utf-8") as f:
-        data = json.load(f)
-    table = boxes_from_coco(data, json_file)
-    _TABLES[key] = table
-    return table
-
-
-# ---------------------------------------------------------------------------- the resize
-@dataclass(frozen=True)
-class InputSize:
-    """A ``ResizeShortestEdge``: ``short`` px (None: no resize, the image's own size), longest edge
-    at most ``max_size`` (None: no limit). ``choices``: the training resize's shortest edges."""
-
-    short: Optional[float]
-    max_size: Optional[float]
-    choices: Tuple[int, ...] = ()
-    range_style: bool = False  # choices are a [min, max] range (sample_style="range")
-
-    def describe(self) -> str:
-        if self.short is None:
-            return "no resize (the images' own size)"
-        cap = f", longest <= {self.max_size:g}" if self.max_size else ""
-        return f"shortest edge {self.short:g}{cap}"
-
-
-def resized_shapes(width, height, short: Optional[float], max_size: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
-    """(new width, new height) of images after Detectron2's ``ResizeShortestEdge`` to ``short``
-    capped by ``max_size`` (its ``get_output_shape``, rounding included), for arrays of sizes."""
-    w = np.asarray(width, dtype=np.float64)
-    h = np.asarray(height, dtype=np.float64)
-    if short is None or short <= 0:
-        return w.copy(), h.copy()
-    scale = float(short) / np.minimum(h, w)
-    newh = np.where(h < w, float(short), scale * h)
-    neww = np.where(h < w, scale * w, float(short))
-    if max_size:
-        longest = np.maximum(newh, neww)
-        over = longest > max_size
-        s = np.where(over, float(max_size) / longest, 1.0)
-        newh, neww = newh * s, neww * s
-    return np.floor(neww + 0.5), np.floor(newh + 0.5)
-
-
-def _last_resize(augs) -> Optional[InputSize]:
-    """The last top-level ``ResizeShortestEdge`` of an augmentation list (what sets the final size)."""
-    from detectron2.data import transforms as T
-
-    found = None
-    for a in augs or []:
-        if isinstance(a, T.ResizeShortestEdge):
-            lengths = tuple(int(v) for v in a.short_edge_length)
-            max_size = None if a.max_size is None or a.max_size >= sys.maxsize else float(a.max_size)
-            if a.is_range:
-                mean = (lengths[0] + lengths[-1]) / 2.0
-            else:
-                mean = float(np.mean(lengths))
-            found = InputSize(short=None if mean <= 0 else mean, max_size=max_size, choices=lengths,
-                              range_style=bool(a.is_range))
-    return found
-
-
-def input_sizes(cfg) -> Dict[str, Optional[InputSize]]:
-    """``{"test": ..., "train": ...}``: the final resize of the config's test and train mappers
-    (the augmentations built as the dataloaders build them; None where there is none). The train
-    entry's ``short`` is the mean of its shortest-edge choices."""
-    from dinov2od.d2.config import is_lazy
-
-    out: Dict[str, Optional[InputSize]] = {"test": None, "train": None}
-    if is_lazy(cfg):
-        from detectron2.config import instantiate
-
-        for split in ("test", "train"):
-            loader = cfg.get("dataloader", {}).get(split, None)
-            mapper = loader.get("mapper", None) if loader is not None else None
-            augs = mapper.get("augmentations", None) if mapper is not None else None
-            if augs is not None:
-                out[split] = _last_resize(instantiate(augs))
-    else:
-        from dinov2od.d2.dataset_mapper import DetrDatasetMapper
-
-        for split, is_train in (("test", False), ("train", True)):
-            out[split] = _last_resize(DetrDatasetMapper.from_config(cfg, is_train)["augmentations"])
-    return out
-
-
-def patch_size_of(cfg) -> int:
-    """The ViT patch size of a config's backbone: ``arch_overrides.patch_size`` (yacs
-    ``ARCH_OVERRIDES.PATCH_SIZE``) or the family's (DINOv2 14, DINOv3 16); else the model's
-    ``size_divisibility``; else 14."""
-    from dinov2od.d2.config import is_lazy
-
-    try:
-        if is_lazy(cfg):
-            bb = cfg.model.detector.backbone
-            family, overrides = bb.get("family", "dinov2"), dict(bb.get("arch_overrides", None) or {})
-            divisibility = cfg.model.get("size_divisibility", None)
-        else:
-            node = cfg.MODEL.DINOV2OD
-            family = node.BACKBONE.FAMILY
-            overrides = {k.lower(): v for k, v in dict(node.BACKBONE.ARCH_OVERRIDES).items()}
-            divisibility = node.SIZE_DIVISIBILITY
-        if overrides.get("patch_size"):
-            return int(overrides["patch_size"])
-        from dinov2od.modeling import BACKBONES
-
-        if family in BACKBONES and getattr(BACKBONES[family], "default_patch_size", None):
-            return int(BACKBONES[family].default_patch_size)
-        if divisibility:
-            return int(divisibility)
-    except Exception:  # an unusual model config: the DINOv2 patch
-        pass
-    return 14
 
 
 # ---------------------------------------------------------------------------- the numbers
