@@ -194,3 +194,19 @@ def test_onednn_implementation_names_are_read_from_both_verbose_formats():
     assert _implementation(new, "matmul") == "brg_matmul:avx512_core_amx"
     assert _implementation(old + "\n" + conv, "convolution") == "jit_bf16:avx512_core_bf16"
     assert _implementation(conv, "matmul") == "none"
+
+
+def test_matmul_rate_kernels_run_in_their_dtype_and_the_best_is_taken():
+    """The machine's matmul rate per dtype (the distance to the physical limit divides by it)."""
+    from dinov2od.benchmark.measure import MATMUL_N, matmul_kernels, matmul_rate
+
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        kernels = matmul_kernels(dtype)
+        assert kernels and all(name.startswith(f"matmul {dtype} ") and flops == 2 * MATMUL_N ** 3
+                               for name, (_, flops) in kernels.items())
+        for call, _ in kernels.values():
+            out = call()
+            assert out.dtype == torch_dtype and out.shape == (MATMUL_N, MATMUL_N)
+    rates = {"matmul bf16 torch.mm 1536^3": 200.0, "matmul bf16 oneDNN linear 1536^3": 210.0, "matmul fp32 x": 100.0}
+    assert matmul_rate(rates, "bf16") == 210.0 and matmul_rate(rates, "fp32") == 100.0
+    assert matmul_rate({"matmul fp32 x": 100.0}, "bf16") is None
