@@ -14,19 +14,10 @@ from .common.optim import AdamW as optimizer
 from .common.schedule import step_schedule
 from .common.train import train
 
-# --- the backbone, in one line: "small" | "base" | "large" | "giant", with registers or not -----
-VIT, REGISTERS = "base", False
-
-model.detector.backbone.update(
-    arch=VIT,
-    registers=REGISTERS,
-    pretrained=f"facebook/dinov2-{'with-registers-' if REGISTERS else ''}{VIT}",
-    lora_rank=8,
-    freeze=True,
-)
-model.num_classes = 80
-model.detector.num_queries = 300
-model.detector.cross_attn = "deformable"
+# --- the model: configs/common/models/dinov2_detr.py as it is (ViT-B/14 facebook/dinov2-base, frozen,
+# LoRA on query/value; 80 classes; the defaults of dinov2od.modeling). Another ViT:
+# model.detector.backbone.update(arch="large", pretrained="facebook/dinov2-large") ("small" | "base" |
+# "large" | "giant"; registers=True with "facebook/dinov2-with-registers-<arch>")
 
 # --- data: 8 images per GPU, 64 per optimizer step on any GPU count --------------------------------
 # 8 GPUs: 8 x 8 x 1 accumulation; 4 GPUs: 8 x 4 x 2; 1 GPU: 8 x 1 x 8 (dinov2od.d2.config.resolve_batch

@@ -14,15 +14,8 @@ SAT-493M (satellite) models expect their own pixel statistics: set ``model.pixel
 """
 from .coco import dataloader, dataset, lr_multiplier, model, optimizer, train
 
-# --- the backbone, in one place: "small" | "small_plus" | "base" | "large" | "huge_plus" | "7b" ---
-VIT, HUB_ID = "base", "facebook/dinov3-vitb16-pretrain-lvd1689m"
-
-model.detector.backbone.update(
-    family="dinov3",
-    arch=VIT,
-    pretrained=HUB_ID,
-    lora_rank=8,
-    freeze=True,
-)
+# --- the backbone: DINOv3 ViT-B/16 (arch "base", as configs/coco.py); another ViT sets arch too:
+# "small" | "small_plus" | "base" | "large" | "huge_plus" | "7b"
+model.detector.backbone.update(family="dinov3", pretrained="facebook/dinov3-vitb16-pretrain-lvd1689m")
 model.size_divisibility = 16  # DINOv3's patch: strides 8 / 16 / 32 / 64 px
 train.output_dir = "./output/coco_dinov3"

@@ -30,22 +30,14 @@ from .common.train import train
 
 # --- model: DINOv2 ViT-S/14, frozen, with LoRA; a small deformable decoder -----------------------
 model.num_classes = None  # from the data
+# (taps at blocks 3, 6, 9, 12, LoRA on query/value, 256 wide, 300 queries: the defaults, as COCO's)
 model.detector.backbone.update(
-    family="dinov2",
     arch="small",
-    registers=False,
     pretrained="facebook/dinov2-small",  # hub id, a save_pretrained folder, or dinov2_vits14_pretrain.pth
-    num_taps=4,  # blocks 3, 6, 9, 12
-    lora_rank=8,  # on query/value, as the COCO recipe
-    freeze=True,
 )
 det = model.detector
-det.hidden_dim = 256
 det.scale_factors = (2.0, 1.0, 0.5)  # strides 7, 14, 28 px
-det.num_queries = 300
 det.num_decoder_layers = 3
-det.num_heads = 8
-det.dim_feedforward = 1024
 det.dn_groups = 5  # denoising queries (training only)
 det.o2m_queries = 150  # one-to-many queries (training only)
 model.criterion.class_loss = "quality_focal"  # a score estimates its box's IoU

@@ -29,9 +29,7 @@ bb = model.detector.backbone
 bb.arch = "tiny"
 bb.pretrained = "weights/dinov2od_tiny_glyphs.pth"  # found from any working directory (the project's root)
 bb.arch_overrides = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=384)
-bb.num_taps = 2
-bb.lora_rank = 8  # on query/value, as the COCO recipe
-bb.freeze = True
+bb.num_taps = 2  # frozen, LoRA on query/value: the defaults, as the COCO recipe
 det = model.detector
 det.hidden_dim = 128
 det.scale_factors = (2.0, 1.0, 0.5)  # strides 7, 14, 28 px

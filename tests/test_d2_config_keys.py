@@ -1,20 +1,38 @@
-"""One source of truth for the model options (issue 20 item 4).
+"""One source of truth for the model options (issue 20 item 4, issue 31 item 1), by value.
 
+* every option and default is declared once, in dinov2od.modeling (``DecoderOptions``,
+  ``BackboneOptions``, ``CriterionOptions``, ``MatcherOptions``, the constructors' signatures,
+  ``PRESETS``); changing a declaration changes every route: the lazy model config (loaded and
+  instantiated), the yacs keys (defaults and the built model) and the plain constructors
+  (:func:`test_a_changed_declaration_reaches_every_route`, in a copy of the package);
 * every leaf of the lazy model configs (``configs/common/models/dinov2_detr.py`` and the efficient
   preset) has a yacs key, a row of :data:`dinov2od.d2.config.KEYS` whose third column names it,
-  and every ``model.`` row names a leaf; the yacs defaults are the lazy ones;
-* every option of the model's constructors (:class:`DecoderOptions` through the detector, the
-  backbone families, the criterion, the matcher) is a leaf of the lazy config;
-* the efficient preset built from yacs keys only is the lazy one (shapes and outputs);
+  and every ``model.`` row names a leaf; the yacs defaults are the lazy values;
+* every option of the model's constructors is a leaf of the lazy config holding the constructor's
+  default (by value; the differences are the configs' own, ``CONFIG_MODEL``, and the weights);
+* the efficient preset built from yacs keys only is the lazy one (shapes and outputs), and the
+  three routes read the one table;
 * ``num_aux_layers`` follows the decoder's layers in both routes; loss weights are resolved by
   the criterion alone.
 
 Negative controls: dropping any one ``model.`` row from (a copy of) KEYS makes the walk name
-exactly that row's leaves; the default yacs model differs from the efficient one.
+exactly that row's leaves; the default yacs model differs from the efficient one. For the changed
+declaration (run by hand, 2026-12-07): writing ``model.detector.num_queries = 300`` back into
+``configs/common/models/dinov2_detr.py`` fails the test (lazy ``num_queries`` 300, not 123); so
+does a literal ``("MODEL.DINOV2OD.BACKBONE.LORA_RANK", 8, ...)`` default in the yacs table (yacs
+``LORA_RANK`` 8, not 5), a literal ``lora_rank: int = 8`` in ``DINOv3Backbone`` (the lazy model
+config stops: "backbone option lora_rank: the families' defaults differ (5, 8)") and
+``model.detector.backbone.window_size = 16`` after ``apply_preset`` in ``dinov2_detr_efficient.py``
+(lazy efficient window 16, not 12).
 """
 import dataclasses
 import inspect
+import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -24,13 +42,15 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, get_cfg, instantiate
 
 from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
-from dinov2od.d2.config import KEYS
+from dinov2od.d2.config import CONFIG_MODEL, KEYS, model_arguments
 from dinov2od.modeling import (
     BACKBONES,
+    PRESETS,
+    CriterionOptions,
     DecoderOptions,
     DeformableDecoder,
     DINOv2ObjectDetector,
-    HungarianMatcher,
+    MatcherOptions,
     SetCriterion,
 )
 from dinov2od.modeling.backbones.registry import family_options
@@ -68,7 +88,7 @@ def lazy_model_leaves(name):
 
 
 def row_paths(row):
-    return (row[2],) if isinstance(row[2], str) else tuple(row[2])
+    return () if row[2] is None else (row[2],) if isinstance(row[2], str) else tuple(row[2])
 
 
 def unmapped_leaves(model_leaves, keys):
@@ -79,14 +99,14 @@ def unmapped_leaves(model_leaves, keys):
                   and not (isinstance(value, str) and value.startswith("${")))
 
 
-MODEL_ROWS = [row for row in KEYS if row_paths(row)[0].startswith("model.")]
+MODEL_ROWS = [row for row in KEYS if row_paths(row) and row_paths(row)[0].startswith("model.")]
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_every_lazy_model_leaf_has_a_yacs_key(name):
     model_leaves = lazy_model_leaves(name)
     assert len(model_leaves) > 60  # the walk reaches into detector.backbone and criterion.matcher
-    assert unmapped_leaves(model_leaves, KEYS) == [], "lazy options without a row in dinov2od/d2/config.py's KEYS"
+    assert unmapped_leaves(model_leaves, KEYS) == [], "lazy options without a row in dinov2od/d2/config/keys.py's KEYS"
     # ... and every model row names a leaf of the lazy config (no row for an option that does not exist)
     assert [p for row in MODEL_ROWS for p in row_paths(row) if p not in model_leaves] == []
     cfg = get_cfg()
@@ -116,23 +136,49 @@ def test_yacs_defaults_are_the_lazy_defaults():
     assert differ == {"model.detector.backbone.pretrained": (None, "facebook/dinov2-base")}
 
 
-def _params(fn):
-    return [p.name for p in list(inspect.signature(fn).parameters.values())[1:]
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
-def test_every_constructor_option_is_a_lazy_leaf():
-    """The chain's other end: what the constructors take is in the lazy config (so, by the walk, in yacs)."""
-    cfg = OmegaConf.to_container(LazyConfig.load(os.path.join(ROOT, MODEL_CONFIGS[0])).model, resolve=False)
+def _defaults(fn, skip=()):
+    return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:]
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in skip}
+
+
+def test_every_constructor_default_is_the_lazy_value():
+    """The chain's other end, by value: each constructor option is a leaf of the lazy config holding
+    the constructor's default (so, by the walk above, the yacs default too). The differences are
+    the configs' own choices (``CONFIG_MODEL``: ViT-B, an empty ``arch_overrides``) and the weights
+    the model file names."""
+    cfg = OmegaConf.to_container(LazyConfig.load(os.path.join(ROOT, MODEL_CONFIGS[0])).model, resolve=True)
     det, crit = cfg["detector"], cfg["criterion"]
-    decoder = {f.name for f in dataclasses.fields(DecoderOptions)} - {"num_levels", "num_layers"}  # neck, renamed
-    detector = set(_params(DINOv2ObjectDetector.__init__)) - {"neck", "decoder", "pixel_mean", "pixel_std"}  # modules;
-    # the detector's [0, 1] statistics, unused in Detectron2 (the meta-arch normalizes with model.pixel_mean)
-    assert sorted((decoder | detector) - set(det)) == []
+    differ = {}
+
+    def compare(where, node, defaults):
+        for name, default in defaults.items():
+            assert name in node, f"{where}.{name}: a constructor option missing from the lazy config"
+            if _plain(node[name]) != _plain(default):
+                differ[f"{where}.{name}"] = (node[name], default)
+
+    decoder = {f.name: f.default for f in dataclasses.fields(DecoderOptions)}
+    decoder.pop("num_levels"), decoder.pop("num_layers")  # the neck's levels; num_decoder_layers
+    compare("detector", det, decoder)
+    # modules, and the detector's [0, 1] statistics (unused in Detectron2: the meta-arch normalizes)
+    compare("detector", det, _defaults(DINOv2ObjectDetector.__init__,
+                                       skip=("backbone", "neck", "decoder", "pixel_mean", "pixel_std")))
     for family in ("dinov2", "dinov3"):
-        assert sorted(set(family_options(BACKBONES[family])) - set(det["backbone"])) == [], family
-    assert sorted(set(_params(SetCriterion.__init__)) - set(crit)) == []
-    assert sorted(set(_params(HungarianMatcher.__init__)) - set(crit["matcher"])) == []
+        compare("detector.backbone", det["backbone"], family_options(BACKBONES[family]))
+    compare("criterion", crit, _defaults(SetCriterion.__init__, skip=("num_classes", "matcher", "weight_dict",
+                                                                      "num_aux_layers", "two_stage")))
+    compare("criterion.weight_dict", crit["weight_dict"], CriterionOptions.base_weights())
+    compare("criterion.matcher", crit["matcher"], {f.name: f.default for f in dataclasses.fields(MatcherOptions)})
+    compare("", cfg, _defaults(DINOv2DETR.__init__, skip=("detector", "criterion", "num_classes")))
+    assert differ == {
+        "detector.backbone.arch": (CONFIG_MODEL["detector.backbone.arch"], None),
+        "detector.backbone.arch_overrides": ({}, None),
+        "detector.backbone.pretrained": ("facebook/dinov2-base", None),
+    }
+    assert cfg["num_classes"] == det["num_classes"] == crit["num_classes"]  # one value, interpolated
 
 
 def test_decoder_options_by_keyword_one_default_each():
@@ -199,6 +245,119 @@ def test_efficient_preset_through_yacs_keys_only():
         a, b = lazy([{"image": image}])[0]["instances"], yacs([{"image": image}])[0]["instances"]
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
     assert torch.equal(a.pred_classes, b.pred_classes)
+
+
+def test_the_preset_is_one_table_for_every_route():
+    """``PRESETS["efficient"]`` is what the lazy preset file, the yacs preset key and the benchmark's
+    plain presets hold, by value."""
+    from dinov2od.benchmark.models import PLAIN_PRESETS
+
+    assert PLAIN_PRESETS is PRESETS
+    base = OmegaConf.to_container(LazyConfig.load(os.path.join(ROOT, MODEL_CONFIGS[0])).model, resolve=True)
+    lazy = OmegaConf.to_container(LazyConfig.load(os.path.join(ROOT, MODEL_CONFIGS[1])).model, resolve=True)
+    changed = {p: v for p, v in leaves(lazy).items() if leaves(base)[p] != v}
+    preset = PRESETS["efficient"]
+    assert changed == {"model.detector.backbone.window_size": preset["backbone"]["window_size"],
+                       "model.detector.scale_factors": list(preset["scale_factors"]),
+                       "model.detector.num_decoder_layers": preset["num_decoder_layers"]}
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/Base-DINOv2DETR-efficient.yaml"))
+    yacs = model_arguments(cfg)
+    assert {p: _plain(v) for p, v in leaves(yacs).items() if f"model.{p[len('model.'):]}" in changed} == changed
+    # a value the YAML sets wins over the preset; an unknown preset is named
+    cfg.merge_from_list(["MODEL.DINOV2OD.DEC_LAYERS", 4])
+    assert model_arguments(cfg)["detector"]["num_decoder_layers"] == 4
+    cfg.MODEL.DINOV2OD.PRESET = "fast"
+    with pytest.raises(KeyError, match="MODEL.DINOV2OD.PRESET='fast' is no preset.*efficient"):
+        model_arguments(cfg)
+
+
+# ------------------------------------------------------------------ a changed declaration, every route
+# (file, the declaration as written, the changed one): a decoder, a shared backbone, a loss, a matcher
+# option and the efficient preset
+CHANGES = [
+    ("dinov2od/modeling/decoder.py", "    num_queries: int = 300\n", "    num_queries: int = 123\n"),
+    ("dinov2od/modeling/backbones/options.py", "    lora_rank: int = 8\n", "    lora_rank: int = 5\n"),
+    ("dinov2od/modeling/criterion.py", "    loss_bbox: float = 5.0\n", "    loss_bbox: float = 7.0\n"),
+    ("dinov2od/modeling/matcher.py", "    cost_giou: float = 2.0\n", "    cost_giou: float = 3.0\n"),
+    ("dinov2od/modeling/presets.py", "backbone=dict(window_size=16)", "backbone=dict(window_size=12)"),
+]
+
+# What each route gives for the changed options, run in the changed copy (one process: every module
+# reads the declarations as it is imported).
+ROUTES = textwrap.dedent("""
+    import json, sys
+    from detectron2.config import CfgNode as CN, LazyConfig, get_cfg, instantiate
+    from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
+    from dinov2od.d2.config import model_arguments
+    from dinov2od.modeling import DINOv2ObjectDetector, HungarianMatcher, SetCriterion
+    from dinov2od.benchmark.models import PLAIN_PRESETS
+
+    VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+    def built(meta):
+        det = meta.detector
+        return dict(num_queries=det.num_queries, lora_rank=det.backbone.lora_config["rank"],
+                    loss_bbox=meta.criterion.weight_dict["loss_bbox"], cost_giou=meta.criterion.matcher.cost_giou)
+
+    out = {}
+    lazy = LazyConfig.load("configs/common/models/dinov2_detr.py")
+    m = lazy.model
+    out["lazy config"] = dict(num_queries=m.detector.num_queries, lora_rank=m.detector.backbone.lora_rank,
+                              loss_bbox=m.criterion.weight_dict.loss_bbox, cost_giou=m.criterion.matcher.cost_giou)
+    m.detector.backbone.update(arch="tiny", pretrained=None, arch_overrides=VIT, num_taps=2)
+    out["lazy instantiate"] = built(instantiate(m))
+    eff = LazyConfig.load("configs/common/models/dinov2_detr_efficient.py").model
+    out["lazy efficient"] = dict(window_size=eff.detector.backbone.window_size)
+
+    cfg = get_cfg()
+    add_dinov2od_config(cfg)
+    d = cfg.MODEL.DINOV2OD
+    out["yacs keys"] = dict(num_queries=d.NUM_QUERIES, lora_rank=d.BACKBONE.LORA_RANK, loss_bbox=d.LOSS.BBOX_WEIGHT,
+                            cost_giou=d.MATCHER.COST_GIOU)
+    cfg.merge_from_file("configs/yaml/Base-DINOv2DETR.yaml")
+    cfg.merge_from_list(["MODEL.DINOV2OD.BACKBONE.ARCH", "tiny", "MODEL.DINOV2OD.BACKBONE.NUM_TAPS", 2])
+    cfg.MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES = CN(VIT)
+    out["yacs build"] = built(DINOv2DETR(cfg))
+    eff = get_cfg()
+    add_dinov2od_config(eff)
+    eff.merge_from_file("configs/yaml/Base-DINOv2DETR-efficient.yaml")
+    out["yacs efficient"] = dict(window_size=model_arguments(eff)["detector"]["backbone"]["window_size"])
+
+    for family in ("dinov2", "dinov3"):
+        det = DINOv2ObjectDetector(num_classes=3, backbone=dict(family=family, arch="tiny", arch_overrides=VIT,
+                                                                num_taps=2))
+        crit = SetCriterion(3)
+        out[f"plain {family}"] = dict(num_queries=det.num_queries, lora_rank=det.backbone.lora_config["rank"],
+                                      loss_bbox=crit.weight_dict["loss_bbox"], cost_giou=crit.matcher.cost_giou)
+    out["plain matcher"] = dict(cost_giou=HungarianMatcher().cost_giou)
+    out["plain efficient"] = dict(window_size=PLAIN_PRESETS["efficient"]["backbone"]["window_size"])
+    json.dump(out, sys.stdout)
+""")
+
+
+def test_a_changed_declaration_reaches_every_route(tmp_path):
+    """Change five declarations in a copy of the package (and configs) and read each route there:
+    the lazy config and its instantiated model, the yacs keys and the model built from them, the
+    plain constructors (both backbone families) and the efficient preset of all three. Negative
+    controls: see the module docstring."""
+    for folder in ("dinov2od", "configs"):
+        shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "csrc"))
+    for path, old, new in CHANGES:
+        text = (tmp_path / path).read_text()
+        assert text.count(old) == 1, f"{path}: the declaration {old!r} is not written once"
+        (tmp_path / path).write_text(text.replace(old, new))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", ROUTES], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    routes = json.loads(run.stdout.strip().splitlines()[-1])
+    changed = dict(num_queries=123, lora_rank=5, loss_bbox=7.0, cost_giou=3.0, window_size=12)
+    wrong = {route: {k: v for k, v in got.items() if v != changed[k]} for route, got in routes.items()}
+    assert {route: w for route, w in wrong.items() if w} == {}
+    assert len(routes) == 10
 
 
 # ------------------------------------------------------------------ derived values, resolved once

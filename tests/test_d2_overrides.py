@@ -10,7 +10,7 @@
 * every override the tests and the docs use on a shipped lazy config is known to that config.
 
 Negative controls (run by hand, then restored):
-* ``_schedule_origin`` in dinov2od/d2/config.py returning early (``return None`` as its first
+* ``_schedule_origin`` in dinov2od/d2/config/batch.py returning early (``return None`` as its first
   line: the file's epochs overwrite the typed max_iter, as on main before this change) fails
   ``test_typed_max_iter_beats_the_files_epochs`` (both styles: max_iter 75 / 150, not 3) and
   ``test_both_on_the_command_line_is_an_error``.

@@ -3,7 +3,7 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",  # weights to start from (fine-tuning) or to evaluate (--eval-only)
     max_iter=90000,
-    epochs=None,  # > 0: max_iter from the training set's size (dinov2od.d2.config.resolve_dataset)
+    epochs=None,  # > 0: max_iter from the training set's size (dinov2od.d2.config.epochs_to_iterations)
     device="cuda",  # or "cpu"
     seed=42,  # < 0: random
     amp=dict(enabled=False, precision="float16"),  # or "bfloat16"

@@ -90,7 +90,7 @@ class CriterionOptions:
 
     @classmethod
     def base_weights(cls) -> Dict[str, float]:
-        """The default ``weight_dict``: ``{"loss_class": ..., "loss_bbox": ..., "loss_giou": ...}`` of the fields above."""
+        """The default ``weight_dict``: ``{"loss_class": ..., "loss_bbox": ..., "loss_giou": ...}`` above."""
         return {k: getattr(cls, k) for k in BASE_LOSSES}
 
 
