@@ -39,7 +39,7 @@ the innermost :func:`inference_options` block (this thread or task: a ``contextv
 
 Other ``DINOV2OD_*`` variables steer no inference path and are read where they act:
 ``DINOV2OD_ALLOW_SLOW_BF16`` (:mod:`dinov2od.layers.precision`), ``DINOV2OD_DATASETS``
-(:mod:`dinov2od.d2.datasets.shapes`), ``DINOV2OD_NO_EXT`` (``setup.py``: build without the
+(:mod:`dinov2od.d2.data.datasets.shapes`), ``DINOV2OD_NO_EXT`` (``setup.py``: build without the
 extension), and the tests' ``DINOV2OD_EXPECT_*``. The decoder's one value projection for all layers
 is the decoder's class attribute ``DeformableDecoder.stack_value_proj`` (a model option, settable per
 instance), not one of these. docs/speed.md has this table too, with what each path saves.
