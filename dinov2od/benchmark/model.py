@@ -424,9 +424,10 @@ def section_model(args) -> list:
                     if onnx:  # not in the rounds: the table's
                         rounds[(f"{backbone}-default", size, 1, "onnx", "fp32")] = onnx
                     lines = targets_summary(rounds, backbone, size) + limit_lines(rounds, backbone, size)
-                    yard = rounds[(f"{backbone}-default", size, 1, "fp32", "yardstick")]
-                    lines.insert(1, f"- yardstick in these rounds: F.linear {yard[0]:.1f} GFLOP/s"
-                                 + (f", oneDNN {yard[1]:.1f}" if yard[1] else ""))
+                    yard = rounds.get((f"{backbone}-default", size, 1, "fp32", "yardstick"))
+                    if yard is not None:  # (not measured when --dtypes has no fp32, e.g. a bf16 --profile run)
+                        lines.insert(1, f"- yardstick in these rounds: F.linear {yard[0]:.1f} GFLOP/s"
+                                     + (f", oneDNN {yard[1]:.1f}" if yard[1] else ""))
                     for i, key in enumerate(sorted(k for k in rounds if len(k) == 5 and k[3] == "torch")):
                         r = rounds[key]
                         lines.insert(2 + i, f"- {key[0]} {key[4]}: end to end {r['e2e']:.1f} ms, backbone "

@@ -14,6 +14,9 @@ entry                      kernels it chooses between (first that applies)
                            (:func:`.ms_deform_attn.ms_deform_attn`)
 :func:`block_kernel`       which fused ViT block runs (float32, bfloat16 or none: the block as
                            written); the block calls :func:`linear` and :func:`attention`
+:func:`linear_module`,     an ``nn.Linear`` / convolution module through the same choice: under
+:func:`conv_module`        CPU bfloat16 autocast at inference (:func:`weight_dtype`) on weights
+                           cast once (:func:`cast_once`), else the module itself
 =========================  ==================================================================
 
 Each choice reads one :class:`~.inference_options.InferenceOptions` (:func:`~.inference_options.
@@ -25,21 +28,28 @@ and what each path costs or saves: docs/speed.md.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dinov2od.layers import cpu_attention as _attn
 from dinov2od.layers import fused_linear as _fl
 from dinov2od.layers.inference_options import current_options
-from dinov2od.layers.ms_deform_attn import ms_deform_attn
 
-__all__ = ["attention", "attention_kernel", "block_kernel", "deformable_sampling", "linear", "linear_kernel",
-           "self_attention_kernel", "weight_dtype"]
+__all__ = ["attention", "attention_kernel", "block_kernel", "cached", "cast_once", "conv_module", "deformable_sampling",
+           "linear", "linear_kernel", "linear_module", "self_attention_kernel", "weight_dtype"]
 
-deformable_sampling = ms_deform_attn  # the deformable-sampling entry (its kernel choice: ms_deform_attn)
+
+
+def deformable_sampling(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                        attention_weights: Tensor) -> Tensor:
+    """The deformable-sampling entry: :func:`dinov2od.layers.ms_deform_attn.ms_deform_attn` (the compiled
+    CPU or CUDA kernel where built and the ``compiled_msda`` option is on, else the PyTorch path)."""
+    from dinov2od.layers.ms_deform_attn import ms_deform_attn  # (that module imports this one)
+
+    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 _ACTIVATIONS = ("gelu", "relu", None)
 
@@ -160,3 +170,59 @@ def block_kernel(x: Tensor, training: bool) -> Optional[torch.dtype]:
     if not torch.is_grad_enabled() and _fl.fused_linear_enabled(x):
         return torch.float32
     return weight_dtype(x)
+
+
+_CACHE_ATTR = "_dinov2od_cast_once"
+
+
+def cached(owner: nn.Module, name: str, tensors: Sequence[Optional[Tensor]], build: Callable[[], object]):
+    """``build()``, kept on ``owner`` under ``name`` until one of ``tensors`` changes (its storage,
+    version counter, shape or dtype: an optimizer step, ``load_state_dict``, ``.to()``, an in-place edit)."""
+    key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
+    store = owner.__dict__.setdefault(_CACHE_ATTR, {})
+    hit = store.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    store[name] = (key, value)
+    return value
+
+
+def cast_once(module: nn.Module, dtype: torch.dtype, names: Tuple[str, str] = ("weight", "bias")
+              ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``module``'s weight and bias (attributes ``names``) in ``dtype``, cast once and kept until they
+    change (:func:`cached`): what :func:`weight_dtype` asks for instead of autocast's cast at every call."""
+    w, b = (getattr(module, n) for n in names)
+
+    def build():
+        return w.detach().to(dtype).contiguous(), (None if b is None else b.detach().to(dtype))
+
+    return cached(module, f"{names[0]}:{dtype}", (w, b), build)
+
+
+def linear_module(module: nn.Module, x: Tensor, activation: Optional[str] = None) -> Tensor:
+    """``activation(module(x))`` for a linear layer: where :func:`weight_dtype` asks for bfloat16
+    (CPU bfloat16 autocast at inference), :func:`linear` on weights cast once (:func:`cast_once`):
+    one bfloat16 product with the bias and activation fused, no per-call weight cast; elsewhere, and
+    for anything but an ``nn.Linear`` (LoRA, int8), the module itself."""
+    dtype = weight_dtype(x) if isinstance(module, nn.Linear) else None
+    if dtype is None:
+        out = module(x)
+        if activation == "relu":
+            return out.relu()
+        return F.gelu(out) if activation == "gelu" else out
+    return linear(x, *cast_once(module, dtype), activation)
+
+
+def conv_module(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for an ``nn.Conv2d`` or ``nn.ConvTranspose2d``, with weights cast once where
+    :func:`weight_dtype` asks for bfloat16 (autocast then casts only ``x``, if it is not bfloat16 yet)."""
+    dtype = weight_dtype(x)
+    if dtype is None or type(module) not in (nn.Conv2d, nn.ConvTranspose2d):
+        return module(x)
+    weight, bias = cast_once(module, dtype)
+    if type(module) is nn.Conv2d:
+        return module._conv_forward(x, weight, bias)
+    if module.padding_mode != "zeros" or module.output_padding != (0,) * len(module.output_padding):
+        return module(x)
+    return F.conv_transpose2d(x, weight, bias, module.stride, module.padding, 0, module.groups, module.dilation)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov2od.layers.inference_options import ENV_VARIABLES, current_options
+from dinov2od.layers.kernels import linear_module
 
 __all__ = [
     "ms_deform_attn",
@@ -268,16 +269,17 @@ class MultiScaleDeformableAttention(nn.Module):
             )
 
         if projected_value is None:
-            v = self.value_proj(value)
+            v = linear_module(self.value_proj, value)
             if key_padding_mask is not None:
                 v = v.masked_fill(key_padding_mask[..., None], 0.0)
         else:
             v = projected_value
         v = v.view(n, -1, m, self.value_dim // m)
 
-        offsets = self.sampling_offsets(query).view(n, lq, m, num_levels, p, 2)
-        weights = self.attention_weights(query).view(n, lq, m, num_levels * p)
-        weights = weights.softmax(-1).view(n, lq, m, num_levels, p)
+        offsets = linear_module(self.sampling_offsets, query).view(n, lq, m, num_levels, p, 2)
+        weights = linear_module(self.attention_weights, query).view(n, lq, m, num_levels * p)
+        # softmax in at least float32 (bfloat16 weights would round the small ones away; the kernel reads float32)
+        weights = weights.softmax(-1, dtype=torch.promote_types(weights.dtype, torch.float32)).view(n, lq, m, num_levels, p)
 
         ref = reference_points[:, :, None, :, None]  # (N, Lq, 1, L, 1, 2|4)
         if reference_points.shape[-1] == 2:
@@ -299,4 +301,4 @@ class MultiScaleDeformableAttention(nn.Module):
         out = ms_deform_attn(
             v, spatial_shapes, level_start_index, locations, weights, force_pytorch=self.force_pytorch
         )
-        return self.dropout(self.output_proj(out))
+        return self.dropout(linear_module(self.output_proj, out))

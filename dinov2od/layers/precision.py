@@ -9,6 +9,7 @@ message naming the CPU's flags; ``DINOV2OD_ALLOW_SLOW_BF16=1`` overrides the ref
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from typing import FrozenSet
@@ -27,7 +28,13 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 def cpu_flags() -> FrozenSet[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm);
-    empty where that file does not exist."""
+    empty where that file does not exist. Read once per process: the kernel choices of
+    :mod:`dinov2od.layers.kernels` ask at every call."""
+    return _read_cpu_flags()
+
+
+@functools.lru_cache(maxsize=None)
+def _read_cpu_flags() -> FrozenSet[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

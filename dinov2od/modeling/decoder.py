@@ -32,7 +32,6 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov2od.layers import (
@@ -44,7 +43,8 @@ from dinov2od.layers import (
     level_shapes,
     level_start_index_from_shapes,
 )
-from dinov2od.layers.kernels import attention, attention_kernel, linear, self_attention_kernel, weight_dtype
+from dinov2od.layers.kernels import (attention, attention_kernel, cached, cast_once, linear, linear_module,
+                                     self_attention_kernel, weight_dtype)
 
 from .train_queries import check_targets, make_denoising_queries, self_attn_mask
 
@@ -76,13 +76,14 @@ def decoder_self_attention(mha: nn.MultiheadAttention, query: Tensor, value: Ten
             and query.dim() == 3 and embed % heads == 0 and self_attention_kernel(query, embed // heads))
     if fast:
         b, t, _ = query.shape
-        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        # bfloat16 copies of the projection weights, cast once (autocast casts them at every call)
+        weight, bias = cast_once(mha, torch.bfloat16, ("in_proj_weight", "in_proj_bias"))
         qk = linear(query, weight[: 2 * embed], None if bias is None else bias[: 2 * embed])
         v = linear(value, weight[2 * embed:], None if bias is None else bias[2 * embed:])
         q, k = qk.view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
         v = v.view(b, t, heads, -1).transpose(1, 2)
         if attention_kernel(q, k, v) == "avx512-bf16":
-            return mha.out_proj(attention(q, k, v).transpose(1, 2).reshape(b, t, embed))
+            return linear_module(mha.out_proj, attention(q, k, v).transpose(1, 2).reshape(b, t, embed))
     return mha(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
 
 
@@ -95,7 +96,8 @@ class _FFN(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        hidden = self.dropout(linear_module(self.linear1, x, "relu"))  # (bf16 inference: weights cast once)
+        return self.norm(x + self.dropout(linear_module(self.linear2, hidden)))
 
 
 class EncoderLayer(nn.Module):
@@ -520,8 +522,10 @@ class DeformableDecoder(nn.Module):
                         spatial_shapes, level_start, attn_mask, values[i] if values is not None else None)
             h = i if self.box_refine else 0
             base = ref if self.box_refine else init_ref
+            # the reference's inverse sigmoid and the refined boxes in float32 (``ref`` is the maps' dtype,
+            # float32 under autocast): a bfloat16 logit of a box near 0 or 1 moves it by pixels
             boxes = (inverse_sigmoid(base) + self.box_heads[h](tgt)).sigmoid()
-            per_layer.append({"pred_logits": self.class_heads[h](tgt), "pred_boxes": boxes})
+            per_layer.append({"pred_logits": linear_module(self.class_heads[h], tgt), "pred_boxes": boxes})
             if self.box_refine:
                 ref = boxes.detach()
         n_match = groups * self.num_queries
@@ -548,11 +552,18 @@ class DeformableDecoder(nn.Module):
         projs = [layer.cross_attn.value_proj for layer in self.layers]
         if any(type(p) is not nn.Linear for p in projs):  # e.g. int8-quantized (dinov2od.modeling.quantize)
             return None
-        weight = torch.cat([p.weight for p in projs])
-        bias = torch.cat([p.bias for p in projs])
         dtype = weight_dtype(memory)  # bfloat16 under CPU bf16 autocast at inference
-        if dtype is not None:
-            weight, bias = weight.to(dtype), bias.to(dtype)
+
+        def stack():
+            weight, bias = torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs])
+            if dtype is None:
+                return weight, bias
+            return weight.detach().to(dtype), bias.detach().to(dtype)
+
+        if dtype is None:  # (float32, training: the parameters themselves, rebuilt at each call)
+            weight, bias = stack()
+        else:  # bfloat16 copies, stacked and cast once, kept until a projection's parameters change
+            weight, bias = cached(self, f"value_proj:{dtype}", [t for p in projs for t in (p.weight, p.bias)], stack)
         values = linear(memory, weight, bias)
         if memory_mask is not None:
             values = values.masked_fill(memory_mask[..., None], 0.0)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov2od.layers.kernels import conv_module
+
 __all__ = ["SimpleFeaturePyramid", "LayerNorm2d", "ConvSpatialPrior"]
 
 
@@ -78,7 +80,7 @@ class _Down(nn.Module):
         self.norm = LayerNorm2d(c)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-        x = self.conv(_pad_even(_zero_pad(x, mask)))
+        x = conv_module(self.conv, _pad_even(_zero_pad(x, mask)))
         return F.gelu(self.norm(x)), downsample_mask(mask)
 
 
@@ -91,7 +93,7 @@ class _Up(nn.Module):
         self.norm = LayerNorm2d(c)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-        x = self.conv(_zero_pad(x, mask))
+        x = conv_module(self.conv, _zero_pad(x, mask))
         if mask is not None:
             mask = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)
         return F.gelu(self.norm(x)), mask
@@ -155,7 +157,8 @@ class SimpleFeaturePyramid(nn.Module):
         """
         if len(features) != self.num_taps:
             raise ValueError(f"the neck was built for {self.num_taps} taps, got {len(features)} feature maps")
-        x = self.fuse(_zero_pad(torch.cat(features, 1), mask))
+        # (bf16 inference: the convolutions' weights are cast once, dinov2od.layers.kernels.conv_module)
+        x = self.fuse[1](conv_module(self.fuse[0], _zero_pad(torch.cat(features, 1), mask)))
         maps, masks = [], []
         for i, (steps, conv, norm) in enumerate(zip(self.resample, self.output, self.output_norm)):
             y, m = x, mask
@@ -163,7 +166,7 @@ class SimpleFeaturePyramid(nn.Module):
                 y, m = step(y, m)
             if prior is not None:
                 y = y + prior[i]
-            y = norm(conv(_zero_pad(y, m)))
+            y = norm(conv_module(conv, _zero_pad(y, m)))
             maps.append(_zero_pad(y, m))
             masks.append(m)
         return maps, masks

@@ -408,14 +408,16 @@ class ViTBackbone(nn.Module):
         qkv = linear(layer.norm1(x), parts.qkv_weight, parts.qkv_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, Dh)
         out = linear(self._attend(q, k, v, key_valid, rope, windows, 0.0), *parts.out)
-        x = torch.addcmul(x, parts.scale1, out.float()) if parts.scale1 is not None else x + layer.layer_scale1(out)
+        # (addcmul promotes a bfloat16 ``out`` to the float32 residual stream; the stream stays float32, the
+        # precision of autocast's, which the float64-reference tests hold the blocks to)
+        x = torch.addcmul(x, parts.scale1, out) if parts.scale1 is not None else x + layer.layer_scale1(out)
         if parts.mlp is None:
             out = layer.mlp(layer.norm2(x))
         else:
             (w1, b1), act, (w2, b2) = parts.mlp
             out = linear(layer.norm2(x), w1, b1, "gelu" if act == "gelu" else None)
             out = linear(out if act == "gelu" else act(out), w2, b2)
-        return torch.addcmul(x, parts.scale2, out.float()) if parts.scale2 is not None else x + layer.layer_scale2(out)
+        return torch.addcmul(x, parts.scale2, out) if parts.scale2 is not None else x + layer.layer_scale2(out)
 
     def forward(self, images: Tensor, masks: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
         """
