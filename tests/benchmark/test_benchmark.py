@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 

@@ -9,7 +9,9 @@ import pytest
 
 from dinov2od.benchmark import measure, peers
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from tests.helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import benchmark as bench_cli  # noqa: E402
 
 

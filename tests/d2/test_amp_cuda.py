@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 AMP_FILE = os.path.join(ROOT, "dinov2od", "d2", "amp.py")
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import ROOT, TINY
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY
 from dinov2od.d2.datasets import register_coco_folder
 
 BCCD = os.path.join(ROOT, "datasets", "BCCD")

@@ -19,7 +19,8 @@ import torch
 from dinov2od.d2.checkpoint import CrashSafeCheckpointer, atomic_save
 from dinov2od.modeling import SetCriterion
 
-from conftest import ROOT, TINY, TINY_YACS
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY, TINY_YACS
 
 
 def assert_same_state(a, b, path="checkpoint"):

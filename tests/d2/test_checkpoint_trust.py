@@ -1,7 +1,7 @@
 """Loading that cannot run code, at every Detectron2 entry point (issue 29, item 1; SECURITY.md).
 
 A malicious checkpoint (the tiny yacs model's real weights plus an object whose ``__reduce__``
-runs ``exec`` to write a marker file; tests/test_modeling_checkpoint_io.py shows, in another
+runs ``exec`` to write a marker file; tests/modeling/test_checkpoint_io.py shows, in another
 process, that ``torch.load(weights_only=False)`` does run it) is refused with a message naming the
 file, the refused ``exec`` and the opt-in by ``CrashSafeCheckpointer`` / ``load_inference_weights``,
 ``classes_in_checkpoint``, ``--eval-only``, fine-tuning from ``train.init_checkpoint``, ``--resume``,
@@ -9,7 +9,7 @@ file, the refused ``exec`` and the opt-in by ``CrashSafeCheckpointer`` / ``load_
 ``DefaultPredictor`` and ``LazyPredictor``; the marker never appears. Naming the file in
 ``DINOV2OD_TRUSTED_CHECKPOINTS`` loads it (and the payload runs). The safetensors export predicts
 exactly as the ``.pth`` it came from. (The project's own training checkpoints load with
-``weights_only=True``: asserted in tests/test_d2_checkpoint.py on the runs it trains.)
+``weights_only=True``: asserted in tests/d2/test_checkpoint.py on the runs it trains.)
 """
 import json
 import os
@@ -23,8 +23,9 @@ import torch
 from dinov2od.d2.checkpoint import CrashSafeCheckpointer, load_inference_weights
 from dinov2od.modeling.checkpoint_io import TRUSTED_ENV, UnsafeCheckpointError, export_for_inference
 
-from conftest import ROOT, TINY, TINY_CLASSES, TINY_YACS, YACS_YAML, build_tiny_yacs_model
-from test_modeling_checkpoint_io import assert_refused, write_malicious
+from tests.helpers import ROOT
+from tests.helpers.checkpoints import assert_refused, write_malicious
+from tests.helpers.configs import TINY, TINY_CLASSES, TINY_YACS, YACS_YAML, build_tiny_yacs_model
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 OPTS = [str(v) for v in TINY_YACS]

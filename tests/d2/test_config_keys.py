@@ -35,7 +35,8 @@ from dinov2od.modeling import (
 )
 from dinov2od.modeling.backbones.registry import family_options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 MODEL_CONFIGS = ("configs/common/models/dinov2_detr.py", "configs/common/models/dinov2_detr_efficient.py")
 
 # Leaves of the lazy model config that are no option, so have no yacs key (besides every

@@ -6,7 +6,8 @@ import torch
 
 from detectron2.config import LazyConfig, instantiate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 
 
 def load(name, *overrides):

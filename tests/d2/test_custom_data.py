@@ -17,11 +17,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 from detectron2.data.datasets import register_coco_instances
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from dinov2od.d2.config import check_num_classes, config_style, load_config
 from dinov2od.d2.dataset_mapper import read_image
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset, find_coco_splits
-from user_data import write_roboflow_dataset, write_split, unique_dataset_name
+from tests.helpers.user_data import unique_dataset_name, write_roboflow_dataset, write_split
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")
@@ -111,7 +111,7 @@ def test_epochs_become_iterations_from_the_training_images_with_boxes(toys, styl
         assert cfg.train.max_iter == math.ceil(7 * with_boxes / 8)
     else:
         # STEPS are scaled from the file's MAX_ITER (shapes.yaml: 400, STEPS (320,)); MAX_ITER typed
-        # with MAX_EPOCHS would be an error (tests/test_d2_overrides.py)
+        # with MAX_EPOCHS would be an error (tests/d2/test_overrides.py)
         cfg = load_config(CUSTOM_YAML, ["DATASETS.ROOT", toys, "DATASETS.NAME", name, "SOLVER.MAX_EPOCHS", "7",
                                         "SOLVER.IMS_PER_BATCH", "4"])
         expected = math.ceil(7 * with_boxes / 4)
@@ -215,7 +215,7 @@ def test_demo_backbone_path_works_from_any_directory(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- classes in the weights
 def _tiny_detector(num_classes=3):
-    from test_modeling_detector import tiny_detector
+    from tests.helpers.detector import tiny_detector
 
     torch.manual_seed(0)
     return tiny_detector(num_classes=num_classes)

@@ -31,11 +31,11 @@ import torch
 from detectron2.config import LazyConfig, get_cfg
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from dinov2od.d2.config import (WeightsUnavailableError, add_dinov2od_config, check_backbone_weights, load_config,
                                 model_arguments)
 from dinov2od.modeling.backbones import loading
-from user_data import write_roboflow_dataset, unique_dataset_name
+from tests.helpers.user_data import unique_dataset_name, write_roboflow_dataset
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")

@@ -131,4 +131,4 @@ def test_category_outside_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(KeyError, match="category_id=9"):
         load_coco_json(json_file, str(tmp_path), "bad_input_t4")
     # (a contiguous id the model does not have is caught by the loss, naming the file:
-    # test_d2_model.py::test_class_id_outside_model_is_a_clear_error)
+    # d2/test_model.py::test_class_id_outside_model_is_a_clear_error)

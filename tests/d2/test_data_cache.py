@@ -21,7 +21,8 @@ from detectron2.data.datasets import register_coco_instances
 from dinov2od.d2 import data_cache
 from dinov2od.d2.data_cache import SerializedDatasetDicts, cache_key, cached_dataset_dicts, train_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TIMEOUT = 150
 
 

@@ -24,11 +24,11 @@ from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from dinov2od.d2.config import check_config_datasets, load_config
 from dinov2od.d2.dataset_mapper import DetrDatasetMapper
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset
-from user_data import write_roboflow_dataset, unique_dataset_name
+from tests.helpers.user_data import unique_dataset_name, write_roboflow_dataset
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")

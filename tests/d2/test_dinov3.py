@@ -11,7 +11,8 @@ from detectron2.structures import Boxes, Instances
 from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
 from dinov2od.modeling import DINOv3Backbone
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TINY_DINOV3_YACS = [
     "MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3",
     "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is a DINOv2

@@ -2,8 +2,8 @@
 workers that die with their launcher, and ranks that must resume the same state.
 
 The multi-process tests run real jobs of two CPU processes (gloo, 127.0.0.1 only, free ports) on
-the tiny model (tests/ddp_jobs.py); every subprocess has a timeout. One torchrun job is shared: its
-weights are compared with the launch() job's (conftest's ``launch_job``, which test_d2_train.py
+the tiny model (tests/helpers/ddp_jobs.py); every subprocess has a timeout. One torchrun job is shared: its
+weights are compared with the launch() job's (conftest's ``launch_job``, which d2/test_train.py
 compares with a 1-process run), and its per-rank output folders (only rank 0's gets the checkpoint,
 as on machines that do not share a folder) feed the mismatched-resume test.
 """
@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT
-from ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun_cmd
+from tests.helpers import ROOT
+from tests.helpers.ddp_jobs import JOB_OPTS, JOB_TIMEOUT, finish, free_port, generate_data, job_env, start, torchrun_cmd
 
 LAUNCH_PY = os.path.join(ROOT, "dinov2od", "d2", "launch.py")
 
@@ -245,7 +245,7 @@ def test_worker_exits_when_its_launcher_is_killed(tmp_path):
 
 
 # ---------------------------------------------------------------------------- multi-process jobs
-# tools/train_net.py's own command line with test hooks: tests/ddp_jobs.py (per-rank output folders,
+# tools/train_net.py's own command line with test hooks: tests/helpers/ddp_jobs.py (per-rank output folders,
 # a stalled rank, no resume agreement; every rank's final weights saved).
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "MODEL_CARD.md"),
         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _pytest_without_detectron2(tmp_path, expect, *more_tests):
@@ -16,7 +16,7 @@ def _pytest_without_detectron2(tmp_path, expect, *more_tests):
     env.pop("DINOV2OD_EXPECT_DETECTRON2", None)
     if expect is not None:
         env["DINOV2OD_EXPECT_DETECTRON2"] = expect
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_d2_yacs.py", *more_tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/d2/test_yacs.py", *more_tests]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -29,7 +29,7 @@ def test_missing_detectron2_fails_where_it_is_expected(tmp_path):
 
 def test_missing_detectron2_skips_with_the_reason_elsewhere(tmp_path):
     proc = _pytest_without_detectron2(
-        tmp_path, "0", "tests/test_d2_amp_cuda.py::test_amp_module_imports_only_torch_and_the_standard_library")
+        tmp_path, "0", "tests/d2/test_amp_cuda.py::test_amp_module_imports_only_torch_and_the_standard_library")
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "1 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # the Detectron2-free test still runs
     assert "Detectron2 is not installed (ModuleNotFoundError: simulated broken Detectron2)" in proc.stdout

@@ -1,6 +1,6 @@
 """ONNX export through Detectron2: tools/export_onnx.py's two formats from a yacs checkpoint, the
 Detectron2 graph against the meta-architecture, and predict.py --onnx against PyTorch (onnxruntime,
-CPU). The plain detector's graph: test_export_onnx.py."""
+CPU). The plain detector's graph: export/test_onnx.py."""
 import json
 import os
 import sys
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_YACS, build_tiny_yacs_model, save_d2_checkpoint
-from test_modeling_detector import _perturb
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY_YACS, build_tiny_yacs_model, save_d2_checkpoint
+from tests.helpers.detector import perturb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 ATOL = 1e-4  # logits and normalized boxes
@@ -26,7 +26,7 @@ OPTS = [str(v) for v in TINY_YACS] + ["INPUT.MIN_SIZE_TEST", "112", "INPUT.MAX_S
 @pytest.fixture(scope="module")
 def yacs_exports(tiny_yacs_checkpoint, tiny_yacs_exports, tmp_path_factory):
     """A tiny yacs model's checkpoint, exported in both formats by tools/export_onnx.py --check
-    (conftest's tiny_yacs_exports, shared with test_tools_predict.py), and a folder for this module."""
+    (conftest's tiny_yacs_exports, shared with tools/test_predict.py), and a folder for this module."""
     return (tiny_yacs_checkpoint["model"], tiny_yacs_checkpoint["weights"], tiny_yacs_exports,
             tmp_path_factory.mktemp("d2"))
 
@@ -93,7 +93,7 @@ def test_predict_onnx_draws_the_same_boxes_as_pytorch(yacs_exports):
     # negative control: other weights through PyTorch give other detections
     torch.manual_seed(1)
     model = build_tiny_yacs_model()
-    _perturb(model.detector)
+    perturb(model.detector)
     other = save_d2_checkpoint(model, str(root / "other.pth"))
     other_results, _ = _predict(root, "other", "--weights", other)
     first = lambda res: _by_image(res)[sorted(_by_image(res))[0]][0]  # noqa: E731

@@ -34,8 +34,8 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 
-from conftest import ROOT
-from user_data import unique_dataset_name
+from tests.helpers import ROOT
+from tests.helpers.user_data import unique_dataset_name
 from dinov2od.d2.config import load_config
 from dinov2od.d2.datasets import DatasetError, check_coco_dataset, register_coco_folder
 from dinov2od.d2.datasets.folder import near_duplicates
@@ -267,7 +267,7 @@ def test_voc_bad_xml_names_file_and_line(tmp_path):
 
 # ---------------------------------------------------------------------------- detection and dataset.format
 def test_auto_detection_and_forced_format(tmp_path):
-    from user_data import write_roboflow_dataset
+    from tests.helpers.user_data import write_roboflow_dataset
 
     coco = write_roboflow_dataset(str(tmp_path / "coco"), num_train=2, num_valid=1)
     yolo, voc = _yolo(tmp_path / "yolo"), _voc(tmp_path / "voc")

@@ -13,35 +13,8 @@ from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
 from dinov2od.d2.config import check_num_classes
 from dinov2od.layers import box_cxcywh_to_xyxy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_YACS = [  # the plain recipe (see tests/conftest.py), tiny
-    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is width 192
-    "MODEL.DINOV2OD.BACKBONE.FREEZE", False, "MODEL.DINOV2OD.BACKBONE.LORA_RANK", 0,
-    "MODEL.DINOV2OD.DN.GROUPS", 0, "MODEL.DINOV2OD.O2M_QUERIES", 0,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", 48,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", 2,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_attention_heads", 2,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.intermediate_size", 96,
-    "MODEL.DINOV2OD.HIDDEN_DIM", 32,
-    "MODEL.DINOV2OD.NUM_QUERIES", 12,
-    "MODEL.DINOV2OD.DEC_LAYERS", 2,
-    "MODEL.DINOV2OD.DIM_FEEDFORWARD", 64,
-]
-
-
-def tiny_yacs_cfg(**extra):
-    cfg = get_cfg()
-    add_dinov2od_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs/yaml/shapes.yaml"))
-    cfg.merge_from_list(TINY_YACS)
-    for k, v in extra.items():
-        cfg.merge_from_list([k, v])
-    return cfg
-
-
-def tiny_model(seed=0, **kw) -> DINOv2DETR:
-    torch.manual_seed(seed)
-    return DINOv2DETR(tiny_yacs_cfg(), **kw).eval()
+from tests.helpers import ROOT
+from tests.helpers.configs import tiny_model, tiny_yacs_cfg
 
 
 def test_default_predictor_returns_instances_in_image_coordinates():

@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 CARD = os.path.join(ROOT, "MODEL_CARD.md")
 
 

@@ -30,9 +30,10 @@ import pytest
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
 
-from conftest import ROOT, TINY
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY
 from dinov2od.d2.config import UnknownKeyError, check_lazy_overrides, load_config
-from user_data import write_roboflow_dataset, unique_dataset_name
+from tests.helpers.user_data import unique_dataset_name, write_roboflow_dataset
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom.yaml")

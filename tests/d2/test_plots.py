@@ -20,7 +20,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY, TINY_YACS, YACS_YAML
+from tests.helpers.configs import TINY, TINY_YACS, YACS_YAML
 
 from dinov2od.d2 import plots
 
@@ -330,7 +330,7 @@ def test_plot_inputs_name_the_evaluated_dataset_in_both_config_styles():
     (configs/debug_overfit.py: SubsetCOCOEvaluator scores only the images it saw)."""
     from detectron2.config import LazyConfig, get_cfg
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
     from dinov2od.d2 import add_dinov2od_config
 
     stock = plots.plot_inputs_from_config(LazyConfig.load(os.path.join(ROOT, "configs/shapes.py")))

@@ -5,7 +5,7 @@ is checkpointed by :class:`CrashSafeCheckpointer` with :class:`RNGStateHook` reg
 project's trainer does. A second run, started from a differently seeded process state, loads the
 checkpoint written at iteration 2 (an actual file) and continues: each generator's draws of
 iterations 3-5 must equal the uninterrupted run's. The exception/SIGKILL resume tests of
-test_d2_checkpoint.py draw from torch only (dropout), so they cannot see numpy or python.
+d2/test_checkpoint.py draw from torch only (dropout), so they cannot see numpy or python.
 """
 
 import itertools

@@ -26,8 +26,9 @@ import torch
 
 from dinov2od.d2.run_folder import LOCK_FILE, RunFolderError, claim_output_folder
 
-from conftest import ROOT, TINY, TINY_YACS
-from ddp_jobs import JOB_TIMEOUT, free_port, job_env
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY, TINY_YACS
+from tests.helpers.ddp_jobs import JOB_TIMEOUT, free_port, job_env
 
 YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
 RUN = [*TINY, "train.max_iter=2", "train.checkpointer.period=1", "train.eval_after_train=False"]

@@ -19,7 +19,8 @@ import torch
 
 from dinov2od.d2.checkpoint import CrashSafeCheckpointer, load_inference_weights
 
-from conftest import ROOT, TINY, TINY_YACS
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY, TINY_YACS
 
 YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
 LOGGERS = ("fvcore", "detectron2", "dinov2od")

@@ -33,8 +33,8 @@ from PIL import Image
 
 from detectron2.data import transforms as T
 
-from conftest import ROOT
-from user_data import unique_dataset_name
+from tests.helpers import ROOT
+from tests.helpers.user_data import unique_dataset_name
 from dinov2od.d2.config import check_config_datasets, load_config
 from dinov2od.d2.datasets import sizes as S
 

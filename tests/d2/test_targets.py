@@ -6,7 +6,7 @@ padded batch's). The expected values are worked out by hand below for non-square
 different sizes in one padded batch, and read where the criterion receives them in a training
 forward.
 
-Needs Detectron2, like the test_d2_* files (see conftest.py: a collection error where Detectron2 is
+Needs Detectron2, like every module under tests/d2/ (see tests/conftest.py: a collection error where Detectron2 is
 expected, a skip elsewhere).
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from detectron2.structures import Boxes, Instances
 
-from test_d2_model import tiny_model
+from tests.helpers.configs import tiny_model
 
 # per image: (height, width), XYXY_ABS boxes, classes, and the (cx, cy, w, h) worked out by hand
 IMAGES = [

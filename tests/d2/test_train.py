@@ -4,7 +4,7 @@ Covers: ``--eval-only`` reproduces the detections of the evaluation at the end o
 with EMA, yacs, and yacs ``--eval-only --resume``), with a negative control (the non-EMA weights
 give other detections); ``predict.py`` on a folder with a corrupt file, through both config
 styles, against ``DefaultPredictor``; the non-finite loss stop; a 2-process DDP run (shared with
-test_d2_distributed.py) whose ranks end identical and equal to a 1-process run of the same micro-batches;
+d2/test_distributed.py) whose ranks end identical and equal to a 1-process run of the same micro-batches;
 DDP options reaching DDP.
 """
 import importlib
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TINY_YACS
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY, TINY_YACS
 
 YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")
 
@@ -237,7 +238,7 @@ def test_ddp_two_processes_match_each_other_and_one_process(launch_job, tiny_con
     accumulation) ends allclose. (The DETR loss is normalized per micro-batch, so the 1-process run
     must cut the 4 images of a step into the same two micro-batches: at 1 image x 4 accumulation or
     4 images x 1 it ends 2e-3 away, far outside the tolerance.)"""
-    from ddp_jobs import JOB_OPTS
+    from tests.helpers.ddp_jobs import JOB_OPTS
 
     out = launch_job
     with open(os.path.join(out, "log.txt")) as f:

@@ -1,7 +1,7 @@
 """A new user's trial, from the offline commands of docs/your_data.md alone (configs/custom_tiny.py,
 configs/yaml/custom_tiny.yaml: the project's own tiny backbone, which learns in a test's few epochs;
-the default configs/custom.py, DINOv2 ViT-S, has test_d2_custom_dinov2.py), on a dataset this project did not
-generate (tests/user_data.py: a Roboflow-style export with category ids 1/5/9, nested folders,
+the default configs/custom.py, DINOv2 ViT-S, has d2/test_custom_dinov2.py), on a dataset this project did not
+generate (tests/helpers/user_data.py: a Roboflow-style export with category ids 1/5/9, nested folders,
 grayscale, RGBA and 16-bit PNGs, images without boxes): train -> evaluate -> predict -> export ->
 predict with the graph, through both config styles. Every AP is re-scored here with pycocotools
 against the user's own json, from the files the tools wrote, and must equal the evaluator's.
@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from user_data import write_roboflow_dataset
+from tests.helpers import ROOT
+from tests.helpers.user_data import write_roboflow_dataset
 
 CUSTOM_PY = os.path.join(ROOT, "configs/custom_tiny.py")
 CUSTOM_YAML = os.path.join(ROOT, "configs/yaml/custom_tiny.yaml")

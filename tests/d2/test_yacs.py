@@ -18,7 +18,8 @@ from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
 from dinov2od.d2.trainer import Trainer, TrainSettings
 from dinov2od.layers import IMAGENET_MEAN, IMAGENET_STD
 
-from conftest import ROOT, TINY_YACS
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY_YACS
 
 BASE_YAML = os.path.join(ROOT, "configs/yaml/Base-DINOv2DETR.yaml")
 SHAPES_YAML = os.path.join(ROOT, "configs/yaml/shapes.yaml")

@@ -1,6 +1,6 @@
 """ONNX export (dinov2od.export) of the plain detector checked with onnxruntime on the CPU (no
 Detectron2: the modern environment runs these too; the Detectron2 graph and predict.py:
-test_d2_export_onnx.py).
+d2/test_export_onnx.py).
 
 Every graph is exported once per module and run at sizes other than its tracing example, so a
 size frozen into the graph as a constant would show up as a mismatch.
@@ -14,7 +14,7 @@ import torch
 from dinov2od.export import DetectorGraph, OnnxDetector, check_exportable, export_detector, onnx_metadata
 from dinov2od.modeling import DINOv2Backbone, DINOv2ObjectDetector
 
-from test_modeling_detector import TINY_VIT, _perturb, tiny_detector
+from tests.helpers.detector import TINY_VIT, perturb, tiny_detector
 
 ATOL = 1e-4  # logits and normalized boxes
 
@@ -49,7 +49,7 @@ def tiny_onnx(tmp_path_factory):
     model = DINOv2ObjectDetector(num_classes=3, backbone=backbone, hidden_dim=32, num_queries=12,
                                  num_decoder_layers=2, num_heads=4, num_points=2, dim_feedforward=64,
                                  two_stage=True, spatial_prior=8, num_encoder_layers=1).eval()
-    _perturb(model)
+    perturb(model)
     path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
     export_detector(model, path, image_size=(61, 75), batch_size=2, topk=20)
     return model, path
@@ -81,7 +81,7 @@ def test_vit_small_graph_matches_pytorch(tmp_path):
                                  num_queries=50, num_decoder_layers=2).eval()
     config = model.backbone.vit.config
     assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (384, 6, 12)  # ViT-S
-    _perturb(model, 0.02)
+    perturb(model, 0.02)
     graph = OnnxDetector(export_detector(model, str(tmp_path / "vits.onnx"), image_size=(126, 182), topk=30))
     assert_parity(model, graph, [(140, 98)], topk=30)  # non-square, portrait where the export was landscape
     assert_parity(model, graph, [(126, 182), (98, 140)], topk=30)

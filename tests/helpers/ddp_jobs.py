@@ -2,7 +2,7 @@
 on every subprocess): ``tools/train_net.py``'s own command line wrapped with test hooks.
 
 One ``launch()`` job (``--num-gpus 2``) is shared by the whole run (``launch_job`` in conftest.py):
-test_d2_distributed.py compares it with a torchrun job, test_d2_train.py with a 1-process run.
+d2/test_distributed.py compares it with a torchrun job, d2/test_train.py with a 1-process run.
 
 The wrapper's hooks (environment variables):
   DD_PER_RANK_OUTPUT=DIR  each rank writes to DIR/rank<r> (machines that share no folder)
@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 
-from conftest import ROOT, TINY
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY
 
 JOB_TIMEOUT = 120  # seconds, per subprocess: a hang fails the test instead of the suite
 

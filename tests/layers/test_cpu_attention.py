@@ -1,16 +1,13 @@
 """The AVX-512 attention kernel of dinov2od._C (dinov2od.layers.cpu_attention) against torch's
 attention, and the ViT blocks that use it at CPU fp32 inference against the plain blocks.
 
-Where the kernel must exist, its absence FAILS these tests, as tests/test_msda_kernels.py does for
+Where the kernel must exist, its absence FAILS these tests, as tests/layers/test_msda_kernels.py does for
 the deformable op: on x86-64 Linux with a CPU that has avx512f, avx512dq and fma (read from
 /proc/cpuinfo, the flags the kernel's own ``attention_available()`` checks), a ``dinov2od._C``
 that does not load, lacks the kernel (a stale build) or reports it unavailable is a failure.
 They are skipped, with the reason, where it cannot run: another CPU or OS, or
 ``DINOV2OD_NO_EXT=1`` (the op deliberately not built); the blocks then use torch's kernel, which
 the other backbone tests cover."""
-import os
-import platform
-import sys
 
 import pytest
 import torch
@@ -19,35 +16,9 @@ import torch.nn.functional as F
 from dinov2od.layers import _ext
 from dinov2od.layers import cpu_attention as ca
 from dinov2od.layers import fused_linear
-from dinov2od.modeling import DINOv2Backbone
 from dinov2od.modeling.backbones import base as backbone_mod
-from dinov2od.modeling import DINOv3Backbone
 
-KERNEL_FLAGS = {"avx512f", "avx512dq", "fma"}
-
-
-def _cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-def kernel_expected():
-    """(whether this machine must have the kernel, why not)."""
-    if os.environ.get("DINOV2OD_NO_EXT", "0") == "1":
-        return False, "DINOV2OD_NO_EXT=1: dinov2od._C is deliberately not built"
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, f"the kernel is built for x86-64 Linux (GCC) only, this is {sys.platform}/{platform.machine()}"
-    flags = _cpu_flags()
-    if flags is None or not KERNEL_FLAGS <= flags:
-        return False, f"this CPU lacks {sorted(KERNEL_FLAGS - (flags or set()))} (the kernel needs AVX-512)"
-    return True, ""
+from tests.helpers.cpu_attention import KERNEL_FLAGS, attention_float64, kernel_expected, make, qkv_views
 
 
 @pytest.fixture(autouse=True)
@@ -78,17 +49,6 @@ def kernel_here():
 # (~0.05 here) shrink an attention error before it reaches the features: a 1% temperature error
 # moves DINOv3's features by ~1e-4 only (DINOv2's, layer scales ~1, by ~1e-3).
 BLOCK_ATOL = 1e-5
-
-WIDE2 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256, image_size=56)
-WIDE3 = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256)
-
-
-def qkv_views(b, h, t, seed=0, scale=1.0):
-    """q, k, v as a ViT block makes them: strided views of one (B, T, 3, H, 64) product."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(b, t, 3, h, 64, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
-    return q * scale, k, v
-
 
 @pytest.mark.parametrize("b,h,t", [(1, 6, 1025), (4, 6, 257), (2, 3, 5), (1, 2, 33), (1, 1, 1), (3, 2, 48)])
 def test_kernel_matches_torch_attention(b, h, t):
@@ -137,19 +97,6 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def make(family, window_size=None, registers=False):
-    torch.manual_seed(0)
-    if family == "dinov2":
-        bb = DINOv2Backbone(arch="tiny", arch_overrides=WIDE2, registers=registers, num_taps=2, lora_rank=4,
-                            window_size=window_size)
-    else:
-        bb = DINOv3Backbone(arch="tiny", arch_overrides=WIDE3, num_taps=2, lora_rank=4, window_size=window_size)
-    with torch.no_grad():  # non-trivial layer scales, biases and LoRA adapters
-        for p in bb.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return bb.eval()
-
-
 def run(bb, images, masks, monkeypatch, on):
     monkeypatch.setenv(fused_linear.ENV, "1" if on else "0")
     with torch.no_grad():
@@ -195,14 +142,6 @@ def test_a_wrong_kernel_would_be_caught(family, kernel_calls, monkeypatch):
     monkeypatch.setattr(backbone_mod, "cpu_attention", lambda q, k, v: ca.cpu_attention(q * 1.01, k, v))
     wrong = run(bb, images, None, monkeypatch, on=True)
     assert max((a - b).abs().max().item() for a, b in zip(wrong, plain)) > 3 * BLOCK_ATOL
-
-
-def attention_float64(q, k, v):
-    """softmax(q k^T / sqrt(d)) v in float64, written out; (B, H, T, d) -> (B, T, H, d)."""
-    q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()
-    return (weights / weights.sum(-1, keepdim=True) @ v).transpose(1, 2)
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dinov3"])

@@ -3,7 +3,7 @@
 blocks under CPU bfloat16 autocast (oneDNN bfloat16 linears on weights cast once, kept until the
 parameters change) against the blocks as autocast runs them.
 
-As tests/test_layers_cpu_attention.py: where the kernel must exist (x86-64 Linux, a CPU with
+As tests/layers/test_cpu_attention.py: where the kernel must exist (x86-64 Linux, a CPU with
 avx512f/dq/bw/vl, fma and avx512_bf16, the op built) its absence FAILS; elsewhere these tests are
 skipped with the reason (the blocks then run as autocast runs them, which the backbone tests cover)."""
 import pytest
@@ -16,7 +16,7 @@ from dinov2od.layers.inference_options import inference_options
 from dinov2od.modeling import inference as inference_mod
 from dinov2od.modeling.backbones import base as backbone_mod
 
-from test_layers_cpu_attention import _cpu_flags, attention_float64, kernel_expected, make, qkv_views
+from tests.helpers.cpu_attention import attention_float64, cpu_flags, kernel_expected, make, qkv_views
 
 BF16_FLAGS = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "fma"}
 
@@ -27,7 +27,7 @@ def bf16_kernel_here():
     if ca.cpu_attention_bf16_available():
         return
     expected, why = kernel_expected()
-    flags = _cpu_flags() or set()
+    flags = cpu_flags() or set()
     if expected and not BF16_FLAGS <= flags:
         expected, why = False, f"this CPU lacks {sorted(BF16_FLAGS - flags)} (the bfloat16 kernel needs avx512_bf16)"
     if not expected:

@@ -23,8 +23,9 @@ from dinov2od.layers.inference_options import InferenceOptions, current_options,
 from dinov2od.modeling import DINOv2Backbone, ViTBackbone
 from dinov2od.modeling.backbones import base as backbone_mod
 
+from tests.helpers import ROOT
+
 msda = importlib.import_module("dinov2od.layers.ms_deform_attn")  # (the package's ms_deform_attn is the function)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=56)
 
 
@@ -82,7 +83,7 @@ def fused_blocks() -> int:
 
 def attention_kernels() -> int:
     if not ca.cpu_attention_available():
-        pytest.skip("dinov2od._C's attention kernel is not available here (tests/test_layers_cpu_attention.py "
+        pytest.skip("dinov2od._C's attention kernel is not available here (tests/layers/test_cpu_attention.py "
                     "says whether it must be)")
     q, k, v = torch.randn(3, 1, 2, 9, 64).unbind(0)
     with torch.no_grad(), counting(backbone_mod, "cpu_attention") as calls:

@@ -18,11 +18,12 @@ import torch
 
 from dinov2od.layers import _ext, level_start_index_from_shapes, ms_deform_attn, ms_deform_attn_pytorch
 
+from tests.helpers import ROOT
+
 msda_module = importlib.import_module("dinov2od.layers.ms_deform_attn")
 
 NO_EXT = os.environ.get("DINOV2OD_NO_EXT", "0") == "1"
 HAS_GPU = torch.cuda.is_available()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -322,7 +323,7 @@ def test_missing_build_never_crashes_at_import():
         "print(len(c)); print(c[0].message)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != msda_module.FORCE_PYTORCH_ENV}
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     count, message = res.stdout.split("\n", 1)
     assert count == "1" and "dinov2od._C" in message and "could not be loaded" in message and "--no-build-isolation" in message

@@ -24,7 +24,8 @@ from dinov2od.modeling import (
 )
 from dinov2od.modeling import backbones
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 MODELING = os.path.join(ROOT, "dinov2od", "modeling")
 NEW_MODULES = ["base", "registry", "loading", "dinov2", "dinov3"]
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)

@@ -5,7 +5,7 @@ marker file) must be refused by every reader, with a message naming the file, wh
 refused and the opt-in; the marker must never appear. Negative control: a plain
 ``torch.load(weights_only=False)`` in another process does write the marker, so the payload is real.
 The opt-in by name does unpickle it (and the payload runs). The safetensors export round-trips
-predictions exactly. The Detectron2 entry points: tests/test_d2_checkpoint_trust.py.
+predictions exactly. The Detectron2 entry points: tests/d2/test_checkpoint_trust.py.
 """
 import json
 import os
@@ -27,38 +27,9 @@ from dinov2od.modeling.checkpoint_io import (
     plain_state,
 )
 
+from tests.helpers.checkpoints import assert_refused, write_malicious
+
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-
-
-class _Payload:
-    """Unpickling it calls ``exec``: it writes ``marker`` (what a malicious checkpoint would do worse)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
-
-
-def write_malicious(path, marker, state=None):
-    """A checkpoint at ``path`` holding ``state`` (a real ``{"model": ...}``, default a tiny one) and a
-    payload that writes ``marker`` when unpickled in full. ``.pkl``: a plain pickle (Detectron2's
-    model-zoo format); anything else: ``torch.save``."""
-    obj = dict(state) if state is not None else {"model": {"w": torch.ones(3)}}
-    obj["extra"] = _Payload(marker)
-    if str(path).endswith(".pkl"):
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-    else:
-        torch.save(obj, path)
-    return str(path)
-
-
-def assert_refused(error, path, marker):
-    """The message names the file, what was refused (exec) and the opt-in; the payload did not run."""
-    msg = str(error.value if hasattr(error, "value") else error)
-    assert str(path) in msg and "exec" in msg and TRUSTED_ENV in msg and "full unpickling" in msg, msg
-    assert not os.path.exists(marker), "the payload ran"
 
 
 def tiny_detector(**kw):

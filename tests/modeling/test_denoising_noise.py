@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from test_modeling_detector import tiny_detector
+from tests.helpers.detector import tiny_detector
 
 BOX_NOISE = 0.4
 GROUPS = 120

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from dinov2od.modeling import (
-    DINOv2Backbone,
     DINOv2ObjectDetector,
     HungarianMatcher,
     SetCriterion,
@@ -12,16 +11,7 @@ from dinov2od.modeling import (
 from dinov2od.modeling import pad_to_multiple
 from dinov2od.modeling.neck import ConvSpatialPrior
 
-TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-
-
-def tiny_detector(num_classes=3, lora_rank=4, freeze=True, registers=False, **kw):
-    backbone = DINOv2Backbone(arch="tiny", arch_overrides=TINY_VIT, registers=registers, num_taps=2,
-                              lora_rank=lora_rank, freeze=freeze)
-    args = dict(hidden_dim=32, num_queries=12, num_decoder_layers=2, num_heads=4, num_points=2,
-                dim_feedforward=64)
-    args.update(kw)
-    return DINOv2ObjectDetector(num_classes=num_classes, backbone=backbone, **args)
+from tests.helpers.detector import padded_batch, perturb, tiny_detector
 
 
 def _targets():
@@ -67,25 +57,6 @@ def test_forward_shapes_and_loss_backward(options):
     assert "num_groups" not in out
 
 
-def _perturb(model, scale=0.2):
-    """Move every weight off its (often zero) init so no output ignores its input."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
-
-def _padded_batch(images, garbage=True):
-    h = max(im.shape[1] for im in images)
-    w = max(im.shape[2] for im in images)
-    batch = torch.rand(len(images), 3, h, w, dtype=images[0].dtype) if garbage else \
-        torch.zeros(len(images), 3, h, w, dtype=images[0].dtype)
-    mask = torch.ones(len(images), h, w, dtype=torch.bool)
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[1], : im.shape[2]] = im
-        mask[i, : im.shape[1], : im.shape[2]] = False
-    return batch, mask
-
-
 @pytest.mark.parametrize(
     "options,dtype,atol",
     [(dict(), torch.float64, 1e-10), (dict(cross_attn="standard"), torch.float64, 1e-10),
@@ -98,10 +69,10 @@ def _padded_batch(images, garbage=True):
 def test_padded_batch_equals_one_by_one(options, dtype, atol):
     torch.manual_seed(0)
     model = tiny_detector(**options).to(dtype).eval()
-    _perturb(model)
+    perturb(model)
     sizes = [(61, 75), (30, 44), (56, 28)]  # the padded batch is 61 x 75
     images = [torch.rand(3, h, w, dtype=dtype) for h, w in sizes]
-    batch, mask = _padded_batch(images)  # random values under the padding: they must not matter
+    batch, mask = padded_batch(images)  # random values under the padding: they must not matter
     with torch.no_grad():
         batched = model(batch, mask)
         no_mask = model(batch)
@@ -122,7 +93,7 @@ def test_boxes_are_relative_to_the_unpadded_image():
     """Padding an image (with a mask) must not move its normalized boxes."""
     torch.manual_seed(0)
     model = tiny_detector().double().eval()
-    _perturb(model)
+    perturb(model)
     image = torch.rand(1, 3, 42, 56, dtype=torch.float64)
     big = torch.zeros(1, 3, 84, 98, dtype=torch.float64)
     big[..., :42, :56] = image
@@ -147,7 +118,7 @@ def test_spatial_prior_starts_as_a_no_op_then_changes_the_pyramid():
     maps = prior(*pad_to_multiple(images, None, 14))
     assert [tuple(m.shape[-2:]) for m in maps] == [(8, 10), (4, 5), (2, 3), (1, 2)]  # strides 7/14/28/56
     assert all(m.abs().max() == 0 for m in maps)
-    _perturb(prior)
+    perturb(prior)
     with torch.no_grad():
         maps = prior(*pad_to_multiple(images, None, 14))
         assert all(m.abs().max() > 0 for m in maps)
@@ -309,7 +280,7 @@ def test_nothing_padded_skips_the_masks_and_gives_the_masked_result():
     gives the same outputs as no mask."""
     torch.manual_seed(0)
     model = tiny_detector().eval()
-    _perturb(model)
+    perturb(model)
     images = torch.rand(2, 3, 56, 70)
     with torch.no_grad():
         x, masks, valid_hw = model.pad(images, torch.zeros(2, 56, 70, dtype=torch.bool))

@@ -17,7 +17,7 @@ differs from its neighbours':
   (num_boxes x repeats), dense proposals (the number of positives);
 * the matcher's weights: a 2 x 2 case whose optimal assignment flips when any one of
   cost_class / cost_bbox / cost_giou is mis-weighted (the cost matrix entries themselves are
-  pinned in test_modeling_matcher_costs.py).
+  pinned in modeling/test_matcher_costs.py).
 
 The Hungarian assignment the expected values use is found here by brute force over the
 hand-written matching cost.

@@ -4,7 +4,7 @@ import torch
 
 from dinov2od.modeling import backbone_lr_decay, num_vit_layers, vit_lr_decay_factor
 
-from test_modeling_detector import tiny_detector
+from tests.helpers.detector import tiny_detector
 
 
 def test_factor_of_each_kind_of_parameter():

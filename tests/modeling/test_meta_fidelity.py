@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dinov2od.modeling import DINOv2Backbone
 
-from test_modeling_backbone import TINY, hf_model, to_official
+from tests.helpers.backbone import TINY, hf_model, to_official
 
 SIZES = [(56, 56), (70, 42), (42, 98), (98, 70), (28, 126)]  # multiples of 14; (56, 56) is the stored 4x4 grid
 

@@ -8,7 +8,7 @@ from dinov2od.layers import box_cxcywh_to_xyxy
 from dinov2od.modeling import SetCriterion, make_denoising_queries
 from dinov2od.modeling.train_queries import noised_copies, self_attn_mask
 
-from test_modeling_detector import _padded_batch, _perturb, tiny_detector
+from tests.helpers.detector import padded_batch, perturb, tiny_detector
 
 ON = dict(dn_groups=2, o2m_queries=6)
 
@@ -108,7 +108,7 @@ def test_matching_queries_never_see_training_queries(options, monkeypatch):
     """In training, the matching queries' outputs are those of the same model without denoising and
     one-to-many queries; in eval the outputs are bit-identical (nothing is added)."""
     on, off = _pair(**options)
-    _perturb(on)
+    perturb(on)
     off.load_state_dict(on.state_dict(), strict=False)
     on, off = on.double(), off.double()
     images = torch.rand(2, 3, 61, 75, dtype=torch.float64)
@@ -173,12 +173,12 @@ def test_padded_batch_gives_the_losses_of_one_by_one(options):
     class_loss = options.pop("class_loss")
     torch.manual_seed(0)
     model = tiny_detector(**options, **ON).double().train()
-    _perturb(model)
+    perturb(model)
     criterion = SetCriterion(3, num_aux_layers=1, class_loss=class_loss, o2m_repeats=2)
     sizes = [(61, 75), (30, 44), (56, 28)]
     images = [torch.rand(3, h, w, dtype=torch.float64) for h, w in sizes]
     targets = _targets3(torch.float64)
-    batch, mask = _padded_batch(images)
+    batch, mask = padded_batch(images)
     torch.manual_seed(1)
     batched = model(batch, mask, targets=targets)
     losses = criterion(batched, targets)

@@ -12,7 +12,8 @@ from dinov2od.modeling import DINOv2Backbone
 from dinov2od.pretraining.dense import DenseHeads, GlyphBatches, Stage, dense_loss, dense_targets
 from dinov2od.pretraining.glyphs import GLYPH_CLASSES, generate_glyphs_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 
 
 def test_glyphs_are_deterministic_and_not_the_demo_classes():

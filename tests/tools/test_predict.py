@@ -2,7 +2,7 @@
 wedge; dataset ids 7, 11, 42: registered nowhere, so they can only come from the checkpoint):
 outputs never land among the inputs, drawings named by relative path, sub-folders searched,
 results written as they go, the checkpoint's ids and names (PyTorch and ONNX), the score hint,
-16-bit PNGs. A lazy run's saved config.yaml: test_tools_predict_lazy.py."""
+16-bit PNGs. A lazy run's saved config.yaml: tools/test_predict_lazy.py."""
 import json
 import logging
 import os
@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CLASSES, TINY_YACS, detectron2_expected
-
-if not detectron2_expected():
-    pytest.importorskip("detectron2.engine")
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY_CLASSES, TINY_YACS
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 

@@ -11,10 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, detectron2_expected
-
-if not detectron2_expected():
-    pytest.importorskip("detectron2.engine")
+from tests.helpers import ROOT
+from tests.helpers.configs import TINY
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
