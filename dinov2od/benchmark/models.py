@@ -2,7 +2,7 @@
 
 Presets are the lazy model configs (``configs/common/models/dinov2_detr.py``, ``..._efficient.py``
 and the demo's ``configs/shapes.py``), random-initialized; without Detectron2 the default and
-efficient presets are built from :data:`PLAIN_PRESETS` (the same models; tests/test_d2_configs.py).
+efficient presets are built from :data:`PLAIN_PRESETS` (the same models; tests/d2/test_configs.py).
 Backbones are named in :data:`BACKBONES` (one line each).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ BACKBONES: Dict[str, Tuple[dict, int]] = {
 
 # Without Detectron2 (the modern stack, the GPU machine) the lazy configs cannot be read; these
 # keyword overrides of DINOv2ObjectDetector's defaults (= configs/common/models/dinov2_detr.py) give
-# the efficient preset instead (tests/test_d2_configs.py checks they build the same models).
+# the efficient preset instead (tests/d2/test_configs.py checks they build the same models).
 PLAIN_PRESETS = {
     "default": {},
     "efficient": dict(backbone=dict(window_size=16), scale_factors=(1.0, 0.5), num_decoder_layers=3),

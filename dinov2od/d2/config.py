@@ -15,7 +15,7 @@ solver, the crop) are in ``configs/yaml/Base-DINOv2DETR.yaml``.
 Every added key is one row of :data:`KEYS`, next to the lazy-config field it mirrors. Rows under
 ``model.`` are read by :func:`model_arguments`, which turns a yacs config into the same argument
 tree as ``configs/common/models/dinov2_detr.py``; adding a model option is adding one row
-(``tests/test_d2_config_keys.py`` walks the lazy model config: every option leaf needs a row).
+(``tests/d2/test_config_keys.py`` walks the lazy model config: every option leaf needs a row).
 ``num_aux_layers`` has none: ``DINOv2DETR`` derives it from the decoder layers in both styles.
 """
 from __future__ import annotations
