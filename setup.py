@@ -81,7 +81,7 @@ setup(
     name="dinov2od",
     version="0.1.0",
     description="DINOv2 + LoRA backbone with a deformable DETR decoder, on Detectron2",
-    packages=find_packages(exclude=("tests", "configs", "tools")),
+    packages=find_packages(exclude=("tests", "tests.*", "configs", "tools")),
     license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "torchvision", "transformers>=4.57", "peft", "scipy"],

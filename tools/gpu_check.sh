@@ -5,8 +5,8 @@
 #   tools/gpu_check.sh            # PYTHON=python3, arch of the visible GPU, MAX_JOBS=8
 #
 # 1. builds dinov2od._C in place with FORCE_CUDA=1 for the local GPU's architecture;
-# 2. runs tests/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1) and
-#    tests/test_d2_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
+# 2. runs tests/layers/test_msda_kernels.py (CUDA tests included; DINOV2OD_EXPECT_CUDA_EXT=1) and
+#    tests/d2/test_amp_cuda.py (fp16 training with a GradScaler: the training loop's AMP code,
 #    dinov2od/d2/engine/amp.py, imports only torch, so it runs here without Detectron2);
 # 3. runs tools/benchmark.py on cuda: the op (PyTorch path vs CUDA kernel, float32 and bfloat16),
 #    then the whole detector (dinov2od.benchmark; the default preset, built without Detectron2).
@@ -44,7 +44,7 @@ echo "built in $((SECONDS - start)) s"
 
 echo "== tests"
 DINOV2OD_EXPECT_CUDA_EXT=1 DINOV2OD_EXPECT_DETECTRON2=0 "$PY" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_msda_kernels.py tests/test_d2_amp_cuda.py
+  tests/layers/test_msda_kernels.py tests/d2/test_amp_cuda.py
 
 echo "== benchmark (cuda)"
 "$PY" tools/benchmark.py --section msda --device cuda --repeats 50 --warmup 5

@@ -3,7 +3,7 @@
 Presets are the lazy model configs (``configs/common/models/dinov2_detr.py``, ``..._efficient.py``
 and the demo's ``configs/shapes.py``), random-initialized; without Detectron2 the default and
 efficient presets are built from :data:`PLAIN_PRESETS` (``dinov2od.modeling.PRESETS``: the same
-models; tests/test_d2_configs.py).
+models; tests/d2/test_configs.py).
 Backbones are named in :data:`BACKBONES` (one line each).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ BACKBONES: Dict[str, Tuple[dict, int]] = {
 
 # Without Detectron2 (the modern stack, the GPU machine) the lazy configs cannot be read; the presets'
 # keyword overrides of DINOv2ObjectDetector's defaults (dinov2od.modeling.PRESETS, which the lazy
-# preset configs apply too) give the same models (tests/test_d2_configs.py checks it).
+# preset configs apply too) give the same models (tests/d2/test_configs.py checks it).
 PLAIN_PRESETS = MODEL_PRESETS
 
 

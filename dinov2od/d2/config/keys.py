@@ -17,7 +17,7 @@ The model's rows (:data:`MODEL_KEYS`) name a yacs key and the lazy field it mirr
 defaults are the declared ones (:func:`~.model.model_defaults`: the dataclasses of
 :mod:`dinov2od.modeling`), converted to what yacs can hold (None as ``""``, ``[]`` or 0, tuples as
 lists). :func:`model_arguments` turns a yacs config into the same argument tree as the lazy model
-config; adding a model option is adding one row (``tests/test_d2_config_keys.py`` walks the lazy
+config; adding a model option is adding one row (``tests/d2/test_config_keys.py`` walks the lazy
 model config: every option leaf needs a row). ``num_aux_layers`` has none: ``DINOv2DETR`` derives
 it from the decoder layers in both styles. ``MODEL.DINOV2OD.PRESET`` names a preset of
 :data:`dinov2od.modeling.PRESETS` (``configs/yaml/Base-DINOv2DETR-efficient.yaml``).

@@ -2,7 +2,7 @@
 optimizer step around them (unscale, clip, step unless an fp16 gradient overflowed, update).
 
 This module imports only torch, so ``tools/gpu_check.sh`` runs its CUDA test
-(``tests/test_d2_amp_cuda.py``) on the GPU machine, which has no Detectron2.
+(``tests/d2/test_amp_cuda.py``) on the GPU machine, which has no Detectron2.
 """
 from __future__ import annotations
 
