@@ -6,6 +6,7 @@ from typing import List
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
@@ -13,7 +14,6 @@ from detectron2.utils.visualizer import Visualizer
 
 from ..data.dataset_mapper import read_image
 from ..data.metadata import metadata_for_model, model_classes
-from ..engine.train_loop import unwrap_model
 from .evaluator import eval_context
 
 __all__ = ["draw_dataset_predictions", "draw_instances"]
@@ -70,7 +70,7 @@ def draw_dataset_predictions(
     dataset_meta = MetadataCatalog.get(names if isinstance(names, str) else names[0])
     metadata = metadata_for_model(model) if model_classes(model) is not None else dataset_meta
     image_root = dataset_meta.get("image_root", None)
-    model = unwrap_model(model)
+    model = model.module if isinstance(model, DistributedDataParallel) else model  # (evaluation sits below engine/)
     was_training = model.training
     model.eval()
     paths = []

@@ -58,7 +58,7 @@ SKIP_CHECK_HINT = (
     "(lazy configs) / DATASETS.CHECK False (yacs)."
 )
 # how the start-up check opens the images: "decode" (every pixel, so a truncated file is found) or
-# "header" (size only, ~15x faster; docs/your_data.md has the timings)
+# "header" (size only, much faster; docs/your_data.md has the timings)
 CHECK_MODES = ("decode", "header")
 EDGE_TOLERANCE = 1.0  # px a box may reach beyond its image before the check counts it
 
