@@ -137,8 +137,9 @@ def _unknown_keys_message(unknown: Sequence[str], known: Sequence[str], path: st
         lines.append(f"  {key}: " + (f"did you mean {' or '.join(close)}?" if close else "no similar key."))
     if lazy:
         lines.append(
-            "A key must be written in the config (configs/common/*.py declare the project's keys with "
-            "their defaults) or be an argument of the callable its LazyCall section builds. To add a "
+            "A key must be written in the config (the model's keys come with their defaults from the "
+            "dataclasses of dinov2od/modeling, the others from configs/common/*.py) or be an argument of the "
+            "callable its LazyCall section builds. To add a "
             f"genuinely new key, prefix it with '+': +{unknown[0]}=VALUE.")
     else:
         lines.append("yacs keys are those of get_cfg() and add_dinov2od_config (dinov2od.d2.config.KEYS); "
