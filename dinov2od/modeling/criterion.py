@@ -41,7 +41,9 @@ losses on its last layer and, with ``_{i}``, on each auxiliary layer:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -61,6 +63,9 @@ logger = logging.getLogger("dinov2od")
 __all__ = ["CriterionOptions", "SetCriterion"]
 
 BASE_LOSSES = ("loss_class", "loss_bbox", "loss_giou")
+# the loss keys a weight may be given for: a base loss, then the proposals' _enc, or an optional
+# _dn/_o2m part and an optional auxiliary layer _{i}
+_LOSS_KEY = re.compile(r"loss_(class|bbox|giou)(_enc|(_dn|_o2m)?(_[0-9]+)?)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,20 @@ class CriterionOptions:
     def base_weights(cls) -> Dict[str, float]:
         """The default ``weight_dict``: ``{"loss_class": ..., "loss_bbox": ..., "loss_giou": ...}`` above."""
         return {k: getattr(cls, k) for k in BASE_LOSSES}
+
+
+def _check_weight_keys(weights: Dict[str, float]) -> None:
+    """A ``weight_dict`` key no loss has would be ignored without a word (a misspelt ``loss_bbx``
+    leaves the box loss at its default weight): refuse it, naming the nearest loss keys."""
+    bad = [k for k in weights if not (isinstance(k, str) and _LOSS_KEY.fullmatch(k))]
+    if bad:
+        known = [k + s for k in BASE_LOSSES for s in ("", "_enc", "_dn", "_o2m", "_0")]
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+                                      if (close := difflib.get_close_matches(str(k), known, n=2, cutoff=0.6)) else "")
+                          for k in bad)
+        raise ValueError(f"weight_dict: no loss has the key(s) {hints}. Keys are loss_class, loss_bbox or "
+                         "loss_giou, optionally followed by _enc (two-stage proposals), _dn or _o2m, and _<i> "
+                         "(auxiliary decoder layer i), e.g. loss_giou_enc, loss_bbox_dn_2.")
 
 
 class SetCriterion(nn.Module):
@@ -150,6 +169,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.base_weights = CriterionOptions.base_weights()
         user = dict(weight_dict or {})
+        _check_weight_keys(user)
         self.base_weights.update({k: float(v) for k, v in user.items() if k in BASE_LOSSES})
         self._user_weights = {k: float(v) for k, v in user.items()}
         self.list_weights(num_aux_layers, two_stage)

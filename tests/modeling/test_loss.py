@@ -238,6 +238,17 @@ def test_dense_encoder_loss_replaces_the_topk_matching():
     assert hung["loss_bbox_enc"].item() != pytest.approx(losses["loss_bbox_enc"].item())
 
 
+def test_a_misspelt_loss_weight_is_refused():
+    """Negative control: without the check in SetCriterion.__init__, "loss_bbx" was accepted and the
+    box loss kept its default weight 5.0 (this test then fails on the first pytest.raises)."""
+    with pytest.raises(ValueError, match=r"'loss_bbx' \(did you mean 'loss_bbox'"):
+        SetCriterion(2, weight_dict={"loss_bbx": 1.0})
+    with pytest.raises(ValueError, match="loss_classs_0"):
+        SetCriterion(2, weight_dict={"loss_class": 1.0, "loss_classs_0": 1.0})
+    crit = SetCriterion(2, weight_dict={"loss_bbox_dn_2": 3.0, "loss_giou_o2m": 0.5, "loss_class_enc": 4.0})
+    assert crit.weight_of("loss_bbox_dn_2") == 3.0 and crit.weight_of("loss_giou_o2m_1") == 0.5
+
+
 def test_bad_loss_options_are_refused():
     with pytest.raises(ValueError, match="class_loss"):
         SetCriterion(2, class_loss="softmax")
