@@ -25,6 +25,8 @@ folder never mixes two runs: give another ``--output``, or ``--overwrite`` to fi
 predict.py run's drawings and predictions from it. predict.py marks its folders with a small file,
 ``.dinov2od-predict.json``; ``--overwrite`` clears only a folder that has it, and removes only what
 predict.py writes (``predictions.json``, ``predictions.jsonl`` and drawings, ``*.<image ext>.jpg``).
+While a run writes, it holds a lock on the folder (``flock`` on ``.dinov2od-predict.lock``): a second
+predict.py into the same folder stops at once, naming the run that holds it.
 
 * one drawing per image (Detectron2's ``Visualizer``, detections scoring >= ``--score-threshold``),
   named by the image's path relative to the input root (the folder given; with several inputs, the
@@ -68,6 +70,7 @@ from dinov2od.d2.evaluation.visualize import draw_instances  # noqa: E402
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DRAWING_SUFFIX = ".jpg"  # appended to the image's relative path: x.png -> x.png.jpg
 MARKER = ".dinov2od-predict.json"  # marks a folder as predict.py's output: --overwrite may clear it
+LOCK = ".dinov2od-predict.lock"  # held (flock) while a predict.py run writes into the folder
 logger = logging.getLogger("dinov2od.predict")
 
 
@@ -190,7 +193,7 @@ def _earlier_outputs(output: str) -> Tuple[List[str], List[str]]:
         dirs.sort()
         for f in sorted(files):
             rel = os.path.relpath(os.path.join(folder, f), output)
-            if rel == MARKER:
+            if rel in (MARKER, LOCK):
                 continue
             low = f.lower()
             if (rel in ("predictions.json", "predictions.jsonl") or low.endswith(drawing_exts)
@@ -211,7 +214,7 @@ def check_output_folder(output: str, overwrite: bool) -> None:
         if os.path.exists(output):
             raise SystemExit(f"predict.py: --output {output!r} is a file, not a folder; give a folder.")
         return
-    entries = sorted(set(os.listdir(output)) - {MARKER})
+    entries = sorted(set(os.listdir(output)) - {MARKER, LOCK})
     if not entries:
         return
     shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} in all)" if len(entries) > 5 else "")
@@ -324,9 +327,37 @@ def main(argv=None):
         from dinov2od.modeling.quantize import quantize_dynamic_int8
 
         predictor.model = quantize_dynamic_int8(predictor.model)
-    os.makedirs(args.output, exist_ok=True)
-    if args.overwrite:
-        clear_earlier_run(args.output)
+    lock = claim_output(args.output, args.overwrite)
+    try:
+        return _predict(args, predictor, fmt, metadata, images)
+    finally:
+        lock.release()
+
+
+def claim_output(output: str, overwrite: bool):
+    """Create ``output`` and hold its lock for this run; a second predict.py into the same folder stops,
+    naming the run that holds it. The folder is checked again under the lock (another run may have
+    written there since the first check), then an earlier run's files are removed if ``overwrite``."""
+    from dinov2od.d2.checkpoint.run_folder import FolderLock
+
+    os.makedirs(output, exist_ok=True)
+    lock = FolderLock(output, LOCK)
+    if not lock.try_acquire():
+        raise SystemExit(f"predict.py: --output {output!r} is in use by another predict.py run ({lock.holder()}); "
+                         "give another --output, or wait for that run to finish.")
+    try:
+        lock.write_holder()
+        check_output_folder(output, overwrite)
+        if overwrite:
+            clear_earlier_run(output)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _predict(args, predictor, fmt, metadata, images) -> List[dict]:
+    """Write the predictions and drawings of ``images`` into ``args.output`` (claimed by the caller)."""
     with atomic_write(os.path.join(args.output, MARKER), "w") as f:
         json.dump({"tool": "tools/predict.py", "weights": args.weights or args.onnx, "inputs": args.input}, f)
     jsonl_path = os.path.join(args.output, "predictions.jsonl")

@@ -305,7 +305,7 @@ def test_predict_refuses_a_used_output_folder_and_overwrite_clears_only_its_own_
 
     out = tmp_path / "out"
     run(out)
-    assert sorted(os.listdir(out)) == [predict.MARKER, "a.png.jpg", "b.png.jpg", "c.png.jpg", "predictions.json",
+    assert sorted(os.listdir(out)) == [predict.MARKER, predict.LOCK, "a.png.jpg", "b.png.jpg", "c.png.jpg", "predictions.json",
                                        "predictions.jsonl"]
     # an earlier run interrupted after more drawings than this one makes, and a file of the user's
     (out / "d.png.jpg").write_bytes(b"stale drawing")
@@ -317,7 +317,7 @@ def test_predict_refuses_a_used_output_folder_and_overwrite_clears_only_its_own_
         run(out, inputs=("a.png",))
     assert snapshot(out) == before
     run(out, "--overwrite", inputs=("a.png",))
-    assert sorted(os.listdir(out)) == [predict.MARKER, "a.png.jpg", "notes.txt", "predictions.json",
+    assert sorted(os.listdir(out)) == [predict.MARKER, predict.LOCK, "a.png.jpg", "notes.txt", "predictions.json",
                                        "predictions.jsonl"]
     with open(out / "predictions.jsonl") as f:
         assert [os.path.basename(json.loads(line)["file_name"]) for line in f] == ["a.png"]
@@ -332,3 +332,21 @@ def test_predict_refuses_a_used_output_folder_and_overwrite_clears_only_its_own_
     (tmp_path / "empty").mkdir()
     run(tmp_path / "empty", inputs=("b.png",))
     assert sorted(os.listdir(tmp_path / "empty"))[-1] == "predictions.jsonl"
+    # a run that holds the folder (here: its lock taken as a running predict.py holds it) stops a second
+    # one, with the holder named and nothing written; once released, the same command runs.
+    # Negative control: without claim_output's lock both runs wrote into the folder (this raises no
+    # SystemExit and the test fails at pytest.raises).
+    from dinov2od.d2.checkpoint.run_folder import FolderLock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = FolderLock(str(busy), predict.LOCK)
+    assert holder.try_acquire()
+    holder.write_holder("tools/predict.py --output busy (the other run)")
+    with pytest.raises(SystemExit, match=r"in use by another predict\.py run \(pid .*the other run\)"):
+        run(busy, inputs=("a.png",))
+    assert os.listdir(busy) == [predict.LOCK]
+    holder.release()
+    run(busy, inputs=("a.png",))
+    assert sorted(os.listdir(busy)) == [predict.MARKER, predict.LOCK, "a.png.jpg", "predictions.json",
+                                        "predictions.jsonl"]

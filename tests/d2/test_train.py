@@ -144,7 +144,7 @@ def test_predict_folder_through_both_config_styles_matches_default_predictor(
             results = predict.main(argv)
         assert "broken.jpg" in caplog.text, style  # skipped with a warning naming it
         pred_dir = tmp_path / style
-        assert sorted(os.listdir(pred_dir)) == [predict.MARKER, "000000.jpg.jpg", "000001.jpg.jpg",
+        assert sorted(os.listdir(pred_dir)) == [predict.MARKER, predict.LOCK, "000000.jpg.jpg", "000001.jpg.jpg",
                                                 "predictions.json", "predictions.jsonl"], style
         with open(pred_dir / "predictions.json") as f:
             assert json.load(f) == results

@@ -78,7 +78,7 @@ def test_output_in_an_input_folder_is_refused_and_nothing_is_overwritten(ckpt, t
     assert {p: _read(folder / p) for p in before} == before
     # negative control: an output beside the inputs is written, and the inputs stay as they were
     _run("--weights", weights, "--input", str(folder), "--output", str(tmp_path / "out"))
-    assert sorted(os.listdir(tmp_path / "out")) == [predict.MARKER, "predictions.json", "predictions.jsonl", "sub",
+    assert sorted(os.listdir(tmp_path / "out")) == [predict.MARKER, predict.LOCK, "predictions.json", "predictions.jsonl", "sub",
                                                     "x.jpg.jpg"]
     assert {p: _read(folder / p) for p in before} == before
 

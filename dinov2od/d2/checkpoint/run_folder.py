@@ -159,11 +159,12 @@ def _command() -> str:
 
 
 class FolderLock:
-    """An exclusive, non-blocking ``flock`` on ``<folder>/train_net.lock`` that names its holder."""
+    """An exclusive, non-blocking ``flock`` on ``<folder>/<name>`` (``train_net.lock``; predict.py
+    uses its own name) that names its holder."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, name: str = LOCK_FILE):
         self.folder = folder
-        self.path = os.path.join(folder, LOCK_FILE)
+        self.path = os.path.join(folder, name)
         self._fd: Optional[int] = None
 
     @property
