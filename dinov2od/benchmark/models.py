@@ -69,6 +69,9 @@ def build_model(backbone: str, preset: str, device: str) -> Tuple[DINOv2ObjectDe
         return DINOv2ObjectDetector(num_classes=80, **kwargs).to(device), None
     cfg = LazyConfig.load(os.path.join(ROOT, PRESETS[preset]))
     if is_demo(preset) and DEMO_OVERRIDES:
+        from dinov2od.d2.config import check_lazy_overrides  # a misspelt key is an error, as in train_net
+
+        check_lazy_overrides(cfg, DEMO_OVERRIDES, PRESETS[preset])
         cfg = LazyConfig.apply_overrides(cfg, DEMO_OVERRIDES)
     bb = cfg.model.detector.backbone
     bb.pretrained = None

@@ -211,3 +211,21 @@ def test_matmul_rate_kernels_run_in_their_dtype_and_the_best_is_taken():
     rates = {"matmul bf16 torch.mm 1536^3": 200.0, "matmul bf16 oneDNN linear 1536^3": 210.0, "matmul fp32 x": 100.0}
     assert matmul_rate(rates, "bf16") == 210.0 and matmul_rate(rates, "fp32") == 100.0
     assert matmul_rate({"matmul fp32 x": 100.0}, "bf16") is None
+
+
+def test_demo_overrides_are_checked_like_the_command_lines_of_train_net(monkeypatch):
+    """--demo-overrides: a misspelt key is refused naming the nearest one (before, LazyConfig set it
+    silently and the benchmark measured the unchanged demo); a known key reaches the model (the
+    negative control of the refusal: the same route with the right spelling)."""
+    import pytest
+
+    pytest.importorskip("detectron2")  # the demo presets are lazy configs (the modern stack has none)
+    from dinov2od.benchmark import models
+    from dinov2od.d2.config import UnknownKeyError
+
+    monkeypatch.setattr(models, "DEMO_OVERRIDES", ["model.detector.num_querys=7"])
+    with pytest.raises(UnknownKeyError, match="did you mean model.detector.num_queries"):
+        models.build_model("vits14", "demo", "cpu")
+    monkeypatch.setattr(models, "DEMO_OVERRIDES", ["model.detector.num_queries=7"])
+    model, _ = models.build_model("vits14", "demo", "cpu")
+    assert model.num_queries == 7
