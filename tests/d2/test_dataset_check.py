@@ -86,6 +86,64 @@ def test_truncated_jpeg_is_found_before_training(tmp_path, split):
         mapper(record)
 
 
+def _check_as_rank(rank, world, port, root, out):
+    """One process of a 2-process gloo job: the start-up check as train_net runs it; writes the images
+    this rank opened and the error it raised (if any) to ``out``/rank<r>.json."""
+    import torch.distributed as dist
+
+    from dinov2od.d2.data.datasets import check as check_module
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    opened, size = [], check_module._image_size
+
+    def spy(path, decode):
+        opened.append(os.path.basename(path))
+        return size(path, decode)
+
+    check_module._image_size = spy
+    error = None
+    try:
+        cfg = load_config(CUSTOM_PY, [f"dataset.root={root}", "dataset.name=ddp_check"])
+        check_config_datasets(cfg, ("train",))
+    except DatasetError as e:
+        error = str(e)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"opened": opened, "error": error}, f)
+    dist.destroy_process_group()
+
+
+def test_a_distributed_job_shares_the_images_and_every_rank_reports_every_problem(tmp_path):
+    """2 gloo processes (as ``--num-gpus 2``): each opens half of the images (before, every rank decoded
+    the whole dataset: 8 GPUs, 8 decodes of COCO), and a truncated file in rank 1's half stops rank 0
+    too, with the same message (the problems are gathered). Negative control: with the gather
+    removed from check_datasets (gather=None), rank 0 raised nothing and would have gone on to wait
+    for rank 1 in the first collective of training; this test then fails on rank 0's error."""
+    import multiprocessing
+
+    from tests.helpers.ddp_jobs import JOB_TIMEOUT, free_port
+
+    root = write_roboflow_dataset(str(tmp_path / "data"), num_train=6, num_valid=2)
+    data = json.load(open(os.path.join(root, "train", "_annotations.coco.json")))
+    names = [os.path.basename(im["file_name"]) for im in data["images"]]
+    bad = names[3]  # rank 1's share: images 1, 3, 5
+    _truncate(os.path.join(root, "train", data["images"][3]["file_name"]))
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_check_as_rank, args=(r, 2, port, root, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOB_TIMEOUT)
+        if p.is_alive():
+            p.terminate()
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert sorted(ranks[0]["opened"]) == sorted(names[0::2]) and sorted(ranks[1]["opened"]) == sorted(names[1::2])
+    for r in ranks:
+        assert r["error"] is not None and f"{bad}: cannot be decoded as an image" in r["error"]
+    assert ranks[0]["error"] == ranks[1]["error"]
+
+
 def test_check_modes_in_both_config_styles(tmp_path):
     root = write_roboflow_dataset(str(tmp_path / "data"), num_train=2, num_valid=2)
     for opts, mode in (([], "decode"), (["dataset.check_images=header"], "header"), (["dataset.check=False"], False)):

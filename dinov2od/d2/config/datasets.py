@@ -63,21 +63,29 @@ def check_datasets(dataset_names: Sequence[str]) -> None:
     """Run :func:`~dinov2od.d2.data.datasets.check_coco_dataset` (files, sizes, ids, boxes) on each dataset
     registered with the check on (``register_coco_dataset(check=True)``: ``dataset.root`` /
     ``DATASETS.ROOT`` data), once per process, before the model is built."""
+    from detectron2.utils import comm
+
     from dinov2od.d2.data.datasets import check_coco_dataset
 
+    # a distributed job: each process opens its share of the images, every process gets every problem
+    world = comm.get_world_size()
+    shard = (comm.get_rank(), world)
+    gather = (lambda found: [p for part in comm.all_gather(found) for p in part]) if world > 1 else None
     for name in dataset_names:
         meta = MetadataCatalog.get(name)
         mode = meta.get("dinov2od_check", False)  # "decode" (or True), "header", False
         key = (meta.get("json_file", None), meta.get("image_root", None), mode)
         if not mode or key in _CHECKED:
             continue
-        s = check_coco_dataset(meta.get("dinov2od_source_json", key[0]), key[1], check_files=mode)
+        s = check_coco_dataset(meta.get("dinov2od_source_json", key[0]), key[1], check_files=mode, shard=shard,
+                               gather=gather)
         _CHECKED.add(key)
         logger.info(
-            "Checked %s: %d images (%d with boxes), %d boxes, %d classes; %s", name, s.num_images,
+            "Checked %s: %d images (%d with boxes), %d boxes, %d classes; %s%s", name, s.num_images,
             s.num_images_with_boxes, s.num_boxes, len(meta.thing_classes),
             "every file decodes and has the json's size" if mode != "header" else
-            "every file's header reads and has the json's size (headers only: a truncated file is not found)")
+            "every file's header reads and has the json's size (headers only: a truncated file is not found)",
+            f" (the images shared among the job's {world} processes)" if world > 1 else "")
 
 
 def _dataset_options(cfg) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .folder import EDGE_TOLERANCE, SKIP_CHECK_HINT, _categories, _read_json, check_mode, problems_error
 
@@ -245,7 +245,8 @@ def near_duplicates(rows: List[tuple], iou: float = DUPLICATE_IOU) -> List[str]:
 
 
 def check_coco_dataset(
-    json_file: str, image_root: str, check_files: Union[bool, str] = True, threads: Optional[int] = None
+    json_file: str, image_root: str, check_files: Union[bool, str] = True, threads: Optional[int] = None,
+    shard: Tuple[int, int] = (0, 1), gather: Optional[Callable[[List[tuple]], List[tuple]]] = None,
 ) -> CocoSummary:
     """Check a COCO detection dataset before training; raise one error listing every problem.
 
@@ -264,6 +265,11 @@ def check_coco_dataset(
         check_files: True or "decode": decode every image (threads in parallel: PIL releases the
             GIL while decoding); "header": read each image's header only; False: the json only.
         threads: decoding threads (default: ``min(32, cpus + 4)``).
+        shard: ``(index, count)``: open only every ``count``-th image from ``index`` (the processes of
+            a distributed job each open their share; the json-level checks run in every process).
+        gather: with ``shard``: given this process's image problems as ``(image index, message)``,
+            returns those of every process (all ranks call it: a collective), so every rank raises
+            the same error.
 
     Raises:
         DatasetError: naming the json, the first problems (with their count) and the fix.
@@ -281,10 +287,14 @@ def check_coco_dataset(
         summary = replace(passed, problems=[], warnings=list(passed.warnings), images=mode)
     problems = summary.problems
     if mode:
+        index, count = shard
         images = [im for im in data["images"] if isinstance(im, dict)]
+        mine = list(range(index, len(images), count))
         decode = mode == "decode"
         with ThreadPoolExecutor(threads or min(32, (os.cpu_count() or 1) + 4)) as pool:
-            problems.extend(p for p in pool.map(lambda im: _check_image(image_root, im, decode), images) if p)
+            found = [(i, p) for i, p in zip(mine, pool.map(lambda i: _check_image(image_root, images[i], decode), mine))
+                     if p]
+        problems.extend(p for _, p in sorted(gather(found) if gather is not None else found))
     # a YOLO / VOC folder read into a json (dinov2od.d2.data.datasets.formats): messages name the folder too
     source = (data.get("info") or {}).get("dinov2od_converted_from") if isinstance(data.get("info"), dict) else None
     label = f"{source}, read as {json_file}" if source else json_file
