@@ -274,6 +274,33 @@ def test_the_preset_is_one_table_for_every_route():
         model_arguments(cfg)
 
 
+def test_a_key_typed_on_the_command_line_wins_over_the_preset_even_at_its_base_default(tmp_path):
+    """``MODEL.DINOV2OD.DEC_LAYERS 6`` typed over the efficient base (6 is the base default): the model
+    gets 6 layers, as typed; a key the files set wins too; the keys nobody set get the preset's values,
+    and the saved config holds them (PRESET cleared, so reading it back gives the same model).
+    Negative control: without resolve_preset in load_config, model_arguments could not tell a typed 6
+    from the base default and gave the preset's 3 (this test then fails at the first assert)."""
+    from dinov2od.d2.config import load_config
+
+    efficient = os.path.join(ROOT, "configs/yaml/Base-DINOv2DETR-efficient.yaml")
+    cfg = load_config(efficient, ["MODEL.DINOV2OD.DEC_LAYERS", "6"], resolve_data=False)
+    detector = model_arguments(cfg)["detector"]
+    assert detector["num_decoder_layers"] == 6
+    assert detector["backbone"]["window_size"] == PRESETS["efficient"]["backbone"]["window_size"]
+    assert list(detector["scale_factors"]) == list(PRESETS["efficient"]["scale_factors"])
+    # a file that sets a key at its base default over the efficient base: the file wins
+    child = tmp_path / "child.yaml"
+    child.write_text(f"_BASE_: {efficient}\nMODEL:\n  DINOV2OD:\n    SCALE_FACTORS: [2.0, 1.0, 0.5, 0.25]\n")
+    cfg = load_config(str(child), [], resolve_data=False)
+    assert list(model_arguments(cfg)["detector"]["scale_factors"]) == [2.0, 1.0, 0.5, 0.25]
+    assert model_arguments(cfg)["detector"]["num_decoder_layers"] == PRESETS["efficient"]["num_decoder_layers"]
+    # the saved config: the values, no preset left to apply
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.dump())
+    again = load_config(str(saved), [], resolve_data=False)
+    assert again.MODEL.DINOV2OD.PRESET == "" and model_arguments(again) == model_arguments(cfg)
+
+
 # ------------------------------------------------------------------ a changed declaration, every route
 # (file, the declaration as written, the changed one): a decoder, a shared backbone, a loss, a matcher
 # option and the efficient preset

@@ -25,13 +25,13 @@ it from the decoder layers in both styles. ``MODEL.DINOV2OD.PRESET`` names a pre
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from detectron2.config import CfgNode as CN
 
 from .model import model_defaults, preset_changes
 
-__all__ = ["MODEL_KEYS", "add_dinov2od_config", "model_arguments"]  # and KEYS, built on first use
+__all__ = ["MODEL_KEYS", "add_dinov2od_config", "model_arguments", "resolve_preset"]  # and KEYS, built on first use
 
 
 def _or_none(value):
@@ -245,11 +245,39 @@ def _same(a, b) -> bool:
     return norm(a) == norm(b)
 
 
+def resolve_preset(cfg: CN, explicit: Iterable[str]) -> Dict[str, Any]:
+    """Write ``MODEL.DINOV2OD.PRESET``'s values into ``cfg``'s keys, in place, except the keys in
+    ``explicit`` (those the config files or the command line set: they win over the preset, even when
+    their value is the base default), then clear ``PRESET`` so that :func:`model_arguments` does not
+    apply it again. Returns the keys set, with their values."""
+    preset = cfg.MODEL.DINOV2OD.get("PRESET", "")
+    if not preset:
+        return {}
+    changes = preset_changes(preset, "MODEL.DINOV2OD.PRESET")
+    explicit, written = set(explicit), {}
+    for key, _default, target, *convert in _keys():
+        targets = () if target is None else (target,) if isinstance(target, str) else target
+        hits = [t for t in targets if t in changes]
+        if not hits or key in explicit:
+            continue
+        value = changes[hits[0]]
+        value = convert[0].to_yacs(value) if convert else list(value) if isinstance(value, tuple) else value
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node[name]
+        node[leaf] = written[key] = value
+    cfg.MODEL.DINOV2OD.PRESET = ""
+    return written
+
+
 def model_arguments(cfg: CN) -> Dict[str, Any]:
     """The ``model.`` rows of :data:`KEYS` read from ``cfg``, as the lazy model config's tree.
 
     ``MODEL.DINOV2OD.PRESET`` (e.g. ``"efficient"``) sets its preset's values on the keys that
-    ``cfg`` leaves at their defaults; a key set to another value wins over the preset.
+    ``cfg`` leaves at their defaults; a key set to another value wins over the preset. (Configs read by
+    ``load_config``, as every tool does, have the preset resolved already by :func:`resolve_preset`,
+    which knows what the files and the command line set, so a key typed at its base default wins too.)
 
     Returns:
         e.g. ``{"num_classes": 3, "detector": {"hidden_dim": 128, "backbone": {...}}, "criterion": {...}}``.
