@@ -12,19 +12,13 @@ from dinov2od.d2 import DINOv2DETR, add_dinov2od_config
 from dinov2od.modeling import DINOv3Backbone
 
 from tests.helpers import ROOT
+from tests.helpers.configs import TINY_SIZES_YACS
 
 TINY_DINOV3_YACS = [
     "MODEL.DINOV2OD.BACKBONE.FAMILY", "dinov3",
     "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is a DINOv2
     "MODEL.DINOV2OD.SIZE_DIVISIBILITY", 16,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", 48,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", 2,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_attention_heads", 2,
-    "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.intermediate_size", 96,
-    "MODEL.DINOV2OD.HIDDEN_DIM", 32,
-    "MODEL.DINOV2OD.NUM_QUERIES", 12,
-    "MODEL.DINOV2OD.DEC_LAYERS", 2,
-    "MODEL.DINOV2OD.DIM_FEEDFORWARD", 64,
+    *TINY_SIZES_YACS,
 ]
 
 

@@ -83,11 +83,8 @@ def save_d2_checkpoint(model, path):
     return path
 
 
-# The plain recipe (as TINY_YACS), tiny, with 12 queries: the model of `tiny_model` (tests/d2/test_model.py).
-TINY_MODEL_YACS = [
-    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is width 192
-    "MODEL.DINOV2OD.BACKBONE.FREEZE", False, "MODEL.DINOV2OD.BACKBONE.LORA_RANK", 0,
-    "MODEL.DINOV2OD.DN.GROUPS", 0, "MODEL.DINOV2OD.O2M_QUERIES", 0,
+# A 2-block, width-48 ViT and a 2-layer, 12-query decoder of width 32 (either backbone family).
+TINY_SIZES_YACS = [
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.hidden_size", 48,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_hidden_layers", 2,
     "MODEL.DINOV2OD.BACKBONE.ARCH_OVERRIDES.num_attention_heads", 2,
@@ -96,6 +93,13 @@ TINY_MODEL_YACS = [
     "MODEL.DINOV2OD.NUM_QUERIES", 12,
     "MODEL.DINOV2OD.DEC_LAYERS", 2,
     "MODEL.DINOV2OD.DIM_FEEDFORWARD", 64,
+]
+# The plain recipe (as TINY_YACS), tiny, with 12 queries: the model of `tiny_model` (tests/d2/test_model.py).
+TINY_MODEL_YACS = [
+    "MODEL.DINOV2OD.BACKBONE.PRETRAINED", "",  # the demo's pretrained file is width 192
+    "MODEL.DINOV2OD.BACKBONE.FREEZE", False, "MODEL.DINOV2OD.BACKBONE.LORA_RANK", 0,
+    "MODEL.DINOV2OD.DN.GROUPS", 0, "MODEL.DINOV2OD.O2M_QUERIES", 0,
+    *TINY_SIZES_YACS,
 ]
 
 

@@ -143,28 +143,10 @@ class DINOv2Backbone(ViTBackbone):
         arch: ``"tiny"``, ``"small"``, ``"base"``, ``"large"`` or ``"giant"``; None infers it
             from ``pretrained`` (and defaults to ``"small"`` without it).
         registers: use the "with registers" ViT (``Dinov2WithRegistersModel``).
-        arch_overrides: config fields replacing the arch's, e.g. ``dict(hidden_size=48,
-            num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)``.
-        pretrained: None (random init), a Hugging Face id (``"facebook/dinov2-base"``), a local
-            ``save_pretrained`` folder, or an official DINOv2 ``.pth`` checkpoint.
-        out_indices: 0-based indices of the blocks whose outputs are tapped; None taps
-            ``num_taps`` evenly spaced blocks ending with the last one.
-        num_taps: number of taps when ``out_indices`` is None.
-        lora_rank: LoRA rank r; 0 disables LoRA.
-        lora_alpha: LoRA scaling numerator (scale = alpha / r).
-        lora_dropout: dropout on the LoRA input.
-        lora_targets: block sub-modules that get adapters, among ``query``, ``key``, ``value``,
-            ``output``, ``fc1``, ``fc2``.
-        lora_blocks: 0-based blocks that get adapters; None = all blocks.
-        freeze: freeze the ViT's own weights (LoRA adapters stay trainable). ``False``
-            fine-tunes everything (e.g. a random-init ViT).
-        drop_path_rate: stochastic depth of the ViT.
-        apply_layernorm: apply the ViT's final LayerNorm to each tapped output.
-        window_size: if set, ``window_blocks`` attend within non-overlapping windows of
-            ``window_size`` x ``window_size`` patches (anchored at the top-left, so padding
-            never moves a window) instead of globally; the class/register tokens are copied into
-            every window and averaged afterwards over the windows that hold image patches.
-        window_blocks: 0-based windowed blocks; None = every block that is not tapped.
+        arch_overrides, pretrained (here also Meta's official DINOv2 ``.pth``), out_indices, num_taps,
+        lora_rank, lora_alpha, lora_dropout, lora_targets, lora_blocks, freeze, drop_path_rate,
+        apply_layernorm, window_size, window_blocks: the options both families share, with their
+            defaults, in :class:`~dinov2od.modeling.backbones.options.BackboneOptions`.
         pos_embed_init: how a *random-init* ViT's position embeddings start: ``"sincos"``
             (fixed-frequency 2-D sine-cosine values, as MAE/ViTDet, still trained), which gives a
             from-scratch ViT a usable notion of where each patch is from the first step, or

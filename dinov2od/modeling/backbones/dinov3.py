@@ -178,8 +178,9 @@ class DINOv3Backbone(ViTBackbone):
             as the checkpoint's config says (the released models: rescale by a log-uniform factor
             in [1/2, 2]), as Meta and ``transformers`` do; False keeps them fixed.
         out_indices, num_taps, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_blocks,
-        freeze, drop_path_rate, apply_layernorm, window_size, window_blocks: as for
-            :class:`~dinov2od.modeling.backbones.dinov2.DINOv2Backbone`. The LoRA targets keep their
+        freeze, drop_path_rate, apply_layernorm, window_size, window_blocks: the options both
+            families share, with their defaults, in
+            :class:`~dinov2od.modeling.backbones.options.BackboneOptions`. The LoRA targets keep their
             names: ``query``/``key``/``value``/``output`` are ``q_proj``/``k_proj``/``v_proj``/
             ``o_proj``, ``fc1`` is the MLP's input projection(s) (``up_proj``, and ``gate_proj``
             in SwiGLU models), ``fc2`` its output projection (``down_proj``).

@@ -37,8 +37,11 @@ class BackboneOptions:
         freeze: freeze the ViT's own weights (LoRA adapters stay trainable).
         drop_path_rate: stochastic depth of the ViT.
         apply_layernorm: the ViT's final LayerNorm on every tapped output.
-        window_size: patches per window side of windowed attention in ``window_blocks``; None:
-            global attention in every block.
+        window_size: if set, ``window_blocks`` attend within non-overlapping windows of
+            ``window_size`` x ``window_size`` patches (anchored at the top-left, so padding never
+            moves a window) instead of globally; the class/register tokens are copied into every
+            window and averaged afterwards over the windows that hold image patches. None: global
+            attention in every block.
         window_blocks: 0-based windowed blocks; None = every block that is not tapped.
     """
 
