@@ -238,7 +238,9 @@ def test_predict_returns_topk_boxes_in_pixels_of_each_image():
     torch.testing.assert_close(dets[1]["scores"], scores.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dets[1]["labels"], c)
     torch.testing.assert_close(dets[1]["boxes"], expected.float(), rtol=1e-5, atol=1e-4)
-    kept = model.predict(b, topk=7, threshold=float(scores[3]))[0]
+    # between the 4th and 5th scores: at exactly the 4th, a difference in the last bit between this
+    # forward and predict's decided whether it was kept (a 1-in-7 flake)
+    kept = model.predict(b, topk=7, threshold=float(scores[3] + scores[4]) / 2)[0]
     assert len(kept["scores"]) == 4
 
 
