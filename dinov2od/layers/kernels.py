@@ -38,7 +38,7 @@ from dinov2od.layers import cpu_attention as _attn
 from dinov2od.layers import fused_linear as _fl
 from dinov2od.layers.inference_options import current_options
 
-__all__ = ["attention", "attention_kernel", "block_kernel", "cached", "cast_once", "conv_module", "deformable_sampling",
+__all__ = ["attention", "attention_kernel", "block_kernel", "cached", "cast_once", "cast_pair", "conv_module", "deformable_sampling",
            "linear", "linear_kernel", "linear_module", "self_attention_kernel", "weight_dtype"]
 
 
@@ -175,10 +175,17 @@ def block_kernel(x: Tensor, training: bool) -> Optional[torch.dtype]:
 _CACHE_ATTR = "_dinov2od_cast_once"
 
 
-def cached(owner: nn.Module, name: str, tensors: Sequence[Optional[Tensor]], build: Callable[[], object]):
-    """``build()``, kept on ``owner`` under ``name`` until one of ``tensors`` changes (its storage,
-    version counter, shape or dtype: an optimizer step, ``load_state_dict``, ``.to()``, an in-place edit)."""
-    key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
+def tensors_key(tensors: Sequence[Optional[Tensor]]) -> tuple:
+    """What a copy made from ``tensors`` depends on: each one's storage, version counter, shape, dtype
+    and device (an optimizer step, ``load_state_dict``, ``.to()`` or an in-place edit changes it)."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def cached(owner: nn.Module, name: str, tensors: Sequence[Optional[Tensor]], build: Callable[[], object],
+           key: Optional[tuple] = None):
+    """``build()``, kept on ``owner`` under ``name`` until one of ``tensors`` changes
+    (:func:`tensors_key`), or, where the caller gives it, until ``key`` changes."""
+    key = tensors_key(tensors) if key is None else key
     store = owner.__dict__.setdefault(_CACHE_ATTR, {})
     hit = store.get(name)
     if hit is not None and hit[0] == key:
@@ -188,16 +195,17 @@ def cached(owner: nn.Module, name: str, tensors: Sequence[Optional[Tensor]], bui
     return value
 
 
+def cast_pair(weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """Detached copies of a weight (contiguous) and bias in ``dtype``."""
+    return weight.detach().to(dtype).contiguous(), (None if bias is None else bias.detach().to(dtype))
+
+
 def cast_once(module: nn.Module, dtype: torch.dtype, names: Tuple[str, str] = ("weight", "bias")
               ) -> Tuple[Tensor, Optional[Tensor]]:
     """``module``'s weight and bias (attributes ``names``) in ``dtype``, cast once and kept until they
     change (:func:`cached`): what :func:`weight_dtype` asks for instead of autocast's cast at every call."""
     w, b = (getattr(module, n) for n in names)
-
-    def build():
-        return w.detach().to(dtype).contiguous(), (None if b is None else b.detach().to(dtype))
-
-    return cached(module, f"{names[0]}:{dtype}", (w, b), build)
+    return cached(module, f"{names[0]}:{dtype}", (w, b), lambda: cast_pair(w, b, dtype))
 
 
 def linear_module(module: nn.Module, x: Tensor, activation: Optional[str] = None) -> Tensor:

@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from dinov2od.layers.kernels import cached, cast_pair
+
 __all__ = ["InferenceBlockParts", "block_parts", "cached_block_parts", "effective_linear", "inference_block_parts"]
 
 Linear = Tuple[Tensor, Optional[Tensor]]
@@ -111,9 +113,6 @@ def inference_block_parts(layer: nn.Module, attention_parts) -> Optional[Inferen
                                mlp_parts)
 
 
-_CACHE_ATTR = "_dinov2od_inference_parts"
-
-
 def _parts_key(layer: nn.Module, dtype: torch.dtype) -> tuple:
     """What the parts of ``layer`` depend on: each parameter's storage and version counter (an
     optimizer step or a load_state_dict bumps it), and each LoRA module's adapter state."""
@@ -132,27 +131,19 @@ def cached_block_parts(layer: nn.Module, attention_parts, dtype: torch.dtype) ->
     ``dtype`` (layer scales stay float32: they scale the float32 residual stream), kept on the
     layer until what they are made of changes (see the module doc). None where the block cannot
     be read."""
-    key = _parts_key(layer, dtype)
-    cached = layer.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    parts = inference_block_parts(layer, attention_parts)
-    if parts is None:
-        return None
+    def build() -> Optional[InferenceBlockParts]:
+        parts = inference_block_parts(layer, attention_parts)
+        if parts is None:
+            return None
+        mlp = None
+        if parts.mlp is not None:
+            fc1, act, fc2 = parts.mlp
+            mlp = (cast_pair(*fc1, dtype), act, cast_pair(*fc2, dtype))
+        scale = (lambda t: None if t is None else t.detach().float())
+        return InferenceBlockParts(*cast_pair(parts.qkv_weight, parts.qkv_bias, dtype), cast_pair(*parts.out, dtype),
+                                   scale(parts.scale1), scale(parts.scale2), mlp)
 
-    def cast(lin: Linear) -> Linear:
-        w, b = lin
-        return w.detach().to(dtype).contiguous(), (None if b is None else b.detach().to(dtype))
-
-    qkv_w, qkv_b = cast((parts.qkv_weight, parts.qkv_bias))
-    mlp = None
-    if parts.mlp is not None:
-        fc1, act, fc2 = parts.mlp
-        mlp = (cast(fc1), act, cast(fc2))
-    scale = (lambda t: None if t is None else t.detach().float())
-    parts = InferenceBlockParts(qkv_w, qkv_b, cast(parts.out), scale(parts.scale1), scale(parts.scale2), mlp)
-    layer.__dict__[_CACHE_ATTR] = (key, parts)
-    return parts
+    return cached(layer, f"block_parts:{dtype}", (), build, key=_parts_key(layer, dtype))
 
 
 def block_parts(layer: nn.Module, attention_parts, dtype: torch.dtype) -> Optional[InferenceBlockParts]:
