@@ -149,7 +149,7 @@ def _model_rows() -> List[tuple]:
     converted to yacs."""
     defaults, rows = model_defaults(), []
     for key, target, *convert in MODEL_KEYS:
-        targets = (target,) if isinstance(target, str) else target
+        targets = _targets(target)
         values = [_lookup(defaults, t[len("model."):]) for t in targets]
         if any(v != values[0] for v in values):
             raise ValueError(f"{key} mirrors {targets}, whose declared defaults differ: {values}")
@@ -233,6 +233,11 @@ def add_dinov2od_config(cfg: CN) -> CN:
     return cfg
 
 
+def _targets(target) -> tuple:
+    """A row's lazy field(s): None, one path, or several."""
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
 def _set(tree: Dict[str, Any], path: str, value) -> None:
     *parents, leaf = path.split(".")
     for name in parents:
@@ -256,17 +261,13 @@ def resolve_preset(cfg: CN, explicit: Iterable[str]) -> Dict[str, Any]:
     changes = preset_changes(preset, "MODEL.DINOV2OD.PRESET")
     explicit, written = set(explicit), {}
     for key, _default, target, *convert in _keys():
-        targets = () if target is None else (target,) if isinstance(target, str) else target
-        hits = [t for t in targets if t in changes]
+        hits = [t for t in _targets(target) if t in changes]
         if not hits or key in explicit:
             continue
         value = changes[hits[0]]
         value = convert[0].to_yacs(value) if convert else list(value) if isinstance(value, tuple) else value
-        *parents, leaf = key.split(".")
-        node = cfg
-        for name in parents:
-            node = node[name]
-        node[leaf] = written[key] = value
+        _set(cfg, key, value)
+        written[key] = value
     cfg.MODEL.DINOV2OD.PRESET = ""
     return written
 
@@ -286,7 +287,7 @@ def model_arguments(cfg: CN) -> Dict[str, Any]:
     changes = preset_changes(preset, "MODEL.DINOV2OD.PRESET") if preset else {}
     tree: Dict[str, Any] = {}
     for key, default, target, *convert in _keys():
-        targets = () if target is None else (target,) if isinstance(target, str) else target
+        targets = _targets(target)
         if not targets or not targets[0].startswith("model."):
             continue
         value = cfg

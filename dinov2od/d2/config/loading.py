@@ -3,13 +3,14 @@ batch per GPU resolved, the config's own data registered and checked, epochs mad
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode, LazyConfig, get_cfg
 
 from .batch import _schedule_origin, epochs_to_iterations, resolve_batch
 from .datasets import resolve_dataset
 from .keys import add_dinov2od_config, resolve_preset
+from .model import flatten
 from .overrides import (UnknownKeyError, _override_key, _python_none, _unknown_keys_message, _yacs_keys,
                         check_lazy_overrides)
 from .style import config_style
@@ -18,15 +19,6 @@ from .weights import check_backbone_weights
 logger = logging.getLogger("dinov2od")
 
 __all__ = ["load_config"]
-
-
-def _flat_keys(tree: dict, prefix: str = "") -> Iterator[str]:
-    """The dotted keys a yaml file (with its ``_BASE_`` chain) sets."""
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat_keys(value, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}"
 
 
 def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = True, batch: bool = True,
@@ -72,7 +64,7 @@ def load_config(path: str, overrides: Sequence[str] = (), resolve_data: bool = T
             raise UnknownKeyError(_unknown_keys_message([bad], _yacs_keys(cfg), path, lazy=False)) from None
         typed = [str(k) for k in overrides[0::2]]
         # the preset's values go to the keys neither the files nor the command line set
-        files = set(_flat_keys(CfgNode.load_yaml_with_base(path, allow_unsafe=True)))
+        files = set(flatten(CfgNode.load_yaml_with_base(path, allow_unsafe=True)))  # the keys the files set
         written = resolve_preset(cfg, files | set(typed))
         if written:
             logger.info("preset: %s", ", ".join(f"{k} {v}" for k, v in written.items()))

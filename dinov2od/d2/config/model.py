@@ -127,14 +127,15 @@ def preset_changes(name: str, key: str = "preset") -> Dict[str, Any]:
     """
     if name not in PRESETS:
         raise KeyError(f"{key}={name!r} is no preset; the presets (dinov2od.modeling.PRESETS): {sorted(PRESETS)}")
+    return flatten(PRESETS[name], "model.detector.")
 
-    def flat(options: Dict[str, Any], prefix: str) -> Dict[str, Any]:
-        out = {}
-        for k, v in options.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
 
-    return flat(PRESETS[name], "model.detector.")
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested dict (a preset, a yaml file's contents) as ``{"dotted.path": leaf value}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def apply_preset(model, name: str) -> None:
